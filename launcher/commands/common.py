@@ -1,0 +1,71 @@
+"""Options shared by the commands that take a run spec, and the one function that resolves them."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import click
+
+from launcher.spec import FLAG_FIELDS, RunSpec, resolve
+
+def _opt(decls: list[str], *extra: str, **kw: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    return (*decls, *extra), kw
+
+
+_SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    _opt(["--model"], help="'tiny', a local model directory, or a hub id."),
+    _opt(["--task"], type=click.Choice(["pretrain", "sft"]), help="Continued pretraining or fine-tuning."),
+    _opt(["--method"], type=click.Choice(["full", "lora", "qlora"]), help="Which weights train."),
+    _opt(["--data"], help="Data file, folder or datasets hub name (default: embedded corpus)."),
+    _opt(["--seq-len"], type=int, help="Tokens per sequence."),
+    _opt(["--packing/--no-packing"], default=None, help="SFT: pack examples into seq-len."),
+    _opt(["--zero"], type=click.IntRange(0, 3), help="ZeRO stage."),
+    _opt(["--offload-optimizer"], type=click.Choice(["none", "cpu", "nvme"]), help="Optimizer offload."),
+    _opt(["--offload-param"], type=click.Choice(["none", "cpu", "nvme"]), help="Parameter offload (ZeRO-3)."),
+    _opt(["--nvme-path"], help="NVMe folder for nvme offload."),
+    _opt(["--precision"], type=click.Choice(["bf16", "fp16", "fp32"]), help="Training precision."),
+    _opt(["--attn"], type=click.Choice(["auto", "flash2", "sdpa", "eager"]), help="Attention kernel."),
+    _opt(["--grad-ckpt/--no-grad-ckpt"], default=None, help="Gradient checkpointing."),
+    _opt(["--micro-batch"], type=int, help="Sequences per rank per step."),
+    _opt(["--global-batch"], type=int, help="Sequences per optimizer step (all ranks)."),
+    _opt(["--global-batch-tokens"], type=int, help="Tokens per optimizer step (all ranks)."),
+    _opt(["--nodes"], type=int, help="Number of nodes."),
+    _opt(["--gpus-per-node"], type=int, help="GPUs each node has (0: CPU ranks over gloo)."),
+    _opt(["--nproc-per-node", "--nproc"], "nproc_per_node", type=int, help="Ranks per node."),
+    _opt(["--lr"], type=float, help="Peak learning rate."),
+    _opt(["--max-steps"], type=int, help="Optimizer steps."),
+    _opt(["--save-every"], type=int, help="Checkpoint every N steps."),
+    _opt(["--name"], help="Run name (also the Slurm job name)."),
+    _opt(["--set", "sets"], multiple=True, metavar="KEY=VALUE",
+                 help="Set any spec field, e.g. --set optim.warmup_steps=10 (repeatable; wins over flags)."),
+]
+_FLAG_NAMES = {click.Option(list(d), **kw).name for d, kw in _SPEC_FLAGS}
+assert _FLAG_NAMES - {"sets"} <= set(FLAG_FIELDS), _FLAG_NAMES - set(FLAG_FIELDS)
+
+
+def spec_options(*, spec_required: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add SPEC and the shared flags to a command; the command receives `spec: RunSpec` instead."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        names = _FLAG_NAMES | {"spec_path"}
+
+        @functools.wraps(fn)
+        def wrapper(**kwargs: Any) -> Any:
+            picked = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+            kwargs["spec"] = resolve_from_cli(picked)
+            return fn(**kwargs)
+
+        for decls, kw in reversed(_SPEC_FLAGS):
+            wrapper = click.option(*decls, **kw)(wrapper)
+        wrapper = click.argument("spec_path", required=spec_required, type=click.Path(dir_okay=False),
+                                 metavar="SPEC" if spec_required else "[SPEC]")(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def resolve_from_cli(picked: dict[str, Any]) -> RunSpec:
+    spec_path = picked.pop("spec_path", None)
+    sets = picked.pop("sets", ()) or ()
+    return resolve(spec_path, flags=picked, sets=list(sets))

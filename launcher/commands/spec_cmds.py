@@ -1,0 +1,54 @@
+"""`launcher spec` (the resolved spec as YAML) and `launcher config` (the DeepSpeed JSON)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from launcher.commands.common import spec_options
+from launcher.errors import UserError
+from launcher.spec import RunSpec
+
+
+@click.command()
+@spec_options()
+def spec(spec: RunSpec) -> None:
+    """Print the fully resolved run spec as YAML (defaults < SPEC file < flags < --set)."""
+    click.echo(spec.to_yaml(), nl=False)
+
+
+@click.command()
+@spec_options()
+@click.option("-o", "--output", "output", type=click.Path(dir_okay=False), help="Write to FILE instead of stdout.")
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists with other content.")
+@click.option("--write-presets", "presets_dir", type=click.Path(file_okay=False),
+              help="Regenerate every shipped preset into DIR (e.g. ds_configs) and exit.")
+def config(spec: RunSpec, output: str | None, force: bool, presets_dir: str | None) -> None:
+    """Print the DeepSpeed ZeRO config for SPEC and flags.
+
+    Batch numbers (train_batch_size = micro x accumulation x world size) come from the same plan
+    the trainer uses; every value is explicit, so the file also works with the plain deepspeed CLI.
+    """
+    from launcher import presets
+    from launcher.plan import make_plan
+    from launcher.render.deepspeed import render
+
+    if presets_dir:
+        for path in presets.write_all(Path(presets_dir)):
+            click.echo(f"wrote {path}")
+        return
+    text = presets.dumps(render(spec, make_plan(spec)))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    write_new_file(Path(output), text, force=force)
+    click.echo(f"wrote {output}", err=True)
+
+
+def write_new_file(path: Path, text: str, *, force: bool) -> None:
+    """Write text; refuse to replace different content the user has unless --force."""
+    if path.exists() and not force and path.read_text(errors="replace") != text:
+        raise UserError(f"{path} exists with other content; choose another -o path or pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -1,0 +1,113 @@
+"""Derived numbers, computed once: world size, batch arithmetic, tokens per step.
+
+Everything downstream (DeepSpeed JSON, training arguments, Slurm script, estimates) reads these
+numbers from the Plan; none recomputes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from launcher import modelinfo
+from launcher.errors import SpecError
+from launcher.modelinfo import ModelInfo
+from launcher.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class Plan:
+    nodes: int
+    nproc_per_node: int
+    world_size: int
+    device: str  # "cuda" or "cpu": from cluster.gpus_per_node, never from the submitting host
+    micro_batch: int
+    grad_accum: int
+    global_batch: int
+    seq_len: int
+    max_steps: int
+    model: ModelInfo | None
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_step * self.max_steps
+
+    def summary(self) -> list[str]:
+        lines = [
+            f"ranks        {self.nodes} node(s) x {self.nproc_per_node} rank(s) = world size {self.world_size} "
+            f"({self.device})",
+            f"batch        micro {self.micro_batch} x accumulation {self.grad_accum} x world {self.world_size} "
+            f"= {self.global_batch} sequences/step",
+            f"tokens       {self.global_batch} x seq_len {self.seq_len} = {self.tokens_per_step:,} tokens/step; "
+            f"{self.max_steps} steps = {self.total_tokens:,} tokens",
+        ]
+        if self.model is not None:
+            m = self.model
+            n = f"{m.total_params():,} parameters" if m.counted else "parameters not counted for this architecture"
+            lines.append(f"model        {m.model_type}, hidden {m.hidden_size}, {m.num_layers} layers, {n}")
+        return lines
+
+
+def _nearest_multiples(value: int, unit: int) -> list[int]:
+    low = (value // unit) * unit
+    return [x for x in (low, low + unit) if x > 0]
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def make_plan(spec: RunSpec) -> Plan:
+    c, o = spec.cluster, spec.optim
+    nproc = c.nproc_per_node or (c.gpus_per_node if c.gpus_per_node > 0 else 1)
+    world = c.nodes * nproc
+    seq = spec.data.seq_len
+    micro = o.micro_batch
+    unit = micro * world
+
+    if o.global_batch_tokens is not None:
+        if o.global_batch_tokens % seq:
+            near = ", ".join(f"{x:,}" for x in _nearest_multiples(o.global_batch_tokens, seq))
+            raise SpecError(f"optim.global_batch_tokens={o.global_batch_tokens:,} is not a multiple of data.seq_len={seq} "
+                            f"({o.global_batch_tokens} / {seq} = {o.global_batch_tokens / seq:.4g} sequences); "
+                            f"nearest valid values: {near}")
+        global_batch = o.global_batch_tokens // seq
+        field = f"optim.global_batch_tokens={o.global_batch_tokens:,} (= {global_batch} sequences of {seq})"
+    elif o.global_batch is not None:
+        global_batch = o.global_batch
+        field = f"optim.global_batch={global_batch}"
+    else:
+        global_batch = unit  # no accumulation
+
+    if global_batch % unit:
+        near = " or ".join(str(x) for x in _nearest_multiples(global_batch, unit))
+        msg = (f"{field} is not divisible by micro_batch x world size = {micro} x {world} = {unit} "
+               f"({global_batch} / {unit} = {global_batch / unit:.4g}); nearest valid global batches: {near}")
+        if global_batch % world == 0:
+            per_rank = global_batch // world
+            msg += f"; or a micro batch that divides the {per_rank} sequences per rank: " \
+                   f"{', '.join(map(str, _divisors(per_rank)[:12]))}"
+        else:
+            msg += f"; {global_batch} sequences cannot be split evenly over {world} ranks"
+        raise SpecError(msg)
+
+    model = modelinfo.load(spec.model.name)
+    if model is not None and model.max_positions and seq > model.max_positions:
+        raise SpecError(f"data.seq_len={seq} exceeds the model's max_position_embeddings={model.max_positions} "
+                        f"({model.source}); use --seq-len {model.max_positions} or less")
+
+    return Plan(
+        nodes=c.nodes,
+        nproc_per_node=nproc,
+        world_size=world,
+        device="cuda" if c.gpus_per_node > 0 else "cpu",
+        micro_batch=micro,
+        grad_accum=global_batch // unit,
+        global_batch=global_batch,
+        seq_len=seq,
+        max_steps=o.max_steps,
+        model=model,
+    )

@@ -1,0 +1,132 @@
+"""RunSpec + Plan -> DeepSpeed config dict. Pure: the same inputs give the same dict.
+
+Every number is explicit (no "auto"), so the file works with the plain `deepspeed` CLI as well as
+with transformers' Trainer, and the batch numbers come from the Plan only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.plan import Plan
+from launcher.spec import RunSpec, deep_merge
+
+# DeepSpeed's own defaults, used when the model's hidden size is unknown (presets, hub ids).
+_DEFAULT_BUCKET = 500_000_000
+_DEFAULT_PREFETCH = 50_000_000
+_DEFAULT_PERSISTENCE = 100_000
+_DTYPE_NAMES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+def _offload(device: str, nvme_path: str | None, *, optimizer: bool) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"device": device, "pin_memory": True}
+    if device == "nvme":
+        cfg["nvme_path"] = nvme_path
+        cfg["buffer_count"] = 4 if optimizer else 5
+        if not optimizer:
+            cfg["buffer_size"] = 100_000_000
+            cfg["max_in_cpu"] = 1_000_000_000
+    return cfg
+
+
+def zero_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
+    z = spec.zero
+    hidden = plan.model.hidden_size if plan is not None and plan.model is not None else None
+    # Scaled as transformers' DeepSpeed integration scales them: buckets ~ hidden^2.
+    bucket = z.reduce_bucket_size or (hidden * hidden if hidden else _DEFAULT_BUCKET)
+    cfg: dict[str, Any] = {"stage": z.stage}
+    if z.stage == 0:
+        return cfg
+    cfg.update(
+        overlap_comm=z.overlap_comm,
+        contiguous_gradients=z.contiguous_gradients,
+        reduce_bucket_size=bucket,
+        reduce_scatter=True,
+    )
+    if z.stage in (1, 2):
+        cfg["allgather_partitions"] = True
+        cfg["allgather_bucket_size"] = z.allgather_bucket_size or bucket
+    if z.offload_optimizer != "none":
+        cfg["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path, optimizer=True)
+    if z.stage == 3:
+        if z.offload_param != "none":
+            cfg["offload_param"] = _offload(z.offload_param, z.nvme_path, optimizer=False)
+        prefetch = z.stage3_prefetch_bucket_size
+        persist = z.stage3_param_persistence_threshold
+        cfg.update(
+            stage3_prefetch_bucket_size=prefetch if prefetch is not None else
+            (int(0.9 * hidden * hidden) if hidden else _DEFAULT_PREFETCH),
+            stage3_param_persistence_threshold=persist if persist is not None else
+            (10 * hidden if hidden else _DEFAULT_PERSISTENCE),
+            stage3_max_live_parameters=z.stage3_max_live_parameters,
+            stage3_max_reuse_distance=z.stage3_max_reuse_distance,
+            stage3_gather_16bit_weights_on_model_save=z.gather_16bit_weights_on_save,
+            sub_group_size=1_000_000_000,
+        )
+    return cfg
+
+
+def optimizer_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
+    o = spec.optim
+    params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if spec.zero.offload_optimizer == "none":
+        # torch's AdamW needs no compiled DeepSpeed op; fused on CUDA. With optimizer offload
+        # DeepSpeed's CPU Adam is used instead (its C++ op is much faster than torch on CPU).
+        params["torch_adam"] = True
+        if plan is not None and plan.device == "cuda":
+            params["fused"] = True
+    return {"type": "AdamW", "params": params}
+
+
+def scheduler_section(spec: RunSpec) -> dict[str, Any]:
+    o = spec.optim
+    if o.scheduler == "cosine":
+        return {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": o.max_steps, "warmup_num_steps": o.warmup_steps,
+            "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
+    if o.scheduler == "linear":
+        return {"type": "WarmupDecayLR", "params": {
+            "total_num_steps": o.max_steps, "warmup_num_steps": o.warmup_steps,
+            "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"}}
+    return {"type": "WarmupLR", "params": {
+        "warmup_num_steps": o.warmup_steps, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"}}
+
+
+def precision_sections(spec: RunSpec) -> dict[str, Any]:
+    p = spec.precision
+    fp16: dict[str, Any] = {"enabled": p.dtype == "fp16"}
+    if p.dtype == "fp16":
+        fp16.update(loss_scale=0, initial_scale_power=p.initial_scale_power, loss_scale_window=p.loss_scale_window,
+                    hysteresis=p.hysteresis, min_loss_scale=p.min_loss_scale)
+    return {"bf16": {"enabled": p.dtype == "bf16"}, "fp16": fp16}
+
+
+def render(spec: RunSpec, plan: Plan | None, *, preset: bool = False) -> dict[str, Any]:
+    """The DeepSpeed config. `preset=True` leaves out train_batch_size (DeepSpeed derives it from
+    micro batch x accumulation x the world size it runs at) and model-specific sizes."""
+    micro = plan.micro_batch if plan else spec.optim.micro_batch
+    accum = plan.grad_accum if plan else 1
+    cfg: dict[str, Any] = {}
+    if not preset:
+        assert plan is not None
+        cfg["train_batch_size"] = plan.global_batch
+    cfg["train_micro_batch_size_per_gpu"] = micro
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["gradient_clipping"] = spec.optim.grad_clip
+    cfg.update(precision_sections(spec))
+    cfg["zero_optimization"] = zero_section(spec, None if preset else plan)
+    cfg["optimizer"] = optimizer_section(spec, None if preset else plan)
+    cfg["scheduler"] = scheduler_section(spec)
+    if spec.zero.comm_dtype:
+        cfg["communication_data_type"] = _DTYPE_NAMES[spec.zero.comm_dtype]
+    if spec.model.grad_ckpt:
+        # Read by DeepSpeed's own checkpointing API; the model itself checkpoints through
+        # transformers (non-reentrant), so activations are neither partitioned nor moved to CPU.
+        cfg["activation_checkpointing"] = {"partition_activations": False, "cpu_checkpointing": False,
+                                           "contiguous_memory_optimization": False, "number_checkpoints": None,
+                                           "synchronize_checkpoint_boundary": False, "profile": False}
+    cfg["steps_per_print"] = max(spec.optim.max_steps, 1) * 1000  # our own loop logs every step
+    cfg["wall_clock_breakdown"] = spec.zero.wall_clock_breakdown
+    if spec.zero.extra:
+        cfg = deep_merge(cfg, spec.zero.extra)
+    return cfg

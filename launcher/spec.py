@@ -1,0 +1,473 @@
+"""The run spec: one typed, immutable description of a run, validated once.
+
+Layers merge in this order, later wins, and only over fields a layer really set
+(defaults fill only what no layer set): cluster profile < spec file < CLI flags < `--set key=value`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher import yamlio
+from launcher.errors import SpecError
+
+Task = Literal["pretrain", "sft"]
+MethodName = Literal["full", "lora", "qlora"]
+Dtype = Literal["bf16", "fp16", "fp32"]
+Attn = Literal["auto", "flash2", "sdpa", "eager"]
+Offload = Literal["none", "cpu", "nvme"]
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class ModelSpec(_Section):
+    name: str = Field("tiny", description="'tiny' (embedded), a local model directory, or a hub id")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="run the model repository's own Python code")
+    attn: Attn = Field("auto", description="attention kernel: auto takes flash2 when usable, else sdpa")
+    grad_ckpt: bool = Field(False, description="gradient checkpointing (non-reentrant)")
+
+
+class DataSpec(_Section):
+    path: str | None = Field(None, description="file, folder or datasets hub name; none = embedded corpus")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "txt", "hub"] = "auto"
+    split: str = "train"
+    seq_len: int = Field(512, ge=8, le=1 << 20, description="tokens per training sequence")
+    text_field: str = "text"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    packing: bool = Field(False, description="SFT: pack examples into seq_len, attention kept per example")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share for evaluation")
+    num_proc: int | None = Field(None, ge=1, description="tokenizer processes; none = chosen by size")
+    cache_dir: str | None = Field(None, description="tokenized-data cache; none = <output.dir>/../.cache")
+
+
+class LoraSpec(_Section):
+    r: int = Field(16, ge=1, le=4096)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
+    modules_to_save: list[str] = Field(default_factory=list)
+
+
+class QuantSpec(_Section):
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["auto", "bf16", "fp16"] = Field("auto", description="auto = precision.dtype")
+
+
+class MethodSpec(_Section):
+    name: MethodName = "full"
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+
+
+class OptimSpec(_Section):
+    lr: float = Field(2e-5, gt=0, lt=10)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 = no clipping")
+    max_steps: int = Field(100, ge=1)
+    micro_batch: int = Field(1, ge=1, le=65536, description="sequences per rank per forward pass")
+    global_batch: int | None = Field(None, ge=1, description="sequences per optimizer step, all ranks")
+    global_batch_tokens: int | None = Field(None, ge=1, description="tokens per optimizer step")
+    seed: int = Field(42, ge=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError("both betas must be in [0, 1)")
+        return v
+
+
+class PrecisionSpec(_Section):
+    dtype: Dtype = "bf16"
+    initial_scale_power: int = Field(16, ge=0, le=32, description="fp16: initial loss scale 2^N")
+    loss_scale_window: int = Field(1000, ge=1)
+    hysteresis: int = Field(2, ge=1)
+    min_loss_scale: float = Field(1, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        # `precision: bf16` is short for `precision: {dtype: bf16}`.
+        return {"dtype": v} if isinstance(v, str) else v
+
+
+class ZeroSpec(_Section):
+    stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: Offload = "none"
+    offload_param: Offload = "none"
+    nvme_path: str | None = Field(None, description="local NVMe folder for nvme offload")
+    overlap_comm: bool = True
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int | None = Field(None, ge=1, description="none = hidden_size^2 when known")
+    allgather_bucket_size: int | None = Field(None, ge=1)
+    stage3_prefetch_bucket_size: int | None = Field(None, ge=0)
+    stage3_param_persistence_threshold: int | None = Field(None, ge=0)
+    stage3_max_live_parameters: int = Field(1_000_000_000, ge=1)
+    stage3_max_reuse_distance: int = Field(1_000_000_000, ge=0)
+    gather_16bit_weights_on_save: bool = True
+    comm_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="gradient all-reduce dtype")
+    wall_clock_breakdown: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed keys merged last")
+
+
+class NcclSpec(_Section):
+    ib_hca: str | None = Field(None, description="NCCL_IB_HCA, e.g. mlx5")
+    debug: Literal["", "VERSION", "WARN", "INFO", "TRACE"] = "WARN"
+    async_error_handling: bool = True
+    timeout_s: int = Field(1800, ge=10, description="collective timeout before a rank gives up")
+
+
+class ContainerSpec(_Section):
+    runtime: Literal["pyxis", "apptainer"] = "pyxis"
+    image: str
+    mounts: list[str] = Field(default_factory=list)
+
+
+_SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+
+
+class ClusterSpec(_Section):
+    nodes: int = Field(1, ge=1, le=4096)
+    gpus_per_node: int = Field(0, ge=0, le=64, description="GPUs each node has; 0 = CPU ranks over gloo")
+    nproc_per_node: int | None = Field(None, ge=1, le=256, description="ranks per node; none = GPUs or 1")
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = Field("01:00:00", description="Slurm time limit: [D-]HH:MM:SS, MM:SS or minutes")
+    mem: str | None = Field(None, description="memory per node, Slurm syntax (e.g. 200G; 0 = all)")
+    cpus_per_task: int | None = Field(None, ge=1)
+    constraint: str | None = None
+    reservation: str | None = None
+    exclusive: bool = False
+    job_name: str = "launcher"
+    launcher: Literal["torchrun", "srun"] = Field("torchrun", description="per-node launcher or one srun task per rank")
+    setup: list[str] = Field(default_factory=list, description="shell lines run before launch (modules, venv)")
+    container: ContainerSpec | None = None
+    net_ifname: str | None = Field(None, description="NCCL/GLOO_SOCKET_IFNAME")
+    nccl: NcclSpec = Field(default_factory=NcclSpec)
+    env: dict[str, str] = Field(default_factory=dict, description="extra environment for the ranks")
+    signal_grace_s: int = Field(90, ge=0, le=3600, description="warning before the time limit")
+    requeue: bool = True
+    max_requeues: int = Field(3, ge=0)
+    max_retries: int = Field(0, ge=0)
+    dependency: str | None = None
+    array: str | None = None
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("a time limit is not true/false; write it as \"HH:MM:SS\"")
+        if isinstance(v, int):
+            return str(v)  # Slurm's meaning of a bare number: minutes
+        if isinstance(v, str) and not _SLURM_TIME.match(v.strip()):
+            raise ValueError(f"{v!r} is not a Slurm time; write [D-]HH:MM:SS, MM:SS or minutes")
+        return v.strip() if isinstance(v, str) else v
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for k in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k):
+                raise ValueError(f"{k!r} is not an environment variable name (letters, digits, _)")
+        return v
+
+    @field_validator("net_ifname")
+    @classmethod
+    def _ifname(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.^,-]{1,64}", v):
+            raise ValueError(f"{v!r} is not a network interface name (e.g. eth0, ib0, ^lo)")
+        return v
+
+    def time_seconds(self) -> int:
+        d, a, b, c = _SLURM_TIME.match(self.time).groups()  # type: ignore[union-attr]
+        parts = [int(x) for x in (a, b, c) if x is not None]
+        if d is not None:  # D-HH[:MM[:SS]]
+            parts += [0] * (3 - len(parts))
+            return int(d) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+        if len(parts) == 1:
+            return parts[0] * 60  # minutes
+        if len(parts) == 2:
+            return parts[0] * 60 + parts[1]  # MM:SS
+        return parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+class OutputSpec(_Section):
+    dir: str = Field("runs/run", description="where checkpoints, logs and the final model go")
+    save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    keep_last: int = Field(2, ge=1)
+    log_every: int = Field(1, ge=1)
+    eval_every: int = Field(0, ge=0)
+    resume: str = Field("auto", description="auto (newest complete checkpoint), never, or a checkpoint path")
+    tensorboard: bool = True
+
+
+class RunSpec(_Section):
+    """Everything about one run. Immutable; build it with `resolve()`."""
+
+    name: str = Field("run", description="run name; also the default Slurm job name")
+    task: Task = "pretrain"
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
+    zero: ZeroSpec = Field(default_factory=ZeroSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yamlio.dumps(self.to_dict())
+
+
+# --------------------------------------------------------------------------- flags -> keys
+
+# CLI flag destinations: one place that says which spec field each shared flag sets.
+FLAG_FIELDS: dict[str, str] = {
+    "model": "model.name",
+    "task": "task",
+    "method": "method.name",
+    "data": "data.path",
+    "seq_len": "data.seq_len",
+    "packing": "data.packing",
+    "zero": "zero.stage",
+    "offload_optimizer": "zero.offload_optimizer",
+    "offload_param": "zero.offload_param",
+    "nvme_path": "zero.nvme_path",
+    "precision": "precision.dtype",
+    "attn": "model.attn",
+    "grad_ckpt": "model.grad_ckpt",
+    "micro_batch": "optim.micro_batch",
+    "global_batch": "optim.global_batch",
+    "global_batch_tokens": "optim.global_batch_tokens",
+    "nodes": "cluster.nodes",
+    "gpus_per_node": "cluster.gpus_per_node",
+    "nproc_per_node": "cluster.nproc_per_node",
+    "lr": "optim.lr",
+    "max_steps": "optim.max_steps",
+    "save_every": "output.save_every",
+    "output_dir": "output.dir",
+    "name": "name",
+    "partition": "cluster.partition",
+    "account": "cluster.account",
+    "qos": "cluster.qos",
+    "time": "cluster.time",
+    "net_ifname": "cluster.net_ifname",
+    "launcher": "cluster.launcher",
+    "resume": "output.resume",
+}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if not isinstance(nxt, dict):
+            nxt = {}
+            node[k] = nxt
+        node = nxt
+    node[keys[-1]] = value
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, recursively for mappings; lists and scalars are replaced."""
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`--set a.b=value` pairs; the value is read as YAML (so `2`, `true`, `[q_proj, v_proj]` work)."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+            raise SpecError(f"--set {item!r}: expected dotted.key=value, for example --set optim.lr=1e-4")
+        value = yamlio.loads(raw, source=f"--set {key}") if raw.strip() else ""
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def flags_to_tree(flags: dict[str, Any]) -> dict[str, Any]:
+    """CLI flags that were given (None = not given) as a nested spec fragment."""
+    tree: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None:
+            continue
+        _set_dotted(tree, FLAG_FIELDS[name], value)
+    return tree
+
+
+# --------------------------------------------------------------------------- resolve
+
+def resolve(
+    spec_path: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    profile: dict[str, Any] | None = None,
+) -> RunSpec:
+    """Merge profile < file < flags < --set and validate once. Raises SpecError with every problem."""
+    layers: list[dict[str, Any]] = []
+    if profile:
+        layers.append(profile)
+    if spec_path is not None:
+        data = yamlio.load_file(spec_path)
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise SpecError(f"{spec_path}: a run spec is a YAML mapping of sections (model:, data:, ...), "
+                            f"not a {type(data).__name__}")
+        layers.append(data)
+    layers.append(flags_to_tree(flags or {}))
+    layers.append(parse_set(list(sets)))
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged = deep_merge(merged, layer)
+    return validate(merged)
+
+
+def validate(tree: dict[str, Any]) -> RunSpec:
+    try:
+        spec = RunSpec.model_validate(tree)
+    except ValidationError as exc:
+        raise SpecError(_explain(exc)) from None
+    problems = check_combinations(spec)
+    if problems:
+        raise SpecError(problems)
+    return spec
+
+
+def check_combinations(spec: RunSpec) -> list[str]:
+    """Options that are each valid but cannot go together. Every message says how to fix it."""
+    p: list[str] = []
+    z, prec, meth = spec.zero, spec.precision.dtype, spec.method.name
+    if z.offload_param != "none" and z.stage != 3:
+        p.append(f"zero.offload_param={z.offload_param} needs ZeRO stage 3 (only stage 3 partitions parameters); "
+                 f"use --zero 3 or --offload-param none")
+    if z.offload_optimizer != "none" and z.stage == 0:
+        p.append(f"zero.offload_optimizer={z.offload_optimizer} needs ZeRO stage 1, 2 or 3; "
+                 f"use --zero 2 or --offload-optimizer none")
+    if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
+        p.append("NVMe offload needs zero.nvme_path, a folder on a local NVMe disk of every node; "
+                 "set --nvme-path /local/nvme or choose --offload-optimizer/--offload-param cpu")
+    extra_fp = {k for k in ("fp16", "bf16") if isinstance(z.extra.get(k), dict) and z.extra[k].get("enabled")}
+    if len(extra_fp) == 2 or (extra_fp and prec not in extra_fp):
+        p.append(f"zero.extra enables {', '.join(sorted(extra_fp))} but precision.dtype is {prec}: fp16 and bf16 "
+                 f"cannot both be on; set the precision with --precision and drop them from zero.extra")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in z.extra:
+            p.append(f"zero.extra.{key}: batch numbers are computed from optim.micro_batch, optim.global_batch and "
+                     f"the world size; set those instead")
+    if meth == "qlora" and prec == "fp32":
+        p.append("method qlora computes in bf16 or fp16 (4-bit weights are dequantized to the compute dtype); "
+                 "use --precision bf16 (or fp16)")
+    qc = spec.method.quant.compute_dtype
+    if meth == "qlora" and qc != "auto" and qc != prec:
+        p.append(f"method.quant.compute_dtype={qc} differs from precision.dtype={prec}; "
+                 f"set them equal or leave compute_dtype auto")
+    if spec.model.attn == "flash2" and prec == "fp32":
+        p.append("model.attn=flash2 runs only in bf16 or fp16; use --precision bf16 or --attn sdpa")
+    o = spec.optim
+    if o.global_batch is not None and o.global_batch_tokens is not None:
+        p.append("give optim.global_batch (sequences) or optim.global_batch_tokens, not both")
+    if o.warmup_steps >= o.max_steps and o.warmup_steps > 0:
+        p.append(f"optim.warmup_steps={o.warmup_steps} is not below optim.max_steps={o.max_steps}; "
+                 f"lower the warmup or raise --max-steps")
+    c = spec.cluster
+    if c.gpus_per_node and c.nproc_per_node and c.nproc_per_node > c.gpus_per_node:
+        p.append(f"cluster.nproc_per_node={c.nproc_per_node} is more than cluster.gpus_per_node={c.gpus_per_node}; "
+                 f"one rank per GPU: lower --nproc-per-node")
+    if spec.task == "pretrain" and spec.data.packing:
+        p.append("data.packing is for --task sft (pretraining text is always concatenated and cut into blocks); "
+                 "drop --packing")
+    for k in c.env:
+        if k.upper() in SECRET_ENV:
+            p.append(f"cluster.env.{k}: secrets are not written into the spec or the run dir; export {k} in "
+                     f"the shell that submits, and the job inherits it")
+    return p
+
+
+# --------------------------------------------------------------------------- error text
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif x in ("list[str]", "literal['all-linear']", "ContainerSpec"):
+            continue  # pydantic's names for union members, not keys the user wrote
+        else:
+            parts.append(("." if parts else "") + str(x))
+    return "".join(parts) or "(top level)"
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = RunSpec
+    for key in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        ann = field.annotation
+        args = getattr(ann, "__args__", ())
+        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _explain(exc: ValidationError) -> list[str]:
+    out: list[str] = []
+    seen: set[str] = set()
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        where = _loc(loc)
+        kind = err["type"]
+        given = err.get("input")
+        if kind == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = sorted(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f" Did you mean {_loc(loc[:-1] + (close[0],))!r}?" if close else ""
+            msg = f"unknown key {where!r}.{hint} Valid keys here: {', '.join(valid)}"
+        elif kind == "literal_error":
+            msg = f"{where}: {given!r} is not allowed; {err['msg'].replace('Input should be', 'use')}"
+        elif kind in ("model_type", "dict_type") and loc and _model_at(loc):
+            keys = ", ".join(sorted(_model_at(loc).model_fields))  # type: ignore[union-attr]
+            msg = f"{where}: expected a mapping with keys {keys}, got {given!r}"
+        else:
+            text = err["msg"].removeprefix("Value error, ")
+            text = text[0].lower() + text[1:] if text else text
+            shown = repr(given) if not isinstance(given, dict) else "a mapping"
+            msg = f"{where}: {text} (got {shown})"
+            if "valid number" in text or "valid integer" in text:
+                msg += "; write a plain number"
+        if msg not in seen:
+            seen.add(msg)
+            out.append(msg)
+    return out
