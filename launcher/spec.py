@@ -48,7 +48,7 @@ class DataSpec(_Section):
     packing: bool = Field(False, description="SFT: pack examples into seq_len, attention kept per example")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share for evaluation")
     num_proc: int | None = Field(None, ge=1, description="tokenizer processes; none = chosen by size")
-    cache_dir: str | None = Field(None, description="tokenized-data cache; none = <output.dir>/../.cache")
+    cache_dir: str | None = Field(None, description="tokenized-data cache; none = $LAUNCHER_CACHE/data or ~/.cache/launcher/data")
 
 
 class LoraSpec(_Section):
