@@ -80,16 +80,19 @@ def optimizer_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
 
 def scheduler_section(spec: RunSpec) -> dict[str, Any]:
     o = spec.optim
+    # DeepSpeed refuses warmup_num_steps=0 (transformers fills max(1, warmup) for the same reason).
+    # With no warmup asked for, one "warmup" step that starts at the peak lr is no warmup at all.
+    warmup = max(1, o.warmup_steps)
+    start_ratio = 0.0 if o.warmup_steps else 1.0
     if o.scheduler == "cosine":
         return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": o.max_steps, "warmup_num_steps": o.warmup_steps,
-            "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
+            "total_num_steps": o.max_steps, "warmup_num_steps": warmup,
+            "warmup_min_ratio": start_ratio, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
+    params = {"warmup_num_steps": warmup, "warmup_min_lr": o.lr * start_ratio, "warmup_max_lr": o.lr,
+              "warmup_type": "linear"}
     if o.scheduler == "linear":
-        return {"type": "WarmupDecayLR", "params": {
-            "total_num_steps": o.max_steps, "warmup_num_steps": o.warmup_steps,
-            "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"}}
-    return {"type": "WarmupLR", "params": {
-        "warmup_num_steps": o.warmup_steps, "warmup_min_lr": 0.0, "warmup_max_lr": o.lr, "warmup_type": "linear"}}
+        return {"type": "WarmupDecayLR", "params": {"total_num_steps": o.max_steps, **params}}
+    return {"type": "WarmupLR", "params": params}
 
 
 def precision_sections(spec: RunSpec) -> dict[str, Any]:
