@@ -2,7 +2,8 @@
 
     python tests/integration/ds_probe.py accept   -> every stage x offload x precision x world size
                                                      parsed by DeepSpeedConfig at its world size
-    python tests/integration/ds_probe.py step S OO OP PREC  -> one real deepspeed.initialize + step
+    python tests/integration/ds_probe.py steps    -> for each stage x offload x precision, one real
+                                                     deepspeed.initialize and optimizer steps on CPU
 
 Prints one JSON line per case. A separate process, because deepspeed.comm keeps a process group.
 """
@@ -85,33 +86,47 @@ def accept():
         except Exception as exc:  # reported, asserted by the test
             case.update(ok=False, error=f"{type(exc).__name__}: {exc}")
         print(json.dumps(case), flush=True)
+    from launcher import presets
+
+    for name, world in itertools.product(presets.PRESETS, (1, 8)):
+        cfg = presets.render_preset(name)
+        ds = DeepSpeedConfig(cfg, mpu=DataParallel(world))
+        print(json.dumps({"preset": name, "world": world, "world_seen": ds.world_size,
+                          "train_batch_size": ds.train_batch_size, "micro": ds.train_micro_batch_size_per_gpu,
+                          "accum": ds.gradient_accumulation_steps}), flush=True)
 
 
-def step(stage, oo, op, prec):
+def steps():
     import deepspeed
     import torch
 
-    torch.manual_seed(0)
-    nvme = tempfile.mkdtemp(prefix="nvme-")
-    _, plan, cfg = build(int(stage), oo, op, prec, 1, nvme_path=nvme)
     deepspeed.init_distributed("gloo")
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
-    losses = []
-    for _ in range(plan.grad_accum * 2):
-        x = torch.randn(plan.micro_batch, 32, dtype=dtype)
-        loss = (engine(x).float() - 1).pow(2).mean()
-        engine.backward(loss)
-        engine.step()
-        losses.append(float(loss))
-    print(json.dumps({"ok": True, "global_steps": engine.global_steps, "losses": losses,
-                      "optimizer": type(engine.optimizer).__name__,
-                      "basic_optimizer": type(getattr(engine, "basic_optimizer", None)).__name__}), flush=True)
+    nvme = tempfile.mkdtemp(prefix="nvme-")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for stage, oo, op, prec in valid_combos():
+        case = {"stage": stage, "offload_optimizer": oo, "offload_param": op, "precision": prec}
+        try:
+            torch.manual_seed(0)
+            _, plan, cfg = build(stage, oo, op, prec, 1, nvme_path=nvme)
+            model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+            before = [p.detach().float().clone() for p in model.parameters()] if stage < 3 else None
+            losses = []
+            for _ in range(plan.grad_accum * 2):
+                x = torch.randn(plan.micro_batch, 32, dtype=dtypes[prec])
+                loss = (engine(x).float() - 1).pow(2).mean()
+                engine.backward(loss)
+                engine.step()
+                losses.append(float(loss))
+            moved = None if before is None else any(
+                not torch.equal(b, p.detach().float()) for b, p in zip(before, model.parameters()))
+            case.update(ok=True, global_steps=engine.global_steps, losses=losses, weights_moved=moved,
+                        optimizer=type(getattr(engine, "basic_optimizer", None) or engine.optimizer).__name__)
+            engine.destroy()
+        except Exception as exc:  # reported, asserted by the test
+            case.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:500])
+        print(json.dumps(case), flush=True)
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "accept":
-        accept()
-    else:
-        step(*sys.argv[2:6])
+    {"accept": accept, "steps": steps}[sys.argv[1]]()
