@@ -10,10 +10,16 @@ import click
 from launcher import __version__
 from launcher.errors import RunFailed, UserError
 
-# name -> "module:attribute". Modules import heavy libraries (torch, ...) inside their functions only.
-COMMANDS: dict[str, str] = {
-    "spec": "launcher.commands.spec_cmds:spec",
-    "config": "launcher.commands.spec_cmds:config",
+# name -> ("module:attribute", short help). The short help lives here so that `launcher --help`
+# imports no command module; modules import heavy libraries (torch, ...) inside functions only.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "spec": ("launcher.commands.spec_cmds:spec", "Print the fully resolved run spec as YAML."),
+    "config": ("launcher.commands.spec_cmds:config", "Print or write the DeepSpeed ZeRO config."),
+    "slurm": ("launcher.commands.slurm_cmd:slurm", "Write a run dir with a Slurm batch script; --submit queues it."),
+    "run": ("launcher.commands.train_cmds:run", "Train on this machine through the deepspeed launcher."),
+    "train": ("launcher.commands.train_cmds:train", "Per-rank training entry point (called by every launcher)."),
+    "quickstart": ("launcher.commands.train_cmds:quickstart", "Train the embedded tiny model here, then sample from it."),
+    "merge": ("launcher.commands.train_cmds:merge", "Merge a LoRA/QLoRA adapter into its base model."),
 }
 
 
@@ -22,11 +28,16 @@ class LazyGroup(click.Group):
         return sorted(COMMANDS)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        target = COMMANDS.get(name)
-        if target is None:
+        entry = COMMANDS.get(name)
+        if entry is None:
             return None
-        module, attr = target.split(":")
+        module, attr = entry[0].split(":")
         return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

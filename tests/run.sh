@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's one test command (README "Set-up"): installs what the tests need, then runs them all.
+#   bash tests/run.sh [pytest args]
+# As root it also installs the system packages for the real Slurm cluster the tests start
+# (.ci/install-slurm.sh) and libaio for DeepSpeed's NVMe offload; elsewhere those tests skip with the reason.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# torch's CPU build first: a bare `torch` requirement with no torch installed pulls several GB of CUDA.
+"$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+"$PY" -m pip install -q -e '.[dev]'
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  dpkg-query -W -f='${Status}' libaio-dev 2>/dev/null | grep -q "install ok installed" \
+    || { apt-get update -q >/dev/null && apt-get install -y -q libaio-dev >/dev/null; }
+  bash .ci/install-slurm.sh
+fi
+
+exec "$PY" -m pytest -q "$@"
