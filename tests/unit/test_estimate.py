@@ -1,0 +1,145 @@
+"""The estimator against independent counts: DeepSpeed's ZeRO estimators, peft's trainable count,
+bitsandbytes' real 4-bit footprint, and the cost formula."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.estimate import estimate, fit_micro_batch
+from launcher.plan import make_plan
+from launcher.spec import resolve
+
+SHAPES = {  # published hyper-parameters
+    "llama-3.2-1b": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=16,
+                         intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+    "llama-3-8b": dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32,
+                       intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "llama-3-70b": dict(hidden_size=8192, num_attention_heads=64, num_key_value_heads=8, num_hidden_layers=80,
+                        intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+@pytest.fixture(params=sorted(SHAPES))
+def shape_dir(request, tmp_path):
+    d = tmp_path / request.param
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 8192,
+                                               **SHAPES[request.param]}))
+    return d
+
+
+def _estimate(model_dir, *sets, **kw):
+    spec = resolve(flags={"model": str(model_dir)}, sets=list(sets))
+    plan = make_plan(spec)
+    return spec, plan, estimate(spec, plan, **kw)
+
+
+@pytest.mark.parametrize("nodes,gpus", [(1, 8), (2, 8), (8, 8), (1, 1)])
+@pytest.mark.parametrize("stage,offload_opt,offload_param", [
+    (2, "none", "none"), (2, "cpu", "none"), (3, "none", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")])
+def test_model_states_agree_with_deepspeed_estimators(shape_dir, nodes, gpus, stage, offload_opt, offload_param):
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    _, _, e = _estimate(shape_dir, f"zero.stage={stage}", f"zero.offload_optimizer={offload_opt}",
+                        f"zero.offload_param={offload_param}", f"cluster.nodes={nodes}",
+                        f"cluster.gpus_per_node={gpus}")
+    cfg = SHAPES[shape_dir.name]
+    largest = cfg["vocab_size"] * cfg["hidden_size"]
+    if stage == 2:
+        _, ds = estimate_zero2_model_states_mem_needs(e.params, gpus, nodes, cpu_offload=offload_opt == "cpu")
+    else:
+        _, ds, _ = estimate_zero3_model_states_mem_needs(e.params, largest, gpus, nodes,
+                                                        cpu_offload=offload_opt == "cpu",
+                                                        cpu_offload_params=offload_param == "cpu")
+    assert abs(e.model_states_bytes_per_gpu - ds) <= 0.10 * ds, (e.model_states_bytes_per_gpu, ds)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "[q_proj, v_proj]"])
+def test_lora_trainable_count_matches_peft(tmp_path, targets):
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=3, intermediate_size=96, vocab_size=300)
+    (tmp_path / "config.json").write_text(cfg.to_json_string())
+    spec, plan, e = _estimate(tmp_path, "method.name=lora", "method.lora.r=8",
+                              f"method.lora.target_modules={targets}")
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    tm = spec.method.lora.target_modules
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=tm, task_type="CAUSAL_LM"))
+    trainable, total = lora.get_nb_trainable_parameters()
+    assert (e.trainable_params, e.params) == (trainable, total)
+
+
+def test_qlora_weight_bytes_match_bitsandbytes_footprint(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                   num_hidden_layers=2, intermediate_size=512, vocab_size=1000,
+                                   tie_word_embeddings=False)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    q = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                        bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                        bnb_4bit_quant_storage=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=q, dtype=torch.bfloat16)
+    measured = sum(p.numel() * p.element_size() for p in model.parameters())
+    measured += sum(b.numel() * b.element_size() for b in model.buffers() if b.dtype != torch.float32 or b.numel() > 64)
+    for m in model.modules():  # quantization constants live on the weights' quant_state
+        st = getattr(getattr(m, "weight", None), "quant_state", None)
+        if st is not None:
+            measured += st.absmax.numel() * st.absmax.element_size()
+            if st.state2 is not None:
+                measured += st.state2.absmax.numel() * st.state2.absmax.element_size() + 256 * 4
+    _, _, e = _estimate(tmp_path, "method.name=qlora", "method.lora.r=1", "method.lora.target_modules=[q_proj]",
+                        "zero.stage=0")
+    lora_bytes = e.trainable_params * 2
+    assert abs((e.weights_bytes_per_gpu - lora_bytes) - measured) <= 0.05 * measured
+
+
+def test_usd_per_mtok_formula(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPES["llama-3-8b"]}))
+    _, plan, e = _estimate(tmp_path, "cluster.gpus_per_node=8", device="H100-80GB", usd_per_device_hour=3.0,
+                           train_tokens=10**9)
+    assert e.usd_per_mtok == pytest.approx(3.0 * 8 / 3600 / e.tokens_per_s * 1e6)
+    assert e.train_usd == pytest.approx(e.train_time_h * 3.0 * 8)
+    assert e.step_time_s == pytest.approx(plan.tokens_per_step / e.tokens_per_s)
+
+
+def test_grad_ckpt_cuts_activations_and_costs_flops(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPES["llama-3.2-1b"]}))
+    _, _, off = _estimate(tmp_path, "data.seq_len=4096")
+    _, _, on = _estimate(tmp_path, "data.seq_len=4096", "model.grad_ckpt=true")
+    assert on.activation_bytes_per_gpu < off.activation_bytes_per_gpu / 2
+    assert on.hardware_flops_per_token > on.model_flops_per_token == off.model_flops_per_token
+
+
+def test_fit_picks_the_largest_micro_batch_that_fits(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPES["llama-3.2-1b"]}))
+    spec = resolve(flags={"model": str(tmp_path)}, sets=["cluster.gpus_per_node=1", "data.seq_len=4096"])
+    plan = make_plan(spec)
+    mem = 80 * 2**30
+    best = fit_micro_batch(spec, plan, mem)
+    assert best and estimate(spec, plan, micro_batch=best).peak_bytes_per_gpu <= mem
+    assert estimate(spec, plan, micro_batch=best + 1).peak_bytes_per_gpu > mem
+
+
+def test_estimate_cli_json_has_the_promised_keys(cli, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPES["llama-3-8b"]}))
+    proc = cli("estimate", "--model", str(tmp_path), "--gpus-per-node", "8", "--usd-per-device-hour", "2",
+               "--json", check=True)
+    out = json.loads(proc.stdout)
+    for key in ("params", "trainable_params", "model_states_bytes_per_gpu", "activation_bytes_per_gpu",
+                "peak_bytes_per_gpu", "step_time_s", "tokens_per_s", "usd_per_mtok"):
+        assert out[key] is not None, key
+
+
+def test_estimate_of_a_hub_id_says_what_it_needs(cli):
+    proc = cli("estimate", "--model", "meta-llama/Meta-Llama-3-8B")
+    assert proc.returncode == 2 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
