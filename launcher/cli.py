@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "spec": ("launcher.commands.spec_cmds:spec", "Print the fully resolved run spec as YAML."),
     "config": ("launcher.commands.spec_cmds:config", "Print or write the DeepSpeed ZeRO config."),
     "slurm": ("launcher.commands.slurm_cmd:slurm", "Write a run dir with a Slurm batch script; --submit queues it."),
+    "estimate": ("launcher.commands.estimate_cmd:estimate", "Memory per GPU, step time and $ per 1M tokens, no GPU needed."),
     "run": ("launcher.commands.train_cmds:run", "Train on this machine through the deepspeed launcher."),
     "train": ("launcher.commands.train_cmds:train", "Per-rank training entry point (called by every launcher)."),
     "quickstart": ("launcher.commands.train_cmds:quickstart", "Train the embedded tiny model here, then sample from it."),
