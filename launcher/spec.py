@@ -144,6 +144,7 @@ _SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
 class ClusterSpec(_Section):
+    profile: str | None = Field(None, description="cluster profile this run was resolved with (--cluster)")
     nodes: int = Field(1, ge=1, le=4096)
     gpus_per_node: int = Field(0, ge=0, le=64, description="GPUs each node has; 0 = CPU ranks over gloo")
     nproc_per_node: int | None = Field(None, ge=1, le=256, description="ranks per node; none = GPUs or 1")
@@ -169,6 +170,8 @@ class ClusterSpec(_Section):
     max_retries: int = Field(0, ge=0)
     dependency: str | None = None
     array: str | None = None
+    usd_per_gpu_hour: float | None = Field(None, ge=0, description="price, from the cluster profile")
+    usd_per_node_hour: float | None = Field(None, ge=0, description="price of a CPU node-hour")
 
     @field_validator("time", mode="before")
     @classmethod
@@ -326,16 +329,13 @@ def flags_to_tree(flags: dict[str, Any]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- resolve
 
-def resolve(
+def user_tree(
     spec_path: str | Path | None = None,
     flags: dict[str, Any] | None = None,
     sets: list[str] | tuple[str, ...] = (),
-    profile: dict[str, Any] | None = None,
-) -> RunSpec:
-    """Merge profile < file < flags < --set and validate once. Raises SpecError with every problem."""
+) -> dict[str, Any]:
+    """The user's layers merged, unvalidated: spec file < flags < --set."""
     layers: list[dict[str, Any]] = []
-    if profile:
-        layers.append(profile)
     if spec_path is not None:
         data = yamlio.load_file(spec_path)
         if data is None:
@@ -349,7 +349,17 @@ def resolve(
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = deep_merge(merged, layer)
-    return validate(merged)
+    return merged
+
+
+def resolve(
+    spec_path: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+    profile: dict[str, Any] | None = None,
+) -> RunSpec:
+    """Merge profile < file < flags < --set and validate once. Raises SpecError with every problem."""
+    return validate(deep_merge(profile or {}, user_tree(spec_path, flags, sets)))
 
 
 def validate(tree: dict[str, Any]) -> RunSpec:
@@ -427,8 +437,8 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return "".join(parts) or "(top level)"
 
 
-def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    model: Any = RunSpec
+def _model_at(loc: tuple[Any, ...], root: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    model: Any = root or RunSpec
     for key in loc:
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return None
@@ -441,7 +451,12 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _explain(exc: ValidationError) -> list[str]:
+def _explain_with_root(exc: ValidationError, where: str) -> list[str]:
+    """Messages for a model other than RunSpec (e.g. a cluster profile), prefixed with its place."""
+    return [f"{where}: {m}" for m in _explain(exc, root=exc.title and _MODELS.get(exc.title))]
+
+
+def _explain(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
     out: list[str] = []
     seen: set[str] = set()
     for err in exc.errors(include_url=False):
@@ -450,15 +465,15 @@ def _explain(exc: ValidationError) -> list[str]:
         kind = err["type"]
         given = err.get("input")
         if kind == "extra_forbidden":
-            parent = _model_at(loc[:-1])
+            parent = _model_at(loc[:-1], root)
             valid = sorted(parent.model_fields) if parent else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
             hint = f" Did you mean {_loc(loc[:-1] + (close[0],))!r}?" if close else ""
             msg = f"unknown key {where!r}.{hint} Valid keys here: {', '.join(valid)}"
         elif kind == "literal_error":
             msg = f"{where}: {given!r} is not allowed; {err['msg'].replace('Input should be', 'use')}"
-        elif kind in ("model_type", "dict_type") and loc and _model_at(loc):
-            keys = ", ".join(sorted(_model_at(loc).model_fields))  # type: ignore[union-attr]
+        elif kind in ("model_type", "dict_type") and loc and _model_at(loc, root):
+            keys = ", ".join(sorted(_model_at(loc, root).model_fields))  # type: ignore[union-attr]
             msg = f"{where}: expected a mapping with keys {keys}, got {given!r}"
         else:
             text = err["msg"].removeprefix("Value error, ")
@@ -471,3 +486,12 @@ def _explain(exc: ValidationError) -> list[str]:
             seen.add(msg)
             out.append(msg)
     return out
+
+
+_MODELS: dict[str, type[BaseModel]] = {}
+
+
+def register_model(model: type[BaseModel]) -> type[BaseModel]:
+    """Let error messages of another top-level model (a profile) suggest keys from it."""
+    _MODELS[model.__name__] = model
+    return model

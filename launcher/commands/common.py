@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from launcher.spec import FLAG_FIELDS, RunSpec, resolve
+from launcher.spec import FLAG_FIELDS, RunSpec
 
 def _opt(decls: list[str], *extra: str, **kw: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
     return (*decls, *extra), kw
@@ -37,11 +37,15 @@ _SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     _opt(["--max-steps"], type=int, help="Optimizer steps."),
     _opt(["--save-every"], type=int, help="Checkpoint every N steps."),
     _opt(["--name"], help="Run name (also the Slurm job name)."),
+    _opt(["--cluster"], help="Cluster profile NAME (lowest layer: profile < SPEC < flags < --set)."),
+    _opt(["--clusters"], type=click.Path(dir_okay=False),
+         help="Cluster profiles file (default $LAUNCHER_CLUSTERS or ~/.config/launcher/clusters.yaml)."),
     _opt(["--set", "sets"], multiple=True, metavar="KEY=VALUE",
                  help="Set any spec field, e.g. --set optim.warmup_steps=10 (repeatable; wins over flags)."),
 ]
 _FLAG_NAMES = {click.Option(list(d), **kw).name for d, kw in _SPEC_FLAGS}
-assert _FLAG_NAMES - {"sets"} <= set(FLAG_FIELDS), _FLAG_NAMES - set(FLAG_FIELDS)
+_NOT_FIELDS = {"sets", "cluster", "clusters"}
+assert _FLAG_NAMES - _NOT_FIELDS <= set(FLAG_FIELDS), _FLAG_NAMES - set(FLAG_FIELDS)
 
 
 def spec_options(*, spec_required: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -66,6 +70,9 @@ def spec_options(*, spec_required: bool = False) -> Callable[[Callable[..., Any]
 
 
 def resolve_from_cli(picked: dict[str, Any]) -> RunSpec:
+    from launcher import profiles
+
     spec_path = picked.pop("spec_path", None)
     sets = picked.pop("sets", ()) or ()
-    return resolve(spec_path, flags=picked, sets=list(sets))
+    cluster, clusters = picked.pop("cluster", None), picked.pop("clusters", None)
+    return profiles.resolve(spec_path, flags=picked, sets=list(sets), cluster=cluster, clusters_file=clusters)

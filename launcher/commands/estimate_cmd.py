@@ -53,6 +53,10 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     if gpu is None and spec.cluster.gpus_per_node > 0:
         gpu = "H100-80GB"
         notes.append("device assumed H100-80GB; pass --gpu")
+    if usd_per_device_hour is None:  # the cluster profile's price, if the spec came with one
+        c = spec.cluster
+        usd_per_device_hour = c.usd_per_gpu_hour if c.gpus_per_node else (
+            c.usd_per_node_hour / plan.nproc_per_node if c.usd_per_node_hour is not None else None)
     kw = dict(device=gpu, device_memory=parse_bytes(device_memory) if device_memory else None,
               usd_per_device_hour=usd_per_device_hour, train_tokens=int(train_tokens) if train_tokens else None,
               mfu=mfu or est.DEFAULT_MFU)
