@@ -1,0 +1,288 @@
+"""RunSpec + Plan -> the Slurm batch script. Pure: the same inputs give byte-identical text.
+
+The `#SBATCH` directives are built here, one per line and sorted; the body is the jinja2 template
+slurm/job.sbatch.j2. Every value that reaches the script is quoted here, or checked against a strict
+pattern, and the template refuses any string that is not marked as such (`Sh`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+from collections.abc import Sequence
+from pathlib import Path
+
+from launcher import assets
+from launcher.errors import SpecError
+from launcher.plan import Plan
+from launcher.spec import ClusterSpec, RunSpec
+
+TEMPLATE = "job.sbatch.j2"
+# Python in a container or after the spec's set-up lines: whatever those put first on the PATH.
+PATH_PYTHON = "python3"
+# torchrun's shutdown timeout when the spec asks for no warning signal (torchrun's own default).
+DEFAULT_SHUTDOWN_S = 30
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MEM = re.compile(r"[0-9]+[KMGT]?")
+_THROTTLE = re.compile(r"%[0-9]+")
+# Characters sbatch's own #SBATCH parser passes through unquoted (it splits on blanks, reads quotes
+# and backslashes, and ends the line at an unquoted #).
+_SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_.,:/%=+@-]+")
+# sbatch blanks these words wherever they appear on an #SBATCH line (heterogeneous job separators).
+_HETJOB = re.compile(r"hetjob|packjob", re.IGNORECASE)
+
+
+class Sh(str):
+    """Text that may go into the script as it is: shell-quoted, pattern-checked, or fixed by us."""
+
+
+def sh(value: str) -> Sh:
+    """One shell word that means exactly `value` to bash."""
+    return Sh(shlex.quote(value))
+
+
+def sbatch_quote(value: str) -> str:
+    """One #SBATCH argument that means exactly `value` to sbatch.
+
+    sbatch parses #SBATCH lines itself (src/sbatch/opt.c `_get_argument`), not with bash: a
+    backslash escapes the next character even inside single quotes, so shlex.quote's output would
+    lose backslashes. Double quotes with `\\` and `"` escaped read back verbatim.
+    """
+    if _SBATCH_PLAIN.fullmatch(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def slurm_filename(path: str) -> str:
+    """A literal path inside an --output pattern: Slurm expands %x, %j, ...; %% is a literal %."""
+    return path.replace("%", "%%")
+
+
+def job_name(spec: RunSpec) -> str:
+    """cluster.job_name when set to something other than its default, else the run name."""
+    default = ClusterSpec.model_fields["job_name"].default
+    return spec.cluster.job_name if spec.cluster.job_name != default else spec.name
+
+
+# --------------------------------------------------------------------------- checks
+
+def check(spec: RunSpec, run_dir: Path, *, python: str, array_specs: Sequence[RunSpec] | None = None) -> list[str]:
+    """What would make the script wrong or unsafe, one message (with the fix) per problem."""
+    c = spec.cluster
+    p: list[str] = []
+    name_field = "cluster.job_name" if job_name(spec) == c.job_name else "name"
+    directive_values = {
+        name_field: job_name(spec), "cluster.partition": c.partition, "cluster.account": c.account,
+        "cluster.qos": c.qos, "cluster.constraint": c.constraint, "cluster.reservation": c.reservation,
+        "cluster.mem": c.mem, "cluster.dependency": c.dependency, "cluster.array": c.array,
+    }
+    for field, value in directive_values.items():
+        if value is None:
+            continue
+        if _CONTROL.search(value):
+            p.append(f"{field}={value!r} contains a control character (newline, tab, ...); an #SBATCH directive "
+                     f"is one line: remove it")
+        elif _HETJOB.search(value):
+            p.append(f"{field}={value!r}: sbatch erases the words 'hetjob'/'packjob' on #SBATCH lines; "
+                     f"choose a value without them")
+    name = job_name(spec)
+    if not name.strip():
+        p.append("the job name (cluster.job_name or name) is empty; give the run a --name")
+    if "/" in name:
+        p.append(f"job name {name!r} contains '/': it names the log file (%x); use --name without '/'")
+    if c.mem is not None and not _MEM.fullmatch(c.mem):
+        p.append(f"cluster.mem={c.mem!r} is not Slurm memory syntax; write a number with an optional unit "
+                 f"K, M, G or T (e.g. 200G; 0 = all of the node's memory)")
+    if c.array is not None and not array_specs:
+        p.append("cluster.array: a job array here comes from --sweep (each task with its own spec and output "
+                 "dir); drop cluster.array or use --sweep key=v1,v2")
+    if c.array is not None and array_specs and not _THROTTLE.fullmatch(c.array):
+        p.append(f"cluster.array={c.array!r}: with --sweep the task indices are set by the sweep; cluster.array "
+                 f"may only limit how many run at once, as %N (e.g. %2)")
+
+    rd = str(run_dir)
+    if not run_dir.is_absolute():
+        p.append(f"run dir {rd!r} must be an absolute path")
+    if _CONTROL.search(rd) or "\\" in rd:
+        p.append(f"run dir {rd!r} contains a control character or a backslash, which Slurm's --output "
+                 f"cannot name; choose another --out")
+    uses_path_python = bool(c.setup or c.container)
+    if not uses_path_python and (not python or not Path(python).is_absolute() or _CONTROL.search(python)):
+        p.append(f"python interpreter {python!r} must be an absolute path without control characters")
+    if c.container is not None:
+        ct = c.container
+        if not ct.image.strip() or _CONTROL.search(ct.image):
+            p.append(f"cluster.container.image={ct.image!r} must be a non-empty image name on one line")
+        for i, m in enumerate(ct.mounts):
+            if "," in m or _CONTROL.search(m) or not m.strip():
+                p.append(f"cluster.container.mounts[{i}]={m!r}: a mount is SRC[:DST[:FLAGS]] without commas "
+                         f"(they separate mounts) or control characters")
+        if "," in rd or ":" in rd:
+            p.append(f"run dir {rd!r} contains ',' or ':', which the container mount list cannot carry; "
+                     f"choose another --out")
+    for k, v in c.env.items():
+        if "\x00" in v:
+            p.append(f"cluster.env.{k} contains a NUL byte, which no environment variable can hold")
+    for i, line in enumerate(c.setup):
+        if "\x00" in line:
+            p.append(f"cluster.setup[{i}] contains a NUL byte")
+    if array_specs:
+        for i, task in enumerate(array_specs):
+            if task.cluster != c:
+                p.append(f"sweep task {i} changes the cluster section, but a job array shares one set of #SBATCH "
+                         f"directives; sweep cluster.* settings with separate `launcher slurm` runs")
+                break
+    return p
+
+
+# --------------------------------------------------------------------------- directives
+
+def directives(spec: RunSpec, plan: Plan, run_dir: Path, *, array_tasks: int = 0) -> list[str]:
+    """The #SBATCH lines, sorted."""
+    c = spec.cluster
+    per_node_tasks = 1 if c.launcher == "torchrun" else plan.nproc_per_node
+    log = slurm_filename(str(run_dir / "logs")) + ("/%x-%A_%a.out" if array_tasks else "/%x-%j.out")
+    opts: dict[str, str | int | None] = {
+        "job-name": job_name(spec),
+        "nodes": plan.nodes,
+        "ntasks-per-node": per_node_tasks,
+        "gpus-per-node": c.gpus_per_node or None,
+        "cpus-per-task": _cpus_per_task(spec, plan),
+        "mem": c.mem,
+        "time": c.time,
+        "partition": c.partition,
+        "account": c.account,
+        "qos": c.qos,
+        "constraint": c.constraint,
+        "reservation": c.reservation,
+        "output": log,
+        "error": log,  # one file per job: stderr interleaved with stdout, in order
+        "open-mode": "append",  # a requeued job continues its log instead of truncating it
+        "signal": f"B:USR1@{c.signal_grace_s}" if c.signal_grace_s else None,
+        "dependency": c.dependency,
+        "array": (f"0-{array_tasks - 1}" + (c.array or "")) if array_tasks else None,
+        # The job gets the submitting shell's environment (secrets such as HF_TOKEN included, which
+        # are never written into the run dir), whatever SBATCH_EXPORT says.
+        "export": "ALL",
+    }
+    lines = [f"#SBATCH --{k}={sbatch_quote(str(v))}" for k, v in opts.items() if v is not None]
+    if c.exclusive:
+        lines.append("#SBATCH --exclusive")
+    lines.append("#SBATCH --requeue" if c.requeue else "#SBATCH --no-requeue")
+    return sorted(lines)
+
+
+def _cpus_per_task(spec: RunSpec, plan: Plan) -> int | None:
+    # cluster.cpus_per_task counts CPUs per rank, whichever the launcher: with torchrun one Slurm
+    # task per node holds all of the node's ranks, so it asks for that many times as much.
+    per_rank = spec.cluster.cpus_per_task
+    if per_rank is None:
+        return None
+    return per_rank * plan.nproc_per_node if spec.cluster.launcher == "torchrun" else per_rank
+
+
+# --------------------------------------------------------------------------- body
+
+def _environment(spec: RunSpec) -> list[tuple[Sh, Sh]]:
+    c = spec.cluster
+    env: list[tuple[str, str]] = []
+    if c.net_ifname:
+        # Inside a job every node may resolve its own hostname to 127.0.0.1; the interface decides
+        # which address the rendezvous and the collectives use.
+        env += [("NCCL_SOCKET_IFNAME", c.net_ifname), ("GLOO_SOCKET_IFNAME", c.net_ifname)]
+    if c.gpus_per_node > 0:
+        if c.nccl.ib_hca:
+            env.append(("NCCL_IB_HCA", c.nccl.ib_hca))
+        if c.nccl.debug:
+            env.append(("NCCL_DEBUG", c.nccl.debug))
+        env.append(("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if c.nccl.async_error_handling else "0"))
+    env.append(("LAUNCHER_COLLECTIVE_TIMEOUT_S", str(c.nccl.timeout_s)))
+    env += sorted(c.env.items())  # last, so the spec's own values win
+    out = []
+    for name, value in env:
+        if not _ENV_NAME.fullmatch(name):  # the spec checks this too; a name is never quoted
+            raise SpecError(f"cluster.env: {name!r} is not an environment variable name")
+        out.append((Sh(name), sh(value)))
+    return out
+
+
+def _container(spec: RunSpec, run_dir: Path) -> tuple[dict[str, Sh] | None, str, str]:
+    """(template values, extra srun arguments, command prefix) for the container runtime."""
+    ct = spec.cluster.container
+    if ct is None:
+        return None, "", ""
+    # The run dir is mounted at its own path: the ranks read spec.yaml there and write checkpoints.
+    mounts = ",".join([f"{run_dir}:{run_dir}", *ct.mounts])
+    values = {"image": sh(ct.image), "mounts": sh(mounts)}
+    if ct.runtime == "pyxis":
+        return values, ' --container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS"', ""
+    nv = "--nv " if spec.cluster.gpus_per_node > 0 else ""
+    return values, "", f'apptainer exec {nv}--bind "$CONTAINER_MOUNTS" "$CONTAINER_IMAGE" '
+
+
+@functools.lru_cache(maxsize=1)
+def _template():  # type: ignore[no-untyped-def]
+    import jinja2
+
+    def only_safe(value: object) -> object:
+        if isinstance(value, Sh) or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise TypeError(f"unquoted value {value!r} reached the batch script template; quote it with sh()")
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(assets.slurm_templates_dir())),
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        finalize=only_safe,
+    )
+    return env.get_template(TEMPLATE)
+
+
+def render_sbatch(
+    spec: RunSpec,
+    plan: Plan,
+    run_dir: Path,
+    *,
+    python: str,
+    array_specs: Sequence[RunSpec] | None = None,
+) -> str:
+    """The batch script for `spec` run from `run_dir` (absolute; spec.yaml and logs/ live there).
+
+    `python` is the interpreter the ranks use when neither set-up lines nor a container provide
+    one (the caller passes sys.executable). `array_specs` are the tasks of a sweep: the script
+    becomes a job array whose task i trains RUN_DIR/tasks/i/spec.yaml. Raises SpecError listing
+    every value that cannot be rendered safely.
+    """
+    run_dir = Path(run_dir)
+    problems = check(spec, run_dir, python=python, array_specs=array_specs)
+    if problems:
+        raise SpecError(problems)
+    c = spec.cluster
+    array_tasks = len(array_specs) if array_specs else 0
+    container, container_srun, exec_prefix = _container(spec, run_dir)
+    cpus = _cpus_per_task(spec, plan)
+    srun_args = (f" --cpus-per-task={cpus}" if cpus else "") + container_srun
+    python_from_path = bool(c.setup or c.container)
+    text = _template().render(
+        directives=Sh("\n".join(directives(spec, plan, run_dir, array_tasks=array_tasks))),
+        run_dir=sh(str(run_dir)),
+        array_tasks=array_tasks,
+        python=sh(PATH_PYTHON if python_from_path else python),
+        python_from_path=python_from_path,
+        container=container,
+        nodes=plan.nodes,
+        nproc=plan.nproc_per_node,
+        setup=Sh("\n".join(c.setup)),  # the spec's own shell code, run as written by design
+        env=_environment(spec),
+        launcher=c.launcher,
+        srun_args=Sh(srun_args),
+        exec_prefix=Sh(exec_prefix),
+        shutdown_timeout=c.signal_grace_s or DEFAULT_SHUTDOWN_S,
+    )
+    return text

@@ -1,0 +1,496 @@
+"""The Slurm batch script: pinned by golden files, valid bash, and safe with hostile values.
+
+Re-record the golden files after an intended change with
+    LAUNCHER_RECORD_GOLDEN=1 pytest tests/unit/test_render_slurm.py
+and review the diff (git diff tests/golden/slurm) before committing it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from launcher.errors import SpecError
+from launcher.plan import make_plan
+from launcher.render import slurm as render
+from launcher.render.slurm import render_sbatch, sbatch_quote
+from launcher.spec import RunSpec, validate
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "slurm"
+RECORD = os.environ.get("LAUNCHER_RECORD_GOLDEN") == "1"
+RUN_DIR = Path("/scratch/runs/demo")  # fixed, so the golden files do not depend on this machine
+PYTHON = "/opt/venv/bin/python"
+
+_GPU = {"gpus_per_node": 8, "partition": "gpu", "account": "llm", "time": "2-00:00:00", "mem": "0",
+        "cpus_per_task": 8, "exclusive": True, "net_ifname": "ib0", "nccl": {"ib_hca": "mlx5"}}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "single_node_gpu": {"name": "sft-8b", "cluster": {**_GPU, "nodes": 1}, "optim": {"global_batch": 32}},
+    "multi_node_gpu": {"name": "cpt-70b", "zero": {"stage": 3},
+                       "cluster": {**_GPU, "nodes": 4, "qos": "high", "constraint": "h100",
+                                   "reservation": "llm-res", "dependency": "afterok:1234",
+                                   "env": {"HF_HOME": "/shared/hf cache"}, "signal_grace_s": 300}},
+    "container_pyxis": {"name": "pyxis-run", "cluster": {
+        **_GPU, "nodes": 2, "container": {"runtime": "pyxis", "image": "nvcr.io#nvidia/pytorch:25.01-py3",
+                                          "mounts": ["/data:/data:ro", "/shared"]}}},
+    "container_apptainer": {"name": "apptainer-run", "cluster": {
+        **_GPU, "nodes": 2, "container": {"runtime": "apptainer", "image": "/images/train.sif",
+                                          "mounts": ["/data:/data"]}}},
+    "array_sweep": {"name": "lr-sweep", "cluster": {"nodes": 1, "gpus_per_node": 4, "partition": "gpu",
+                                                   "array": "%2", "requeue": False}},
+    "cpu": {"name": "tiny-cpu", "cluster": {"nodes": 2, "gpus_per_node": 0, "nproc_per_node": 1,
+                                            "net_ifname": "eth0", "time": "00:10:00"}},
+    "cpu_srun_per_rank": {"name": "tiny-srun", "cluster": {"nodes": 1, "nproc_per_node": 2, "launcher": "srun",
+                                                          "cpus_per_task": 1, "net_ifname": "eth0",
+                                                          "setup": ["module load python/3.11",
+                                                                    "source /opt/venv/bin/activate"]}},
+}
+SWEEP_LRS = (1e-4, 3e-4, 1e-3)
+
+
+def spec_of(tree: dict[str, Any]) -> RunSpec:
+    return validate(tree)
+
+
+def rendered(name: str) -> str:
+    spec = spec_of(VARIANTS[name])
+    tasks = None
+    if name == "array_sweep":
+        tasks = [validate({**VARIANTS[name], "optim": {"lr": lr}}) for lr in SWEEP_LRS]
+    return render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON, array_specs=tasks)
+
+
+def sbatch_args(line: str) -> list[str]:
+    """The arguments sbatch reads from one `#SBATCH` line: a port of Slurm 22.05's
+    src/sbatch/opt.c `_get_argument` (blanks split, quotes group, backslash escapes everywhere,
+    an unquoted # ends the line)."""
+    assert line.startswith("#SBATCH")
+    text, i, out = line[len("#SBATCH"):], 0, []
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text) or text[i] == "#":
+            return out
+        arg, quote, escape = [], "", False
+        while i < len(text) and (quote or not text[i].isspace()):
+            ch = text[i]
+            i += 1
+            if escape:
+                escape = False
+            elif ch == "\\":
+                escape = True
+                continue
+            elif quote:
+                if ch == quote:
+                    quote = ""
+                    continue
+            elif ch in "\"'":
+                quote = ch
+                continue
+            elif ch == "#":
+                out.append("".join(arg))
+                return out
+            arg.append(ch)
+        assert not quote, f"unmatched quote in {line!r}"
+        out.append("".join(arg))
+
+
+def directives_of(script: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in script.splitlines():
+        if line.startswith("#SBATCH"):
+            for arg in sbatch_args(line):
+                key, _, value = arg.partition("=")
+                out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------- golden files
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_script_matches_golden_file(name):
+    text = rendered(name)
+    path = GOLDEN / f"{name}.sbatch"
+    hint = (f"{path} differs from the rendered script. If the change is intended, re-record with\n"
+            f"    LAUNCHER_RECORD_GOLDEN=1 pytest tests/unit/test_render_slurm.py\n"
+            f"and review `git diff tests/golden/slurm`.")
+    if RECORD:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), hint
+    assert text == path.read_text(), hint
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_golden_script_is_valid_bash(name):
+    path = GOLDEN / f"{name}.sbatch"
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_rendering_is_byte_identical_across_calls():
+    assert len({rendered("multi_node_gpu") for _ in range(3)}) == 1
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_sbatch_directives_come_first_and_sorted(name):
+    lines = rendered(name).splitlines()
+    assert lines[0] == "#!/bin/bash"
+    block = [x for x in lines[1:] if x.startswith("#SBATCH")]
+    assert lines[1:1 + len(block)] == block  # contiguous, right after the shebang: sbatch stops at the first command
+    assert block == sorted(block)
+
+
+def test_directives_follow_the_spec():
+    d = directives_of(rendered("multi_node_gpu"))
+    assert d["--nodes"] == "4" and d["--gpus-per-node"] == "8" and d["--ntasks-per-node"] == "1"
+    assert d["--cpus-per-task"] == "64"  # torchrun: one task holds the node's 8 ranks x 8 CPUs
+    assert d["--partition"] == "gpu" and d["--qos"] == "high" and d["--account"] == "llm"
+    assert d["--constraint"] == "h100" and d["--reservation"] == "llm-res" and d["--dependency"] == "afterok:1234"
+    assert d["--time"] == "2-00:00:00" and d["--mem"] == "0" and "--exclusive" in d and "--requeue" in d
+    assert d["--signal"] == "B:USR1@300" and d["--open-mode"] == "append" and d["--export"] == "ALL"
+    assert d["--output"] == d["--error"] == "/scratch/runs/demo/logs/%x-%j.out"
+    assert d["--job-name"] == "cpt-70b"
+
+
+def test_cpu_script_has_no_gpu_request_and_no_nccl_settings():
+    text = rendered("cpu")
+    assert "--gpus-per-node" not in directives_of(text)
+    assert "NCCL_DEBUG" not in text and "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in text
+    assert "export GLOO_SOCKET_IFNAME=eth0" in text and "export NCCL_SOCKET_IFNAME=eth0" in text
+
+
+def test_srun_launcher_runs_one_task_per_rank():
+    text = rendered("cpu_srun_per_rank")
+    d = directives_of(text)
+    assert d["--ntasks-per-node"] == "2" and d["--cpus-per-task"] == "1"
+    assert 'RANK="$SLURM_PROCID" WORLD_SIZE="$SLURM_NTASKS" LOCAL_RANK="$SLURM_LOCALID"' in text
+    assert "torch.distributed.run" not in text
+    # set-up lines choose the environment: python from their PATH, not this interpreter
+    assert "PYTHON=python3" in text and PYTHON not in text
+
+
+def test_array_sweep_selects_the_task_spec_and_names_logs_per_task():
+    text = rendered("array_sweep")
+    d = directives_of(text)
+    assert d["--array"] == f"0-{len(SWEEP_LRS) - 1}%2"
+    assert d["--output"] == "/scratch/runs/demo/logs/%x-%A_%a.out" and "--no-requeue" in d
+    assert 'SPEC="$RUN_DIR/tasks/$SLURM_ARRAY_TASK_ID/spec.yaml"' in text
+
+
+def test_percent_in_run_dir_is_literal_for_slurm():
+    spec = spec_of({})
+    text = render_sbatch(spec, make_plan(spec), Path("/runs/100%x"), python=PYTHON)
+    assert directives_of(text)["--output"] == "/runs/100%%x/logs/%x-%j.out"
+
+
+# --------------------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("tree, words", [
+    ({"cluster": {"job_name": "a\nb"}}, "cluster.job_name"),
+    ({"name": "x\rtouch p"}, "name"),
+    ({"cluster": {"partition": "gpu\n#SBATCH --uid=0"}}, "cluster.partition"),
+    ({"cluster": {"job_name": "logs/../x"}}, "'/'"),
+    ({"cluster": {"account": "my-hetjob"}}, "hetjob"),
+    ({"cluster": {"mem": "200G; touch p"}}, "cluster.mem"),
+    ({"cluster": {"array": "0-3"}}, "--sweep"),
+    ({"cluster": {"container": {"image": "img", "mounts": ["/a,/b"]}}}, "mounts[0]"),
+    ({"cluster": {"container": {"image": "img\nid"}}}, "container.image"),
+])
+def test_values_that_cannot_be_one_directive_are_refused(tree, words):
+    spec = spec_of(tree)
+    with pytest.raises(SpecError, match=re.escape(words)):
+        render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON)
+
+
+def test_relative_interpreter_and_bad_run_dir_are_refused():
+    spec = spec_of({})
+    with pytest.raises(SpecError, match="absolute"):
+        render_sbatch(spec, make_plan(spec), RUN_DIR, python="python")
+    for bad in ("/runs/a\nb", "/runs/a\\b"):
+        with pytest.raises(SpecError, match="control character or a backslash"):
+            render_sbatch(spec, make_plan(spec), Path(bad), python=PYTHON)
+
+
+def test_sweep_tasks_must_share_the_cluster_section():
+    spec = spec_of({})
+    tasks = [spec, spec_of({"cluster": {"nodes": 2}})]
+    with pytest.raises(SpecError, match="one set of #SBATCH"):
+        render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON, array_specs=tasks)
+
+
+def test_template_refuses_a_value_that_was_not_quoted(monkeypatch):
+    spec = spec_of({})
+    monkeypatch.setattr(render, "sh", lambda v: str(v))  # a renderer that forgot to quote
+    with pytest.raises(TypeError, match="unquoted value"):
+        render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON)
+
+
+def test_slurm_command_imports_no_heavy_library(tmp_path):
+    # the whole `launcher slurm` path, sweep and data check included, in a fresh interpreter
+    code = textwrap.dedent("""\
+        import sys
+        from launcher.cli import main
+        try:
+            main(["slurm", "--dry-run", "--out", sys.argv[1], "--sweep", "optim.lr=1e-4,2e-4"])
+        except SystemExit as exc:
+            assert exc.code in (0, None), exc.code
+        heavy = {"torch", "transformers", "deepspeed", "peft", "bitsandbytes", "datasets"}
+        print("HEAVY", sorted(heavy & set(sys.modules)), file=sys.stderr)
+        """)
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr
+    assert "HEAVY []" in proc.stderr, proc.stderr
+
+
+# --------------------------------------------------------------------------- hostile values, run for real
+
+MARK = "pwned"  # a relative name: every hostile command would create it in the sandbox's cwd
+HOSTILE = [
+    f"x'; touch {MARK} #",
+    f"$(touch {MARK})",
+    f"`touch {MARK}`",
+    f"a; touch {MARK}",
+    f'"; touch {MARK}; echo "',
+    f"a\\'; touch {MARK} #\\",
+    f"' \"$(touch {MARK})\" '",
+]
+# Values that only ever appear in the script's body may hold newlines too.
+HOSTILE_BODY_ONLY = [f"a\ntouch {MARK}\n", f"x'\n$(touch {MARK})\n'"]
+
+_RECORD = r'''#!/bin/bash
+# Test stub: records its name, argv and environment (NUL-separated) under $SANDBOX/calls/.
+n=$(ls "$SANDBOX/calls" | wc -l)
+d="$SANDBOX/calls/$(printf %03d "$n")-${0##*/}"
+mkdir -p "$d"
+printf '%s\0' "$@" > "$d/argv"
+env -0 > "$d/env"
+'''
+STUBS = {
+    # srun: record, drop srun's own --options, run the command as task 0 on node 0
+    "srun": _RECORD + r'''while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do shift; done
+export SLURM_PROCID=0 SLURM_NTASKS=2 SLURM_LOCALID=0 SLURM_NODEID=0
+exec "$@"
+''',
+    "scontrol": _RECORD + 'printf "node-a\\nnode-b\\n"\n',
+    # scancel --signal=SIG JOB: deliver SIG to the waiting stub rank, as Slurm would to the step
+    "scancel": _RECORD + r'''[ -f "$SANDBOX/ready" ] && kill -s "${1#--signal=}" "$(cat "$SANDBOX/ready")"
+exit 0
+''',
+    # apptainer exec [--nv] --bind MOUNTS IMAGE CMD...
+    "apptainer": _RECORD + r'''shift; [ "$1" = --nv ] && shift; shift 2; shift
+exec "$@"
+''',
+    # the ranks' interpreter: record, then behave as the test asks (STUB_MODE)
+    "python": _RECORD + r'''case "${STUB_MODE:-}" in
+  wait-signal)
+    trap 'echo "USR1" >> "$SANDBOX/signals"; exit 3' USR1
+    trap 'echo "TERM" >> "$SANDBOX/signals"; exit 3' TERM
+    echo $$ > "$SANDBOX/ready"
+    for _ in $(seq 100); do sleep 0.1; done
+    exit 0 ;;
+esac
+exit 0
+''',
+}
+
+
+class Sandbox:
+    """A temp dir with stub srun/scontrol/scancel/apptainer/python on PATH; runs a script with bash."""
+
+    def __init__(self, root: Path, python_dir_name: str = "py"):
+        self.root = root
+        self.bin = root / "bin"
+        self.bin.mkdir()
+        (root / "calls").mkdir()
+        for name, text in STUBS.items():
+            if name != "python":
+                self._write(self.bin / name, text)
+        self._write(self.bin / "python3", STUBS["python"])
+        pydir = root / python_dir_name
+        pydir.mkdir(parents=True)
+        self.python = pydir / "python"
+        self._write(self.python, STUBS["python"])
+
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        path.write_text(text)
+        path.chmod(0o755)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {"PATH": f"{self.bin}:/usr/bin:/bin", "SANDBOX": str(self.root), "HOME": str(self.root),
+               "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242",
+               "SLURM_ARRAY_TASK_ID": "1"}
+        env.update(extra)
+        return env
+
+    def start(self, script: str, **env: str) -> subprocess.Popen:
+        path = self.root / "job.sbatch"
+        path.write_text(script)
+        return subprocess.Popen(["bash", str(path)], cwd=self.root, env=self.env(**env),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, script: str, **env: str) -> subprocess.CompletedProcess:
+        proc = self.start(script, **env)
+        out, err = proc.communicate(timeout=60)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def calls(self, name: str) -> list[tuple[list[str], dict[str, str]]]:
+        out = []
+        for d in sorted((self.root / "calls").iterdir()):
+            if d.name.split("-", 1)[1] == name:
+                argv = (d / "argv").read_bytes().decode().split("\0")[:-1]
+                env = dict(x.split("=", 1) for x in (d / "env").read_bytes().decode().split("\0")[:-1] if "=" in x)
+                out.append((argv, env))
+        return out
+
+    def marker_files(self) -> list[Path]:
+        return [p for p in self.root.rglob("*") if p.name == MARK]
+
+
+def _hostile_spec(value: str, **cluster: Any) -> RunSpec:
+    return spec_of({"name": value, "cluster": {
+        "nodes": 2, "gpus_per_node": 2, "partition": value, "account": value, "qos": value, "constraint": value,
+        "reservation": value, "dependency": value, "env": {"HOSTILE": value},
+        "nccl": {"ib_hca": value}, **cluster}})
+
+
+def _sandbox_run_dir(sb: Sandbox, value: str) -> Path:
+    # The run dir's own name carries the value, less backslashes: they switch off Slurm's %-patterns in
+    # --output, so a run dir with one is refused (test_relative_interpreter_and_bad_run_dir_are_refused).
+    return sb.root / "runs" / f"run {value.replace(chr(92), '')}"
+
+
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_values_reach_the_job_verbatim_and_run_nothing(tmp_path, value):
+    sb = Sandbox(tmp_path, python_dir_name=f"venv {value}/bin")
+    run_dir = _sandbox_run_dir(sb, value)
+    spec = _hostile_spec(value)
+    script = render_sbatch(spec, make_plan(spec), run_dir, python=str(sb.python))
+
+    # what sbatch reads from the #SBATCH lines
+    d = directives_of(script)
+    for key in ("--job-name", "--partition", "--account", "--qos", "--constraint", "--reservation", "--dependency"):
+        assert d[key] == value, key
+    assert d["--output"] == str(run_dir / "logs").replace("%", "%%") + "/%x-%j.out"
+
+    # what bash runs: the whole script, with srun/scontrol/python as recording stubs
+    proc = sb.run(script)
+    assert proc.returncode == 0, proc.stderr
+    assert sb.marker_files() == []
+    [(argv, env)] = sb.calls("python")
+    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert argv[-4:] == ["-m", "launcher", "train", str(run_dir / "spec.yaml")]
+    assert env["HOSTILE"] == value and env["NCCL_IB_HCA"] == value
+    assert env["MASTER_ADDR"] == "node-a" and env["MASTER_PORT"] == str(15000 + 4242 % 15000)
+    assert env["PET_NODE_RANK"] == "0" and env["LAUNCHER_COLLECTIVE_TIMEOUT_S"] == "1800"
+
+
+@pytest.mark.parametrize("value", HOSTILE_BODY_ONLY)
+def test_newlines_in_environment_values_arrive_verbatim(tmp_path, value):
+    sb = Sandbox(tmp_path)
+    spec = spec_of({"cluster": {"nodes": 2, "gpus_per_node": 1, "env": {"HOSTILE": value}, "nccl": {"ib_hca": value}}})
+    proc = sb.run(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python)))
+    assert proc.returncode == 0, proc.stderr
+    assert sb.marker_files() == []
+    [(_, env)] = sb.calls("python")
+    assert env["HOSTILE"] == value and env["NCCL_IB_HCA"] == value
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer"])
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_container_values_arrive_verbatim(tmp_path, runtime, value):
+    sb = Sandbox(tmp_path)
+    run_dir = _sandbox_run_dir(sb, value)
+    spec = spec_of({"cluster": {"nodes": 2, "gpus_per_node": 2, "container": {
+        "runtime": runtime, "image": value, "mounts": [f"/data/{value}:/data"]}}})
+    proc = sb.run(render_sbatch(spec, make_plan(spec), run_dir, python="/unused/python"))
+    assert proc.returncode == 0, proc.stderr
+    assert sb.marker_files() == []
+    mounts = f"{run_dir}:{run_dir},/data/{value}:/data"
+    [(srun_argv, _)] = sb.calls("srun")
+    [(py_argv, _)] = sb.calls("python3")
+    assert py_argv[-1] == str(run_dir / "spec.yaml")
+    if runtime == "pyxis":
+        assert f"--container-image={value}" in srun_argv and f"--container-mounts={mounts}" in srun_argv
+    else:
+        [(app_argv, _)] = sb.calls("apptainer")
+        assert app_argv[:5] == ["exec", "--nv", "--bind", mounts, value]
+
+
+def test_srun_launcher_exports_rank_variables_from_slurm(tmp_path):
+    sb = Sandbox(tmp_path)
+    spec = spec_of({"cluster": {"launcher": "srun", "nproc_per_node": 2, "nodes": 2}})
+    proc = sb.run(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python)))
+    assert proc.returncode == 0, proc.stderr
+    [(argv, env)] = sb.calls("python")
+    assert argv == ["-m", "launcher", "train", str(sb.root / "run" / "spec.yaml")]
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("0", "2", "0", "2")
+    [(srun_argv, _)] = sb.calls("srun")
+    assert "--ntasks-per-node=2" in srun_argv and "--nodes=2" in srun_argv
+
+
+def test_array_task_trains_its_own_spec(tmp_path):
+    sb = Sandbox(tmp_path)
+    spec = spec_of({"cluster": {"nodes": 2}})
+    tasks = [validate({"cluster": {"nodes": 2}, "optim": {"lr": lr}}) for lr in (1e-4, 2e-4)]
+    proc = sb.run(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python), array_specs=tasks))
+    assert proc.returncode == 0, proc.stderr
+    [(argv, _)] = sb.calls("python")
+    assert argv[-1] == str(sb.root / "run" / "tasks" / "1" / "spec.yaml")  # SLURM_ARRAY_TASK_ID=1
+
+
+def test_wrong_node_count_stops_before_launch(tmp_path):
+    sb = Sandbox(tmp_path)
+    spec = spec_of({"cluster": {"nodes": 2}})
+    proc = sb.run(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python)),
+                  SLURM_JOB_NUM_NODES="3")
+    assert proc.returncode == 2 and "rendered for 2 node(s)" in proc.stderr
+    assert sb.calls("srun") == []
+
+
+def _start_waiting_job(sb: Sandbox) -> subprocess.Popen:
+    spec = spec_of({"cluster": {"nodes": 2}})
+    proc = sb.start(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python)),
+                    STUB_MODE="wait-signal")
+    deadline = time.monotonic() + 20
+    while not (sb.root / "ready").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, "the stub rank never started"
+        time.sleep(0.05)
+    return proc
+
+
+def test_batch_shell_relays_usr1_to_the_step_and_waits_for_it(tmp_path):
+    sb = Sandbox(tmp_path)
+    proc = _start_waiting_job(sb)
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=30)
+    assert (sb.root / "signals").read_text() == "USR1\n"
+    assert proc.returncode == 3, err  # the step's status, after it finished
+    assert "relaying it to the job step" in err and "job step ended with status 3" in err
+
+
+def test_batch_shell_relays_term_through_scancel_and_survives(tmp_path):
+    sb = Sandbox(tmp_path)
+    proc = _start_waiting_job(sb)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    # srun would turn a TERM into SIGKILL for its tasks: the relay goes through scancel instead
+    [(argv, _)] = sb.calls("scancel")
+    assert argv == ["--signal=TERM", "4242"]
+    assert (sb.root / "signals").read_text() == "TERM\n"
+    assert proc.returncode == 3 and "job step ended with status 3" in err  # the shell outlived its TERM
+
+
+def test_sbatch_quote_round_trips_through_sbatchs_parser():
+    for value in HOSTILE + ["plain", "a b", "100%", "tab\\t", 'q"q', "#x"]:
+        assert sbatch_args(f"#SBATCH --job-name={sbatch_quote(value)}") == [f"--job-name={value}"]
