@@ -43,13 +43,24 @@ _SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     _opt(["--set", "sets"], multiple=True, metavar="KEY=VALUE",
                  help="Set any spec field, e.g. --set optim.warmup_steps=10 (repeatable; wins over flags)."),
 ]
-_FLAG_NAMES = {click.Option(list(d), **kw).name for d, kw in _SPEC_FLAGS}
+# Cluster settings a user changes per submission: flags of the commands that render jobs.
+CLUSTER_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    _opt(["--partition"], help="Slurm partition."),
+    _opt(["--account"], help="Slurm account."),
+    _opt(["--qos"], help="Slurm QoS."),
+    _opt(["--time"], help="Time limit, [D-]HH:MM:SS."),
+    _opt(["--net-ifname"], help="Network interface for NCCL/gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)."),
+    _opt(["--launcher"], type=click.Choice(["torchrun", "srun"]), help="torchrun per node, or one srun task per rank."),
+]
+_FLAG_NAMES = {click.Option(list(d), **kw).name for d, kw in _SPEC_FLAGS + CLUSTER_FLAGS}
 _NOT_FIELDS = {"sets", "cluster", "clusters"}
 assert _FLAG_NAMES - _NOT_FIELDS <= set(FLAG_FIELDS), _FLAG_NAMES - set(FLAG_FIELDS)
 
 
-def spec_options(*, spec_required: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add SPEC and the shared flags to a command; the command receives `spec: RunSpec` instead."""
+def spec_options(*, spec_required: bool = False,
+                 cluster_flags: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add SPEC and the shared flags (and, with cluster_flags, the Slurm settings) to a command;
+    the command receives `spec: RunSpec` instead."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         names = _FLAG_NAMES | {"spec_path"}
@@ -60,7 +71,7 @@ def spec_options(*, spec_required: bool = False) -> Callable[[Callable[..., Any]
             kwargs["spec"] = resolve_from_cli(picked)
             return fn(**kwargs)
 
-        for decls, kw in reversed(_SPEC_FLAGS):
+        for decls, kw in reversed(_SPEC_FLAGS + (CLUSTER_FLAGS if cluster_flags else [])):
             wrapper = click.option(*decls, **kw)(wrapper)
         wrapper = click.argument("spec_path", required=spec_required, type=click.Path(dir_okay=False),
                                  metavar="SPEC" if spec_required else "[SPEC]")(wrapper)

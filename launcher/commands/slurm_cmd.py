@@ -6,7 +6,6 @@ written or queued; a bad input exits 2 and leaves no trace.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import json
 import re
@@ -15,55 +14,20 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from launcher import yamlio
 from launcher.commands.common import spec_options
 from launcher.errors import RunFailed, SpecError, UserError
-from launcher.spec import FLAG_FIELDS, RunSpec
+from launcher.spec import RunSpec
 
-# Flags of this command that are spec fields too (cluster settings a user changes per submission).
-_CLUSTER_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
-    (("--partition",), {"help": "Slurm partition."}),
-    (("--account",), {"help": "Slurm account."}),
-    (("--qos",), {"help": "Slurm QoS."}),
-    (("--time",), {"help": "Time limit, [D-]HH:MM:SS."}),
-    (("--net-ifname",), {"help": "Network interface for NCCL/gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)."}),
-    (("--launcher",), {"type": click.Choice(["torchrun", "srun"]),
-                       "help": "torchrun per node, or one srun task per rank."}),
-]
 _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
 
-def _cluster_flags(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the cluster flags; they join the flags layer of the spec's precedence.
-
-    spec_options() resolves the spec itself, so these flags are handed to it as the first --set
-    items (JSON-quoted, which YAML reads back as the same string): a later --set of the same key
-    still wins, and they win over the spec file and profile as every flag does.
-    """
-
-    @functools.wraps(fn)
-    def wrapper(**kwargs: Any) -> Any:
-        sets: list[str] = []
-        for decls, _ in _CLUSTER_FLAGS:
-            name = decls[0].lstrip("-").replace("-", "_")
-            value = kwargs.pop(name)
-            if value is not None:
-                sets.append(f"{FLAG_FIELDS[name]}={json.dumps(value)}")
-        kwargs["sets"] = (*sets, *(kwargs.get("sets") or ()))
-        return fn(**kwargs)
-
-    for decls, kw in reversed(_CLUSTER_FLAGS):
-        wrapper = click.option(*decls, **kw)(wrapper)
-    return wrapper
-
-
 @click.command()
-@_cluster_flags
-@spec_options()
+@spec_options(cluster_flags=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Run dir to create: spec.yaml, ds_config.json, plan.txt, job.sbatch, logs/.")
 @click.option("--force", is_flag=True, help="Write into a non-empty RUN_DIR (generated files are replaced).")
