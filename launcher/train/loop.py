@@ -1,0 +1,364 @@
+"""The training loop on every rank: DeepSpeed through transformers' Trainer.
+
+The Trainer's arguments are built from the Plan and the very DeepSpeed dict in the run dir's
+ds_config.json (`training_arguments_kwargs`, pure), so the two cannot disagree: transformers itself
+refuses a mismatch in micro batch, accumulation, precision, lr, betas, eps, weight decay, clipping and
+schedule length. Heavy imports live inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.plan import Plan, make_plan
+from launcher.spec import RunSpec
+
+# Test-only: when set, rank 0 writes the weights the run ended with (gathered from all ranks under
+# ZeRO-3, trainable parameters only for LoRA/QLoRA, everything for full) to this torch file, so a
+# test can compare the saved final model with them. Not for users.
+TEST_DUMP_ENV = "LAUNCHER_TEST_DUMP_FINAL_WEIGHTS"
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+# --------------------------------------------------------------------------- pure parts
+
+def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of transformers.TrainingArguments for this run. Pure.
+
+    Batch numbers come from the Plan (as in the DeepSpeed JSON); optimizer and schedule numbers
+    are read from `ds_config` itself, so a hand-edited ds_config.json is followed, not contradicted.
+    """
+    o, out = spec.optim, spec.output
+    opt = ds_config.get("optimizer", {}).get("params", {})
+    sched = ds_config.get("scheduler", {}).get("params", {})
+    betas = opt.get("betas", list(o.betas))
+    bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
+    evaluate = spec.data.eval_fraction > 0 and out.eval_every > 0
+    run_dir = Path(out.dir)
+    kw: dict[str, Any] = dict(
+        output_dir=str(run_dir / "checkpoints"),
+        run_name=spec.name,
+        # batch: one source of truth (the Plan), the same numbers the DeepSpeed JSON carries
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum,
+        max_steps=plan.max_steps,
+        # optimizer and schedule: DeepSpeed's optimizer and scheduler run; these only have to agree
+        learning_rate=opt.get("lr", o.lr),
+        adam_beta1=betas[0],
+        adam_beta2=betas[1],
+        adam_epsilon=opt.get("eps", o.eps),
+        weight_decay=opt.get("weight_decay", o.weight_decay),
+        max_grad_norm=ds_config.get("gradient_clipping", o.grad_clip),
+        warmup_steps=sched.get("warmup_num_steps", o.warmup_steps),
+        # precision as the DeepSpeed JSON says (fp32 when neither is enabled)
+        bf16=bf16,
+        fp16=fp16,
+        seed=o.seed,
+        data_seed=o.seed,
+        deepspeed=ds_config,
+        use_cpu=plan.device == "cpu",
+        ddp_timeout=spec.cluster.nccl.timeout_s,
+        # logging: our callback prints the lines; TensorBoard dir comes from TENSORBOARD_LOGGING_DIR
+        logging_strategy="steps",
+        logging_steps=out.log_every,
+        logging_first_step=True,
+        report_to=["tensorboard"] if out.tensorboard else "none",
+        disable_tqdm=True,
+        log_level="warning",
+        log_level_replica="error",
+        # checkpoints
+        save_strategy="steps" if out.save_every > 0 else "no",
+        save_steps=out.save_every if out.save_every > 0 else 500,
+        save_total_limit=out.keep_last,
+        # evaluation (perplexity) during training when asked; a final one runs whenever there is an eval split
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=out.eval_every if evaluate else None,
+        # data: rows are already tokenized; the collator builds the batch
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=0,
+    )
+    return kw
+
+
+def newest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest complete Trainer checkpoint (checkpoint-N with trainer_state.json, written last)."""
+    if not checkpoints.is_dir():
+        return None
+    found = []
+    for p in checkpoints.iterdir():
+        m = _CHECKPOINT.match(p.name)
+        if m and p.is_dir() and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return max(found)[1] if found else None
+
+
+def resume_point(spec: RunSpec) -> Path | None:
+    value = spec.output.resume
+    if value == "never":
+        return None
+    if value == "auto":
+        return newest_checkpoint(Path(spec.output.dir) / "checkpoints")
+    p = Path(value).expanduser()
+    if not (p / "trainer_state.json").is_file():
+        raise UserError(f"output.resume={value!r} is not a complete checkpoint (no trainer_state.json in it); "
+                        f"give a checkpoint-N folder, 'auto' (the newest in the run dir) or 'never'",
+                        field="output.resume")
+    return p
+
+
+def check_world_size(plan: Plan, env: dict[str, str] | None = None) -> None:
+    env = dict(os.environ) if env is None else env
+    actual = int(env.get("WORLD_SIZE", "1"))
+    if actual != plan.world_size:
+        raise UserError(
+            f"this job runs {actual} rank(s) (WORLD_SIZE={actual}) but the plan is for {plan.world_size} "
+            f"({plan.nodes} node(s) x {plan.nproc_per_node} rank(s)); the batch arithmetic (micro batch x "
+            f"accumulation x world size = {plan.global_batch}) depends on it. Launch {plan.world_size} ranks, "
+            f"or set --nodes/--nproc-per-node to what runs and regenerate the run dir")
+
+
+def check_environment(spec: RunSpec, plan: Plan) -> None:
+    """What this machine must offer the plan: GPUs when it is for GPUs, a precision the device runs,
+    the attention kernel asked for. Runs in the launching process and again on every rank."""
+    import torch
+
+    from launcher.train.model import choose_attn
+
+    if plan.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("the plan is for GPUs (cluster.gpus_per_node > 0) but this machine has no CUDA device; "
+                        "run with --gpus-per-node 0 for CPU ranks over gloo")
+    if plan.device == "cuda" and torch.cuda.device_count() < plan.nproc_per_node:
+        raise UserError(f"the plan runs {plan.nproc_per_node} rank(s) per node, one per GPU, but this machine "
+                        f"shows {torch.cuda.device_count()} GPU(s); lower --nproc-per-node")
+    if plan.device == "cpu" and spec.precision.dtype == "fp16":
+        raise UserError("precision fp16 does not run on CPU (DeepSpeed has no CPU fp16 kernels); "
+                        "use --precision fp32 or bf16 for CPU ranks")
+    choose_attn(spec)
+
+
+def format_step(step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float) -> str:
+    return f"step {step}/{max_steps} loss {loss:.4f} lr {lr:.3e} tokens/s {tokens_per_s:,.0f}"
+
+
+_STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf) lr ([0-9.eE+-]+) tokens/s ([0-9,]+)")
+
+
+def parse_step_lines(text: str) -> list[dict[str, float]]:
+    """The log lines of `format_step` found in text (for tests and tools)."""
+    out = []
+    for line in text.splitlines():
+        m = _STEP_LINE.match(line.strip())
+        if m:
+            out.append({"step": int(m.group(1)), "max_steps": int(m.group(2)), "loss": float(m.group(3)),
+                        "lr": float(m.group(4)), "tokens_per_s": float(m.group(5).replace(",", ""))})
+    return out
+
+
+# --------------------------------------------------------------------------- callback
+
+def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
+    from transformers import TrainerCallback
+
+    class StepLog(TrainerCallback):
+        """One line per logging interval on rank 0: step N/M, loss, lr, tokens/s.
+
+        tokens/s = the plan's tokens per optimizer step x steps since the last line / wall time since
+        it. The time is taken in on_log, which runs after the Trainer's all-gather of the loss (every
+        rank has finished the step), after a device synchronize on GPU. For SFT without packing the
+        rows are padded only to the longest in the batch, so this counts the seq_len slots, an upper bound.
+        """
+
+        def __init__(self) -> None:
+            self.t_last = time.perf_counter()
+            self.step_last = 0
+
+        def _emit(self, state: Any, line: str, record: dict[str, Any]) -> None:
+            if not state.is_world_process_zero:
+                return
+            print(line, flush=True)
+            if log_file is not None:
+                with log_file.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.t_last = time.perf_counter()
+            self.step_last = state.global_step
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+            logs = logs or {}
+            if "loss" in logs:
+                _synchronize()
+                now = time.perf_counter()
+                steps = state.global_step - self.step_last
+                tps = steps * plan.tokens_per_step / max(now - self.t_last, 1e-9)
+                self.t_last, self.step_last = now, state.global_step
+                lr = float(logs.get("learning_rate", 0.0))
+                self._emit(state, format_step(state.global_step, state.max_steps, float(logs["loss"]), lr, tps),
+                           {"step": state.global_step, "loss": float(logs["loss"]), "lr": lr, "tokens_per_s": tps,
+                            "grad_norm": _num(logs.get("grad_norm")), "time": time.time()})
+            elif "eval_loss" in logs:
+                loss = float(logs["eval_loss"])
+                ppl = math.exp(loss) if loss < 50 else float("inf")
+                self._emit(state, f"eval step {state.global_step}/{state.max_steps} loss {loss:.4f} perplexity {ppl:.2f}",
+                           {"step": state.global_step, "eval_loss": loss, "perplexity": ppl, "time": time.time()})
+                self.t_last = time.perf_counter()  # evaluation time is not training throughput
+
+    return StepLog()
+
+
+def _num(x: Any) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------- the run
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def say(msg: str) -> None:
+    if _rank() == 0:
+        print(msg, flush=True)
+
+
+def _quiet_libraries() -> None:
+    import logging
+
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every rank
+    except Exception:  # pragma: no cover
+        pass
+    try:
+        from deepspeed.utils import logger as ds_logger
+
+        ds_logger.setLevel(logging.WARNING)
+    except Exception:  # pragma: no cover - deepspeed is a dependency; stay quiet if its layout changes
+        pass
+
+
+def _dump_final_weights(trainer: Any, path: str) -> None:
+    """Test-only (TEST_DUMP_ENV): the weights the run ended with, gathered under ZeRO-3, to a torch file."""
+    import deepspeed
+    import torch
+
+    model = trainer.model
+    named = [(n, p) for n, p in model.named_parameters()]
+    peft = hasattr(model, "peft_config")
+    if peft:
+        named = [(n, p) for n, p in named if p.requires_grad]
+    out: dict[str, Any] = {}
+    for n, p in named:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if _rank() == 0:
+                out[n] = p.detach().to("cpu", copy=True)
+    if _rank() == 0:
+        torch.save(out, path)
+
+
+def train(spec: RunSpec) -> Path:
+    """Train on this rank; returns the final output folder. Every rank calls it."""
+    from launcher.rundir import RunDir
+
+    run_dir = RunDir(Path(spec.output.dir))
+    plan = make_plan(spec)
+    check_world_size(plan)
+    if not run_dir.ds_config_path.is_file():
+        raise UserError(f"{run_dir.path} has no ds_config.json; create the run dir with `launcher run --out` or "
+                        f"`launcher slurm --out` and train from its spec.yaml")
+    ds_config = json.loads(run_dir.ds_config_path.read_text())
+    run_dir.logs.mkdir(parents=True, exist_ok=True)
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tb")
+    _quiet_libraries()
+
+    check_environment(spec, plan)
+
+    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+
+    from launcher.train import data as data_mod
+    from launcher.train import model as model_mod
+
+    # TrainingArguments first: it registers the DeepSpeed config, so that under ZeRO-3 the model
+    # below is loaded straight into partitions (deepspeed.zero.Init) instead of whole on every rank.
+    args = TrainingArguments(**training_arguments_kwargs(spec, plan, ds_config))
+    # Join the process group now: zero.Init (ZeRO-3 loading) partitions over the world it finds,
+    # and takes a world of 1 before the group exists.
+    _ = args.device
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if plan.device == "cuda" else "gloo")  # no-op when joined
+    tokenizer = model_mod.load_tokenizer(spec)
+    train_ds = data_mod.load_prepared(spec)
+    eval_ds = data_mod.load_prepared(spec, split="eval") if spec.data.eval_fraction > 0 else None
+    model = model_mod.load_model(spec, ds_config=ds_config, device=plan.device)
+    say(f"model        {spec.model.name} ({spec.method.name}): {model_mod.describe(model)}; "
+        f"attention {getattr(model.config, '_attn_implementation', '?')}; precision {spec.precision.dtype}; "
+        f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}")
+    say(f"data         {len(train_ds):,} training rows" + (f", {len(eval_ds):,} eval rows" if eval_ds is not None else ""))
+
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=data_mod.make_collator(spec, tokenizer),
+        processing_class=tokenizer,
+        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl")],
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+    resume = resume_point(spec)
+    if resume is not None:
+        say(f"resuming from {resume}")
+    trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+
+    evaluated_last = any(h.get("step") == trainer.state.global_step and "eval_loss" in h
+                         for h in trainer.state.log_history)
+    if eval_ds is not None and not evaluated_last:
+        trainer.evaluate()
+
+    dump = os.environ.get(TEST_DUMP_ENV)
+    if dump:
+        _dump_final_weights(trainer, dump)
+
+    # Full weights are gathered from all ranks under ZeRO-3 (stage3_gather_16bit_weights_on_model_save);
+    # for a PeftModel only the adapter is written.
+    final = run_dir.final
+    trainer.save_model(str(final))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(final))
+    trainer.accelerator.wait_for_everyone()
+    if hasattr(model, "peft_config"):
+        say(f"output       LoRA adapter + tokenizer in {final} (peft.AutoPeftModelForCausalLM.from_pretrained; "
+            f"`launcher merge {run_dir.path} --out DIR` writes a merged model)")
+    else:
+        say(f"output       model + tokenizer in {final} (AutoModelForCausalLM.from_pretrained)")
+    sys.stdout.flush()
+    return final

@@ -1,0 +1,292 @@
+"""Load the model every rank trains: dtype from precision, attention kernel, ZeRO-3-aware loading,
+LoRA / QLoRA through peft and bitsandbytes, gradient checkpointing.
+
+Heavy libraries (torch, transformers, peft, bitsandbytes) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher import assets
+from launcher.errors import UserError
+from launcher.spec import RunSpec
+
+ATTN_IMPL = {"flash2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
+TINY = "tiny"
+BASE_DIRNAME = "base"  # in the run dir: the initialised tiny model that a LoRA adapter refers to
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def torch_dtype(precision: str) -> Any:
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def has_weights(path: Path) -> bool:
+    return any((path / f).is_file() for f in _WEIGHT_FILES)
+
+
+# --------------------------------------------------------------------------- where the model comes from
+
+def model_source(spec: RunSpec) -> str:
+    """Directory or hub id that from_pretrained reads. 'tiny' is the run dir's initialised copy of the
+    embedded model (made by `ensure_tiny_base`), so every rank, the adapter and `merge` share one base."""
+    name = spec.model.name
+    if name == TINY:
+        return str(Path(spec.output.dir) / BASE_DIRNAME)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise UserError(f"model.name={name!r}: a local model is a directory with config.json (and weights); "
+                            f"got {p}")
+        return str(p.resolve())
+    return name
+
+
+def ensure_tiny_base(run_dir: Path, seed: int) -> Path:
+    """Write the embedded tiny model, initialised from `seed`, to RUN_DIR/base (fp32 safetensors +
+    tokenizer) unless it is there. Safe when several processes race: each writes a temporary folder
+    and renames it into place; the first rename wins."""
+    dest = Path(run_dir) / BASE_DIRNAME
+    if has_weights(dest):
+        return dest
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(assets.tiny_dir())
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=run_dir))
+    try:
+        model.save_pretrained(tmp)
+        load_tokenizer_from(assets.tiny_dir()).save_pretrained(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not has_weights(dest):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def wait_for_tiny_base(run_dir: Path, seed: int, timeout_s: float = 600) -> Path:
+    """On ranks: the launcher made the base before spawning; a rank started some other way makes it
+    (local rank 0) or waits for it (the others)."""
+    dest = Path(run_dir) / BASE_DIRNAME
+    if has_weights(dest):
+        return dest
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        return ensure_tiny_base(run_dir, seed)
+    deadline = time.monotonic() + timeout_s
+    while not has_weights(dest):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{dest} did not appear within {timeout_s:.0f} s (made by local rank 0)")
+        time.sleep(0.5)
+    return dest
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def load_tokenizer_from(source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code, revision=revision)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # a pad id for the collators; labels mask it anyway
+    return tok
+
+
+def load_tokenizer(spec: RunSpec) -> Any:
+    """The tokenizer of spec.model.name ('tiny': the embedded one, no weights needed)."""
+    if spec.model.name == TINY:
+        return load_tokenizer_from(assets.tiny_dir())
+    return load_tokenizer_from(model_source(spec), trust_remote_code=spec.model.trust_remote_code,
+                               revision=spec.model.revision)
+
+
+# --------------------------------------------------------------------------- attention
+
+def flash2_problems(precision: str) -> list[str]:
+    """What stops FlashAttention-2 here; empty when it is usable."""
+    import torch
+
+    problems = []
+    if importlib.util.find_spec("flash_attn") is None:
+        problems.append("the flash_attn package is not installed (pip install flash-attn --no-build-isolation)")
+    if not torch.cuda.is_available():
+        problems.append("no CUDA GPU is visible")
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 0):
+            problems.append(f"the GPU has compute capability {major}.{minor}; FlashAttention-2 needs 8.0+ "
+                            f"(A100, H100, L4, RTX 30xx or newer)")
+    if precision not in ("bf16", "fp16"):
+        problems.append(f"precision is {precision}; FlashAttention-2 runs in bf16 or fp16")
+    return problems
+
+
+def choose_attn(spec: RunSpec) -> str:
+    """transformers' attn_implementation for spec.model.attn."""
+    want = spec.model.attn
+    if want in ("sdpa", "eager"):
+        return ATTN_IMPL[want]
+    problems = flash2_problems(spec.precision.dtype)
+    if want == "flash2":
+        if problems:
+            raise UserError("--attn flash2 cannot run here: " + "; ".join(problems) +
+                            ". Use --attn sdpa (or auto, which falls back to sdpa)")
+        return ATTN_IMPL["flash2"]
+    return ATTN_IMPL["flash2"] if not problems else ATTN_IMPL["sdpa"]
+
+
+# --------------------------------------------------------------------------- model
+
+def quantization_config(spec: RunSpec) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    q = spec.method.quant
+    compute = torch_dtype(spec.precision.dtype if q.compute_dtype == "auto" else q.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute,
+        # Quantized weights stored in the compute dtype: ZeRO-3 partitions floating-point tensors only.
+        bnb_4bit_quant_storage=compute,
+    )
+
+
+def lora_config(spec: RunSpec) -> Any:
+    from peft import LoraConfig
+
+    lo = spec.method.lora
+    target = lo.target_modules if isinstance(lo.target_modules, str) else list(lo.target_modules)
+    return LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        target_modules=target,
+        modules_to_save=list(lo.modules_to_save) or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device: str = "cpu") -> Any:
+    """The model to train, on CPU (DeepSpeed moves it to the rank's device), ready for the Trainer.
+
+    Under ZeRO-3 transformers must see the DeepSpeed config before from_pretrained, so that each rank
+    materialises only its shard (deepspeed.zero.Init). The Trainer's TrainingArguments(deepspeed=...)
+    registers it; build those first. Given `ds_config` and no live registration, one is made here and
+    kept alive on the returned model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    keepalive = None
+    zero3 = bool(ds_config and ds_config.get("zero_optimization", {}).get("stage") == 3)
+    if zero3 and not is_deepspeed_zero3_enabled():
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keepalive = HfDeepSpeedConfig(ds_config)
+
+    source = model_source(spec)
+    if spec.model.name == TINY:
+        wait_for_tiny_base(Path(spec.output.dir), spec.optim.seed)
+    method = spec.method.name
+    dtype = torch_dtype(spec.precision.dtype)
+    kwargs: dict[str, Any] = dict(
+        dtype=dtype,
+        attn_implementation=choose_attn(spec),
+        trust_remote_code=spec.model.trust_remote_code,
+    )
+    if spec.model.revision:
+        kwargs["revision"] = spec.model.revision
+    if method == "qlora":
+        kwargs["quantization_config"] = quantization_config(spec)
+        if not zero3:
+            # bitsandbytes quantizes while placing the weights: straight onto this rank's device.
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            kwargs["device_map"] = {"": f"cuda:{local}" if device == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        raise UserError(f"model.name={spec.model.name!r}: cannot load it ({exc}). Give 'tiny', a local model "
+                        f"directory, or a hub id that this machine can download") from None
+    model.config.use_cache = False  # training: no KV cache (also required for packed examples)
+    if method == "qlora":
+        fix_bnb_cpu_inference(model)
+
+    model = apply_method(spec, model)
+    if keepalive is not None:
+        model._launcher_hf_ds_config = keepalive
+    return model
+
+
+def fix_bnb_cpu_inference(model: Any) -> int:
+    """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights for a fast no-grad kernel
+    (evaluation, generation) that needs out_features % 32 == 0 and in_features % blocksize == 0;
+    other layers (the tiny model's MLP: 688) crash there ("N must be divisible by block_n", "shape
+    [256, 10] is invalid"). Those layers keep the generic path. Returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - only 4-bit models get here
+        return 0
+    n = 0
+    for m in model.modules():
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        qs = getattr(m.weight, "quant_state", None)
+        blocksize = getattr(qs, "blocksize", 64) or 64
+        if m.out_features % 32 or m.in_features % blocksize:
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def apply_method(spec: RunSpec, model: Any) -> Any:
+    """Gradient checkpointing and the PEFT wrapper for lora/qlora; freezing follows from them."""
+    method = spec.method.name
+    gc_kwargs = {"use_reentrant": False}
+    if method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and upcasts norms/embeddings to fp32; checkpointing is enabled below through
+        # transformers' current API (peft's path calls the deprecated gradient_checkpointing_enable).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if spec.model.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
+    if method in ("lora", "qlora"):
+        from peft import get_peft_model
+
+        if spec.model.grad_ckpt:
+            # Frozen embeddings give activations without grad; checkpointed blocks then have no path
+            # for the gradient to the adapters ("does not require grad"). Make the inputs require it.
+            model.enable_input_require_grads()
+        model = get_peft_model(model, lora_config(spec))
+    return model
+
+
+def activation_checkpointing_on(model: Any) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base, "is_activation_checkpointing", False))
+
+
+def describe(model: Any) -> str:
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    ckpt = "on (non-reentrant)" if activation_checkpointing_on(model) else "off"
+    return f"{trainable:,} trainable of {total:,} parameters; gradient checkpointing {ckpt}"

@@ -1,0 +1,304 @@
+"""Real multi-rank DeepSpeed training on CPU (gloo), through `launcher run` as a user runs it.
+
+Runs (each once per module, shared by the tests below):
+- pretrain / full / ZeRO-2 on 2 ranks
+- sft / LoRA / ZeRO-3 on 2 ranks, with gradient checkpointing (LoRA + checkpointing must train)
+- full / ZeRO-3 on 2 ranks (the saved full model must be the gathered weights, not empty shards)
+- sft / QLoRA (nf4, bf16) with gradient checkpointing on 1 rank
+
+"The weights the run ended with" come from the test-only hook LAUNCHER_TEST_DUMP_FINAL_WEIGHTS: after
+training, rank 0 writes every (trainable, for LoRA) parameter gathered from all ranks with
+deepspeed.zero.GatheredParameters, a path independent of the Trainer's save_model, which the saved
+files are compared with exactly.
+
+Tolerances, merged vs adapter logits on the same input: LoRA in fp32, 1e-4 absolute (measured ~1e-6).
+QLoRA in bf16: max 0.15 and mean 0.01 absolute, and the mean error under a tenth of the adapter's own
+mean effect on the logits. The two compute in a different order and rounding (x.W + x.A.B with the
+4-bit base vs x.(W + A.B) with W dequantized and the sum rounded to bf16); measured max 0.06-0.09,
+mean 0.004 on logits up to 2.4, while the adapter moves the logits by 0.16 on average (max 2.6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.train.loop import TEST_DUMP_ENV, parse_step_lines
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["LAUNCHER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
+    e.pop(TEST_DUMP_ENV, None)
+    return e
+
+
+def launcher(args, env, timeout=600, **extra_env):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**env, **extra_env})
+    proc.seconds = time.monotonic() - t0
+    return proc
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def assert_loss_falls(proc, max_steps, drop=0.3):
+    steps = parse_step_lines(proc.stdout)
+    assert [s["step"] for s in steps][-1] == max_steps, proc.stdout[-3000:]
+    losses = [s["loss"] for s in steps]
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first - drop, f"loss did not fall: {losses}"
+    assert all(s["tokens_per_s"] > 0 for s in steps)
+    return losses
+
+
+def generate(model, tok, prompt="The function returns", n=8):
+    import torch
+
+    ids = tok(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + n or int(out[0, -1]) == tok.eos_token_id
+    return tok.decode(out[0])
+
+
+COMMON = ["--seq-len", 64, "--micro-batch", 4, "--set", "output.log_every=1"]
+
+
+def run_training(out, env, *args, dump=None):
+    extra = {TEST_DUMP_ENV: str(dump)} if dump else {}
+    return ok(launcher(["run", *args, *COMMON, "--out", out], env, **extra))
+
+
+# --------------------------------------------------------------------------- runs
+
+@pytest.fixture(scope="module")
+def pretrain_z2(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("pretrain_z2") / "run"
+    proc = run_training(out, env, "--nproc", 2, "--zero", 2, "--task", "pretrain", "--method", "full",
+                        "--precision", "fp32", "--max-steps", 12, "--lr", 2e-3)
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def lora_z3(tmp_path_factory, env):
+    d = tmp_path_factory.mktemp("lora_z3")
+    out = d / "run"
+    proc = run_training(out, env, "--nproc", 2, "--zero", 3, "--task", "sft", "--method", "lora", "--grad-ckpt",
+                        "--precision", "fp32", "--max-steps", 12, "--lr", 3e-3, "--seq-len", 128,
+                        dump=d / "final_weights.pt")
+    return proc, out, d / "final_weights.pt"
+
+
+@pytest.fixture(scope="module")
+def full_z3(tmp_path_factory, env):
+    d = tmp_path_factory.mktemp("full_z3")
+    out = d / "run"
+    proc = run_training(out, env, "--nproc", 2, "--zero", 3, "--task", "pretrain", "--method", "full",
+                        "--precision", "fp32", "--max-steps", 3, "--lr", 2e-3, dump=d / "final_weights.pt")
+    return proc, out, d / "final_weights.pt"
+
+
+@pytest.fixture(scope="module")
+def qlora_gc(tmp_path_factory, env):
+    out = tmp_path_factory.mktemp("qlora") / "run"
+    proc = run_training(out, env, "--nproc", 1, "--task", "sft", "--method", "qlora", "--grad-ckpt",
+                        "--precision", "bf16", "--max-steps", 10, "--lr", 3e-3, "--seq-len", 128)
+    return proc, out
+
+
+# --------------------------------------------------------------------------- pretrain / full / ZeRO-2
+
+def test_pretrain_full_zero2_two_ranks(pretrain_z2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc, out = pretrain_z2
+    assert "world size 2" in proc.stdout and "ZeRO-2" in proc.stdout
+    assert_loss_falls(proc, 12)
+    ds = json.loads((out / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 2 and ds["train_batch_size"] == 8
+    # logs: the launch log, metrics, TensorBoard events
+    assert "step 12/12" in (out / "logs" / "launch.log").read_text()
+    assert len((out / "logs" / "metrics.jsonl").read_text().splitlines()) >= 12
+    assert list((out / "logs" / "tb").rglob("events.out.tfevents.*"))
+    # output: a plain HF model that differs from the base it started from, and generates
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    base = AutoModelForCausalLM.from_pretrained(out / "base")
+    w, w0 = model.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(w, w0)
+    generate(model, AutoTokenizer.from_pretrained(out / "final"))
+
+
+# --------------------------------------------------------------------------- sft / LoRA / ZeRO-3
+
+def test_lora_zero3_with_grad_ckpt_trains(lora_z3):
+    proc, out, _ = lora_z3
+    assert "world size 2" in proc.stdout and "ZeRO-3" in proc.stdout
+    assert "gradient checkpointing on" in proc.stdout
+    assert_loss_falls(proc, 12)
+
+
+def test_lora_zero3_adapter_holds_the_trained_weights(lora_z3):
+    import torch
+    from safetensors.torch import load_file
+
+    proc, out, dump = lora_z3
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    ended = {k.replace(".default.", "."): v for k, v in torch.load(dump).items()}
+    assert set(saved) == set(ended) and len(saved) == 4 * 7 * 2  # 4 layers x 7 linear x (A, B)
+    for k, v in saved.items():
+        assert torch.equal(v, ended[k]), k
+        r = 16
+        assert (v.shape[0] == r) if "lora_A" in k else (v.shape[1] == r), (k, v.shape)
+        assert v.norm() > 0, k  # lora_B starts at zero: nonzero means trained, not an empty shard
+    cfg = json.loads((out / "final" / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and Path(cfg["base_model_name_or_path"]) == out / "base"
+
+
+def test_lora_adapter_reloads_generates_and_merges(lora_z3, env, tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out, _ = lora_z3
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert tok.chat_template
+    adapted = AutoPeftModelForCausalLM.from_pretrained(out / "final").eval()
+    msgs = [{"role": "user", "content": "Write 'silver' in capital letters."}]
+    generate(adapted, tok, tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+
+    merged_dir = tmp_path / "merged"
+    ok(launcher(["merge", out, "--out", merged_dir], env))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    x = torch.randint(5, 4000, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = adapted(input_ids=x).logits, merged(input_ids=x).logits
+        base = AutoModelForCausalLM.from_pretrained(out / "base").eval()(input_ids=x).logits
+    assert (a - b).abs().max() < 1e-4
+    assert (a - base).abs().max() > 1e-3  # the adapter changes the logits: the comparison means something
+    generate(merged, tok)
+
+
+# --------------------------------------------------------------------------- full / ZeRO-3
+
+def test_full_zero3_saves_the_gathered_weights(full_z3):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    proc, out, dump = full_z3
+    assert "ZeRO-3" in proc.stdout
+    saved = load_file(out / "final" / "model.safetensors")
+    ended = torch.load(dump)
+    base = load_file(out / "base" / "model.safetensors")
+    assert set(saved) == set(ended) == set(base)
+    for k, v in saved.items():
+        assert v.shape == base[k].shape and torch.equal(v, ended[k]), k
+    assert any(not torch.equal(saved[k], base[k]) for k in saved)
+    model = AutoModelForCausalLM.from_pretrained(out / "final").eval()
+    generate(model, AutoTokenizer.from_pretrained(out / "final"))
+
+
+# --------------------------------------------------------------------------- sft / QLoRA / 1 rank
+
+def test_qlora_grad_ckpt_one_rank(qlora_gc, env, tmp_path):
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.rundir import open_run_dir
+    from launcher.train.model import fix_bnb_cpu_inference, quantization_config
+
+    proc, out = qlora_gc
+    assert "world size 1" in proc.stdout and "(qlora)" in proc.stdout
+    assert "gradient checkpointing on" in proc.stdout
+    assert_loss_falls(proc, 10)
+    saved = load_file(out / "final" / "adapter_model.safetensors")
+    assert saved and all(v.norm() > 0 for k, v in saved.items() if "lora_B" in k)
+
+    # reload on the 4-bit base, as trained, and generate
+    spec = open_run_dir(out).load_spec()
+    q = quantization_config(spec)
+    base4 = AutoModelForCausalLM.from_pretrained(out / "base", quantization_config=q, device_map={"": "cpu"},
+                                                 dtype=torch.bfloat16)
+    fix_bnb_cpu_inference(base4)
+    adapted = PeftModel.from_pretrained(base4, out / "final").eval()
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    generate(adapted, tok)
+
+    # merge dequantizes the base: the merged model's logits equal the adapter model's (bf16 tolerance)
+    merged_dir = tmp_path / "merged"
+    ok(launcher(["merge", out, "--out", merged_dir], env))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert merged.dtype == torch.bfloat16
+    assert "quantization_config" not in json.loads((merged_dir / "config.json").read_text())
+    x = torch.randint(5, 4000, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = adapted(input_ids=x).logits.float(), merged(input_ids=x).logits.float()
+        with adapted.disable_adapter():
+            a0 = adapted(input_ids=x).logits.float()
+    err, effect = (a - b).abs(), (a - a0).abs()
+    assert err.max() < 0.15 and err.mean() < 0.01, (err.max(), err.mean())
+    assert err.mean() < 0.1 * effect.mean(), (err.mean(), effect.mean())  # the adapter's effect is kept
+    generate(merged, tok)
+
+
+# --------------------------------------------------------------------------- bad data: exit 2, no rank
+
+def _bad_data_cases(tmp):
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"text": "one"}\n{"text": "two"}\n{"text": "three"\n{"text": "four"}\n')
+    return [(tmp / "missing.jsonl", "does not exist"), (empty, "is empty"), (bad, "line 3: malformed JSON")]
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["missing", "empty", "malformed"])
+def test_bad_data_exits_2_before_any_rank(case, env, tmp_path):
+    path, words = _bad_data_cases(tmp_path)[case]
+    out = tmp_path / "run"
+    proc = launcher(["run", "--data", path, "--nproc", 2, "--precision", "fp32", "--out", out], env, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+    assert words in proc.stderr, proc.stderr
+    assert str(path.name) in proc.stderr
+    assert not out.exists()  # refused before the run dir, let alone a rank
+    assert "deepspeed" not in proc.stdout.lower()
+
+
+# --------------------------------------------------------------------------- quickstart
+
+def test_quickstart(env, tmp_path):
+    out = tmp_path / "qs"
+    proc = ok(launcher(["quickstart", "--out", out], env, timeout=600))
+    text = proc.stdout
+    assert "world size 1" in text and "tokens/step" in text  # the plan
+    assert_loss_falls(proc, parse_step_lines(text)[-1]["max_steps"], drop=1.0)
+    sample = [line for line in text.splitlines() if line.startswith("sample")]
+    assert sample and len(sample[0]) > len("sample       'The function returns'") + 10
+    assert str(out / "final") in text
+    assert (out / "final" / "model.safetensors").is_file()
+    # the claim: under two minutes on 2 CPU cores (cold data cache included)
+    assert proc.seconds < 120, f"quickstart took {proc.seconds:.0f} s"
+    # refuses a non-empty folder without --force
+    again = launcher(["quickstart", "--out", out], env, timeout=120)
+    assert again.returncode == 2 and "not empty" in again.stderr
