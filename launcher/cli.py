@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("launcher.commands.spec_cmds:config", "Print or write the DeepSpeed ZeRO config."),
     "slurm": ("launcher.commands.slurm_cmd:slurm", "Write a run dir with a Slurm batch script; --submit queues it."),
     "estimate": ("launcher.commands.estimate_cmd:estimate", "Memory per GPU, step time and $ per 1M tokens, no GPU needed."),
+    "prepare": ("launcher.commands.prepare_cmd:prepare", "Tokenize and pack the data into the cache, on CPU."),
     "run": ("launcher.commands.train_cmds:run", "Train on this machine through the deepspeed launcher."),
     "train": ("launcher.commands.train_cmds:train", "Per-rank training entry point (called by every launcher)."),
     "quickstart": ("launcher.commands.train_cmds:quickstart", "Train the embedded tiny model here, then sample from it."),

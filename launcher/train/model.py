@@ -82,17 +82,18 @@ def ensure_tiny_base(run_dir: Path, seed: int) -> Path:
 
 
 def wait_for_tiny_base(run_dir: Path, seed: int, timeout_s: float = 600) -> Path:
-    """On ranks: the launcher made the base before spawning; a rank started some other way makes it
-    (local rank 0) or waits for it (the others)."""
+    """On ranks: `launcher run` or the job's preparation step made the base before any rank started;
+    a rank started some other way makes it (global rank 0: transformers' save_pretrained writes
+    only there once a process group exists) or waits for it (every other rank, on any node)."""
     dest = Path(run_dir) / BASE_DIRNAME
     if has_weights(dest):
         return dest
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         return ensure_tiny_base(run_dir, seed)
     deadline = time.monotonic() + timeout_s
     while not has_weights(dest):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{dest} did not appear within {timeout_s:.0f} s (made by local rank 0)")
+            raise RuntimeError(f"{dest} did not appear within {timeout_s:.0f} s (made by global rank 0)")
         time.sleep(0.5)
     return dest
 

@@ -37,30 +37,9 @@ def tiny_spec(tmp_path: Path) -> Path:
 
 
 def write_prepare_submit(lab, run_dir: Path, *args: str) -> str:
-    """`launcher slurm --out RUN_DIR`, then what must exist before any rank starts, then
-    `launcher slurm ... --force --submit` into the same run dir; returns the job id.
-
-    Ranks only read the tokenized cache and the tiny base model. `launcher run` makes both in the
-    launching process; under Slurm the preparation job does (issue 9: `--submit` queues it, the
-    training job waits with afterok). Until that job exists the test prepares the same way, once
-    per run dir (sweep tasks included)."""
-    cp = launcher_slurm(lab, *args, "--out", str(run_dir))
-    assert cp.returncode == 0, cp.stderr
-    code = textwrap.dedent("""\
-        import sys
-        from launcher.rundir import open_run_dir
-        from launcher.train.data import prepare
-        from launcher.train.model import ensure_tiny_base
-        for path in sys.argv[1:]:
-            rd = open_run_dir(path)
-            spec = rd.load_spec()
-            prepare(spec)
-            ensure_tiny_base(rd.path, spec.optim.seed)
-        """)
-    dirs = [run_dir, *sorted((run_dir / "tasks").glob("*"))]
-    subprocess.run([sys.executable, "-c", code, *map(str, dirs)], cwd=ROOT, check=True, capture_output=True,
-                   timeout=600)
-    cp = launcher_slurm(lab, *args, "--out", str(run_dir), "--force", "--submit")
+    """`launcher slurm --out RUN_DIR --submit`; returns the job id. Nothing is prepared by hand:
+    the job's own preparation step tokenizes the data and makes the tiny base before any rank."""
+    cp = launcher_slurm(lab, *args, "--out", str(run_dir), "--submit")
     assert cp.returncode == 0, cp.stderr
     job_id = cp.stdout.strip().splitlines()[-1]
     assert [j["job_id"] for j in map(json.loads, (run_dir / "jobs.jsonl").read_text().splitlines())] == [job_id]
@@ -107,7 +86,7 @@ def test_two_nodes_one_rank_each_train_zero2_to_completion(slurm_lab, tmp_path):
     log = logs(run_dir)
     assert state == "COMPLETED", log[-3000:]
     assert_trained(run_dir, log)
-    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NodeList", "NTasks"], steps=True) if r["JobID"] == f"{job}.0"]
+    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NodeList", "NTasks"], steps=True) if r["JobID"] == f"{job}.1"]  # step 0 prepares
     assert step["NodeList"] == "node[1-2]" and step["NTasks"] == "2", step  # one torchrun per node
     assert (run_dir / "logs" / f"tiny-2x1-{job}.out").is_file()  # %x-%j
 
@@ -121,7 +100,7 @@ def test_one_node_two_ranks_train_zero2_to_completion(slurm_lab, tmp_path):
     log = logs(run_dir)
     assert state == "COMPLETED", log[-3000:]
     assert_trained(run_dir, log)
-    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NTasks"], steps=True) if r["JobID"] == f"{job}.0"]
+    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NTasks"], steps=True) if r["JobID"] == f"{job}.1"]  # step 0 prepares
     assert step["NTasks"] == "2", step
 
 
@@ -186,7 +165,8 @@ def test_hostile_values_are_submitted_verbatim_and_run_nothing(slurm_lab, tmp_pa
     assert state == "COMPLETED", log
     assert log_file.name == f"{HOSTILE_NAME}-{job}.out"
     reports = [json.loads(line[5:]) for line in log.splitlines() if line.startswith("STUB ")]
-    assert len(reports) == 2, log  # one per node
+    prep = [r for r in reports if r["argv"][:3] == ["-m", "launcher", "prepare"]]
+    assert len(prep) == 1 and len(reports) == 3, log  # the preparation step, then one per node
     for r in reports:
         assert r["env"] == {**HOSTILE_ENV, "NCCL_IB_HCA": HOSTILE_ENV["H_SEMI"]}
         assert r["argv"][-1] == str(run_dir / "spec.yaml")

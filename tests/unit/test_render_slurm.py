@@ -291,7 +291,8 @@ exit 0
 exec "$@"
 ''',
     # the ranks' interpreter: record, then behave as the test asks (STUB_MODE)
-    "python": _RECORD + r'''case "${STUB_MODE:-}" in
+    "python": _RECORD + r'''case " $* " in *" launcher prepare "*) exit 0 ;; esac  # the preparation step
+case "${STUB_MODE:-}" in
   wait-signal)
     trap 'echo "USR1" >> "$SANDBOX/signals"; exit 3' USR1
     trap 'echo "TERM" >> "$SANDBOX/signals"; exit 3' TERM
@@ -353,6 +354,14 @@ class Sandbox:
                 out.append((argv, env))
         return out
 
+    def rank_calls(self, name: str) -> list[tuple[list[str], dict[str, str]]]:
+        """Calls of the ranks' interpreter, after checking the preparation step ran first, once."""
+        calls = self.calls(name)
+        prep = [c for c in calls if c[0][:3] == ["-m", "launcher", "prepare"]]
+        assert len(prep) == 1 and calls[0] is prep[0], [c[0] for c in calls]
+        assert prep[0][0][3] == [c for c in calls if c is not prep[0]][-1][0][-1]  # the same spec file
+        return [c for c in calls if c is not prep[0]]
+
     def marker_files(self) -> list[Path]:
         return [p for p in self.root.rglob("*") if p.name == MARK]
 
@@ -387,7 +396,7 @@ def test_hostile_values_reach_the_job_verbatim_and_run_nothing(tmp_path, value):
     proc = sb.run(script)
     assert proc.returncode == 0, proc.stderr
     assert sb.marker_files() == []
-    [(argv, env)] = sb.calls("python")
+    [(argv, env)] = sb.rank_calls("python")
     assert argv[:2] == ["-m", "torch.distributed.run"]
     assert argv[-4:] == ["-m", "launcher", "train", str(run_dir / "spec.yaml")]
     assert env["HOSTILE"] == value and env["NCCL_IB_HCA"] == value
@@ -402,7 +411,7 @@ def test_newlines_in_environment_values_arrive_verbatim(tmp_path, value):
     proc = sb.run(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python)))
     assert proc.returncode == 0, proc.stderr
     assert sb.marker_files() == []
-    [(_, env)] = sb.calls("python")
+    [(_, env)] = sb.rank_calls("python")
     assert env["HOSTILE"] == value and env["NCCL_IB_HCA"] == value
 
 
@@ -417,14 +426,18 @@ def test_hostile_container_values_arrive_verbatim(tmp_path, runtime, value):
     assert proc.returncode == 0, proc.stderr
     assert sb.marker_files() == []
     mounts = f"{run_dir}:{run_dir},/data/{value}:/data"
-    [(srun_argv, _)] = sb.calls("srun")
-    [(py_argv, _)] = sb.calls("python3")
+    [(py_argv, _)] = sb.rank_calls("python3")
     assert py_argv[-1] == str(run_dir / "spec.yaml")
+    sruns = sb.calls("srun")  # the preparation step, then the ranks: both inside the container
+    assert len(sruns) == 2
     if runtime == "pyxis":
-        assert f"--container-image={value}" in srun_argv and f"--container-mounts={mounts}" in srun_argv
+        for srun_argv, _ in sruns:
+            assert f"--container-image={value}" in srun_argv and f"--container-mounts={mounts}" in srun_argv
     else:
-        [(app_argv, _)] = sb.calls("apptainer")
-        assert app_argv[:5] == ["exec", "--nv", "--bind", mounts, value]
+        apps = sb.calls("apptainer")
+        assert len(apps) == 2
+        for app_argv, _ in apps:
+            assert app_argv[:5] == ["exec", "--nv", "--bind", mounts, value]
 
 
 def test_srun_launcher_exports_rank_variables_from_slurm(tmp_path):
@@ -432,10 +445,11 @@ def test_srun_launcher_exports_rank_variables_from_slurm(tmp_path):
     spec = spec_of({"cluster": {"launcher": "srun", "nproc_per_node": 2, "nodes": 2}})
     proc = sb.run(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python)))
     assert proc.returncode == 0, proc.stderr
-    [(argv, env)] = sb.calls("python")
+    [(argv, env)] = sb.rank_calls("python")
     assert argv == ["-m", "launcher", "train", str(sb.root / "run" / "spec.yaml")]
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"]) == ("0", "2", "0", "2")
-    [(srun_argv, _)] = sb.calls("srun")
+    prep_srun, (srun_argv, _) = sb.calls("srun")
+    assert "--ntasks=1" in prep_srun[0] and "--nodes=1" in prep_srun[0]
     assert "--ntasks-per-node=2" in srun_argv and "--nodes=2" in srun_argv
 
 
@@ -445,7 +459,7 @@ def test_array_task_trains_its_own_spec(tmp_path):
     tasks = [validate({"cluster": {"nodes": 2}, "optim": {"lr": lr}}) for lr in (1e-4, 2e-4)]
     proc = sb.run(render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python), array_specs=tasks))
     assert proc.returncode == 0, proc.stderr
-    [(argv, _)] = sb.calls("python")
+    [(argv, _)] = sb.rank_calls("python")
     assert argv[-1] == str(sb.root / "run" / "tasks" / "1" / "spec.yaml")  # SLURM_ARRAY_TASK_ID=1
 
 
