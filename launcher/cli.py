@@ -22,6 +22,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launcher.commands.train_cmds:train", "Per-rank training entry point (called by every launcher)."),
     "quickstart": ("launcher.commands.train_cmds:quickstart", "Train the embedded tiny model here, then sample from it."),
     "merge": ("launcher.commands.train_cmds:merge", "Merge a LoRA/QLoRA adapter into its base model."),
+    "status": ("launcher.commands.ops_cmds:status", "Every job of a run: state, step, GPU-hours, why it ended."),
+    "logs": ("launcher.commands.ops_cmds:logs", "Print or follow (-f) a run's logs until its jobs end."),
+    "cancel": ("launcher.commands.ops_cmds:cancel", "Cancel every live job of a run."),
+    "cost": ("launcher.commands.ops_cmds:cost", "GPU-hours and $ really spent (sacct), $ per 1M tokens."),
+    "cluster": ("launcher.commands.ops_cmds:cluster", "Check a cluster profile against the live cluster."),
 }
 
 
