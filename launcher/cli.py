@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "slurm": ("launcher.commands.slurm_cmd:slurm", "Write a run dir with a Slurm batch script; --submit queues it."),
     "estimate": ("launcher.commands.estimate_cmd:estimate", "Memory per GPU, step time and $ per 1M tokens, no GPU needed."),
     "prepare": ("launcher.commands.prepare_cmd:prepare", "Tokenize and pack the data into the cache, on CPU."),
+    "runs": ("launcher.commands.runs_cmd:runs", "List run dirs with their key numbers."),
     "run": ("launcher.commands.train_cmds:run", "Train on this machine through the deepspeed launcher."),
     "train": ("launcher.commands.train_cmds:train", "Per-rank training entry point (called by every launcher)."),
     "quickstart": ("launcher.commands.train_cmds:quickstart", "Train the embedded tiny model here, then sample from it."),

@@ -6,8 +6,11 @@ jobs.jsonl (one line per submission or attempt), logs/, checkpoints/, final/ (mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,11 +109,142 @@ def create(path: str | Path, spec: RunSpec, *, force: bool = False) -> tuple[Run
     rd.spec_path.write_text(spec.to_yaml())
     rd.ds_config_path.write_text(dumps_json(render_deepspeed(spec, plan)))
     rd.plan_path.write_text("\n".join(plan.summary()) + "\n")
-    manifest = {"launcher_version": __version__, "created": time.time(), "name": spec.name}
+    manifest = launch_manifest(spec, plan)
     if rd.manifest_path.exists():
         manifest = deep_merge(json.loads(rd.manifest_path.read_text()), manifest)
     rd.manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     return rd, spec, plan
+
+
+PACKAGES = ("torch", "deepspeed", "transformers", "peft", "bitsandbytes", "datasets", "accelerate", "flash_attn",
+            "flash-attn", "tokenizers", "pydantic", "click")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (nothing is imported)."""
+    from importlib import metadata
+
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name.replace("-", "_")] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def launcher_commit() -> str | None:
+    """The git commit of the launcher source, when it runs from a checkout."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() + ("+dirty" if dirty else "")) or None
+
+
+def data_fingerprints(spec: RunSpec) -> list[dict[str, Any]]:
+    """Path, size, mtime and a content hash of each data file (hub data: its name and revision)."""
+    import hashlib
+
+    from launcher.train.data import _data_files
+
+    fmt, files = _data_files(spec)
+    if fmt == "hub":
+        return [{"hub": spec.data.path, "split": spec.data.split}]
+    out = []
+    for f in files:
+        st = f.stat()
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            if st.st_size <= _HASH_WHOLE:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:  # large files: head and tail, so launching never reads terabytes
+                h.update(fh.read(_HASH_PART))
+                fh.seek(st.st_size - _HASH_PART)
+                h.update(fh.read(_HASH_PART))
+        kind = "sha256" if st.st_size <= _HASH_WHOLE else "sha256_head_tail_16MiB"
+        out.append({"path": str(f), "bytes": st.st_size, "mtime": st.st_mtime, kind: h.hexdigest()})
+    return out
+
+
+_HASH_WHOLE = 256 << 20
+_HASH_PART = 16 << 20
+
+
+def summary(run_dir: Path) -> dict[str, Any]:
+    """Key numbers of one run dir, from its own files: spec, manifest, metrics, jobs."""
+    rd = RunDir(Path(run_dir))
+    import yaml
+
+    spec = yaml.safe_load(rd.spec_path.read_text()) or {}
+    manifest = json.loads(rd.manifest_path.read_text()) if rd.manifest_path.exists() else {}
+    last: dict[str, Any] = {}
+    metrics = rd.logs / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "loss" in rec:
+                last = rec
+    jobs = rd.jobs()
+    return {
+        "run_dir": str(rd.path), "name": spec.get("name"), "task": spec.get("task"),
+        "method": (spec.get("method") or {}).get("name"), "model": (spec.get("model") or {}).get("name"),
+        "world_size": (manifest.get("plan") or {}).get("world_size"),
+        "step": last.get("step"), "max_steps": (spec.get("optim") or {}).get("max_steps"),
+        "loss": last.get("loss"), "jobs": len(jobs), "last_job": jobs[-1]["job_id"] if jobs else None,
+        "created": manifest.get("created"), "final": rd.final.is_dir(),
+    }
+
+
+def find_run_dirs(root: Path, depth: int = 3) -> list[Path]:
+    found = []
+    if (root / "spec.yaml").is_file() and (root / "manifest.json").is_file():
+        return [root]
+    if depth == 0 or not root.is_dir():
+        return []
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith(".") and child.name not in ("checkpoints", "logs", "final"):
+            found += find_run_dirs(child, depth - 1)
+    return found
+
+
+def launch_manifest(spec: RunSpec, plan: Plan) -> dict[str, Any]:
+    """What produced this run, as known where it is launched. Ranks add devices, times and metrics."""
+    return {
+        "name": spec.name,
+        "created": time.time(),
+        "launcher_version": __version__,
+        "launcher_commit": launcher_commit(),
+        "packages": package_versions(),
+        "python": sys.version.split()[0],
+        "host": platform.node(),
+        "spec_sha256": hashlib.sha256(spec.to_yaml().encode()).hexdigest(),
+        "seed": spec.optim.seed,
+        "data": data_fingerprints(spec),
+        "plan": {"world_size": plan.world_size, "nodes": plan.nodes, "micro_batch": plan.micro_batch,
+                 "grad_accum": plan.grad_accum, "global_batch": plan.global_batch,
+                 "tokens_per_step": plan.tokens_per_step, "max_steps": plan.max_steps},
+    }
+
+
+def update_manifest(run_dir: str | Path, **fields: Any) -> None:
+    """Merge fields into RUN_DIR/manifest.json (rank 0 records devices, times, job ids, final metrics)."""
+    path = Path(run_dir) / "manifest.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(deep_merge(current, fields), indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def open_run_dir(path: str | Path) -> RunDir:

@@ -57,13 +57,13 @@ _NOT_FIELDS = {"sets", "cluster", "clusters"}
 assert _FLAG_NAMES - _NOT_FIELDS <= set(FLAG_FIELDS), _FLAG_NAMES - set(FLAG_FIELDS)
 
 
-def spec_options(*, spec_required: bool = False,
-                 cluster_flags: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def spec_options(*, spec_required: bool = False, cluster_flags: bool = False,
+                 allow_from: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add SPEC and the shared flags (and, with cluster_flags, the Slurm settings) to a command;
     the command receives `spec: RunSpec` instead."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        names = _FLAG_NAMES | {"spec_path"}
+        names = _FLAG_NAMES | {"spec_path", "from_run"}
 
         @functools.wraps(fn)
         def wrapper(**kwargs: Any) -> Any:
@@ -73,6 +73,10 @@ def spec_options(*, spec_required: bool = False,
 
         for decls, kw in reversed(_SPEC_FLAGS + (CLUSTER_FLAGS if cluster_flags else [])):
             wrapper = click.option(*decls, **kw)(wrapper)
+        if allow_from:
+            wrapper = click.option("--from", "from_run", type=click.Path(file_okay=False), metavar="RUN_DIR",
+                                   help="Start from RUN_DIR's resolved spec (an identical run in a new run dir; "
+                                        "flags still apply on top).")(wrapper)
         wrapper = click.argument("spec_path", required=spec_required, type=click.Path(dir_okay=False),
                                  metavar="SPEC" if spec_required else "[SPEC]")(wrapper)
         return wrapper
@@ -84,6 +88,14 @@ def resolve_from_cli(picked: dict[str, Any]) -> RunSpec:
     from launcher import profiles
 
     spec_path = picked.pop("spec_path", None)
+    from_run = picked.pop("from_run", None)
+    if from_run:
+        from launcher.errors import UserError
+        from launcher.rundir import open_run_dir
+
+        if spec_path:
+            raise UserError("give a SPEC or --from RUN_DIR, not both")
+        spec_path = open_run_dir(from_run).spec_path
     sets = picked.pop("sets", ()) or ()
     cluster, clusters = picked.pop("cluster", None), picked.pop("clusters", None)
     return profiles.resolve(spec_path, flags=picked, sets=list(sets), cluster=cluster, clusters_file=clusters)

@@ -27,7 +27,7 @@ _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 
 
 @click.command()
-@spec_options(cluster_flags=True)
+@spec_options(cluster_flags=True, allow_from=True)
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Run dir to create: spec.yaml, ds_config.json, plan.txt, job.sbatch, logs/.")
 @click.option("--force", is_flag=True, help="Write into a non-empty RUN_DIR (generated files are replaced).")
