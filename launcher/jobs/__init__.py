@@ -1,0 +1,12 @@
+"""After sbatch: readers of Slurm's own tools (squeue, scontrol, sacct, sinfo, scancel) and of the
+run dir, no daemon of ours.
+
+- slurmtools:    thin wrappers around the tools, with timeouts, and their output parsers (pure).
+- status:        every job of a run dir: state, step, and the reason it ended (squeue -> scontrol ->
+                 sacct -> the run dir's markers and logs), so it answers after the controller forgot.
+- logs:          print or follow a run's logs until its jobs end; --rank / --node filters.
+- cost:          GPU-hours and dollars really spent (sacct, every attempt), $ per 1M tokens trained.
+- cluster_check: a cluster profile against the live cluster (sinfo, scontrol show partition/node).
+
+No module here imports torch or any other heavy library.
+"""

@@ -1,0 +1,247 @@
+"""Print or follow a run's logs (RUN_DIR/logs: one file per Slurm job, %x-%j.out, which a requeued
+job appends to; launch.log of a local run), optionally only one rank's or one node's lines.
+
+Which rank or node a line comes from, by its label:
+  "[rankN]: ..."     torch's prefix on rank N's errors and tracebacks          -> rank N
+  "[defaultL]: ..."  torchrun's --tee prefix (local rank L)                    -> rank L of a 1-node job
+  "T: ..."           srun --label (task T): with `launcher: srun` the rank,
+                     with torchrun (one task per node) the node index
+  no label           the batch shell and rank 0, which alone prints progress   -> rank 0, first node
+A rank's node is rank // ranks per node (torchrun's node rank is SLURM_NODEID; srun places tasks in
+blocks); node names come from the job's node list (sacct / scontrol).
+
+Following returns once no job of the run is pending or running any more (squeue), after reading
+what the last job wrote.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.jobs import slurmtools as st
+
+_LABELS = (
+    (re.compile(r"^\[rank(\d+)\]:\s?"), "rank"),
+    (re.compile(r"^\[default(\d+)\]:\s?"), "local"),
+    (re.compile(r"^\s*(\d+): "), "task"),
+)
+_JOB_OF_FILE = re.compile(r"-(\d+(?:_\d+)?)\.out$")
+_LOG_SUFFIXES = (".out", ".log", ".err")
+
+
+def log_files(run_dir: Path) -> list[Path]:
+    """The run's log files: each recorded job's files in submission order, then any others."""
+    from launcher.jobs.status import recorded_jobs
+
+    logs = run_dir / "logs"
+    if not logs.is_dir():
+        return []
+    every = sorted((p for p in logs.iterdir() if p.is_file() and p.suffix in _LOG_SUFFIXES),
+                   key=lambda p: (p.stat().st_mtime, p.name))
+    ordered: list[Path] = []
+    for jid, _, _ in recorded_jobs(run_dir):
+        for p in every:
+            m = _JOB_OF_FILE.search(p.name)
+            if m and m.group(1).split("_")[0] == jid and p not in ordered:
+                ordered.append(p)
+    return ordered + [p for p in every if p not in ordered]
+
+
+@dataclass
+class Layout:
+    """How ranks map to nodes, for attributing lines."""
+
+    nproc_per_node: int = 1
+    launcher: str = "torchrun"
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # job id -> node names in order
+
+    @classmethod
+    def for_run(cls, run_dir: Path, need_nodes: bool) -> "Layout":
+        from launcher.jobs.status import recorded_jobs
+
+        lay = cls()
+        try:
+            from launcher.plan import make_plan
+            from launcher.rundir import RunDir
+
+            spec = RunDir(run_dir).load_spec()
+            lay.nproc_per_node, lay.launcher = make_plan(spec).nproc_per_node, spec.cluster.launcher
+        except Exception:  # a run dir whose spec no longer validates: one rank per node
+            pass
+        if need_nodes:
+            ids = [j for j, _, _ in recorded_jobs(run_dir)]
+            try:
+                for row in st.sacct(ids, ("JobID", "NodeList")):
+                    hosts = st.expand_hostlist(row.get("NodeList"))
+                    if hosts:
+                        lay.nodes[row["JobID"]] = hosts
+            except st.SlurmToolError:
+                pass
+            for jid in ids:
+                if jid not in lay.nodes:
+                    try:
+                        for rec in st.scontrol_show_job(jid):
+                            hosts = st.expand_hostlist(rec.get("NodeList"))
+                            if hosts:
+                                lay.nodes[jid] = hosts
+                    except st.SlurmToolError:
+                        pass
+        return lay
+
+    def attribute(self, line: str, single_node: bool) -> tuple[int | None, int | None]:
+        """(rank, node index) of a line; None where the line does not say."""
+        for pattern, kind in _LABELS:
+            m = pattern.match(line)
+            if not m:
+                continue
+            n = int(m.group(1))
+            if kind == "rank":
+                return n, n // max(self.nproc_per_node, 1)
+            if kind == "local":
+                return (n, 0) if single_node else (None, None)
+            if self.launcher == "srun":  # srun --label: the task is the rank
+                return n, n // max(self.nproc_per_node, 1)
+            return None, n  # torchrun: one task per node
+        return 0, 0
+
+
+@dataclass
+class LineFilter:
+    rank: int | None = None
+    node: str | None = None
+    layout: Layout = field(default_factory=Layout)
+    matched: int = 0
+
+    def active(self) -> bool:
+        return self.rank is not None or self.node is not None
+
+    def keep(self, line: str, path: Path) -> bool:
+        if not self.active():
+            return True
+        m = _JOB_OF_FILE.search(path.name)
+        job = m.group(1) if m else ""
+        hosts = self.layout.nodes.get(job) or self.layout.nodes.get(job.split("_")[0]) or []
+        rank, node_index = self.layout.attribute(line, single_node=len(hosts) <= 1)
+        if self.rank is not None:
+            ok = rank == self.rank
+        else:
+            ok = node_index is not None and node_index < len(hosts) and hosts[node_index] == self.node
+        self.matched += ok
+        return ok
+
+
+def make_filter(run_dir: Path, rank: int | None, node: str | None) -> LineFilter:
+    if rank is not None and node is not None:
+        raise UserError("give --rank N or --node NAME, not both")
+    if rank is not None and rank < 0:
+        raise UserError(f"--rank {rank}: ranks count from 0")
+    f = LineFilter(rank=rank, node=node, layout=Layout.for_run(run_dir, need_nodes=node is not None))
+    if node is not None:
+        known = sorted({h for hosts in f.layout.nodes.values() for h in hosts})
+        if node not in known:
+            raise UserError(f"--node {node}: no job of this run ran on it (its jobs ran on: "
+                            f"{', '.join(known) or 'no node yet'})")
+    return f
+
+
+def _emit_lines(path: Path, text: str, filt: LineFilter, write: Callable[[str], None]) -> None:
+    for line in text.splitlines():
+        if filt.keep(line, path):
+            write(line)
+
+
+def print_logs(run_dir: Path, write: Callable[[str], None], filt: LineFilter | None = None) -> int:
+    """Print every log of the run; returns the number of files."""
+    filt = filt or LineFilter()
+    files = log_files(run_dir)
+    for p in files:
+        if len(files) > 1 and not filt.active():
+            write(f"==> {p} <==")
+        try:
+            text = p.read_bytes().decode("utf-8", "replace")
+        except OSError:
+            continue
+        _emit_lines(p, text, filt, write)
+    return len(files)
+
+
+def live_jobs(run_dir: Path) -> list[str] | None:
+    """Ids of the run's jobs that are pending or running; None when squeue did not answer."""
+    from launcher.jobs.status import recorded_jobs
+
+    ids = [j for j, _, _ in recorded_jobs(run_dir)]
+    if not ids:
+        return []
+    try:
+        return [r["job_id"] for r in st.squeue(ids) if st.state_word(r.get("state")) in st.LIVE_STATES]
+    except st.SlurmToolError:
+        return None
+
+
+def follow(run_dir: Path, write: Callable[[str], None], filt: LineFilter | None = None, *, poll: float = 0.5,
+           check_every: float = 2.0, timeout: float | None = None,
+           is_live: Callable[[Path], list[str] | None] = live_jobs) -> bool:
+    """Print the logs and follow them until no job of the run is live; returns True when the jobs
+    ended (False on timeout). A squeue that does not answer counts as 'still live'."""
+    filt = filt or LineFilter()
+    pos: dict[Path, int] = {}
+    partial: dict[Path, str] = {}
+    last_file: list[Path | None] = [None]
+    start = time.monotonic()
+    next_check = 0.0
+    multi = [False]
+
+    def drain(final: bool = False) -> None:
+        files = log_files(run_dir)
+        multi[0] = multi[0] or len(files) > 1
+        for p in files:
+            try:
+                with p.open("rb") as f:
+                    if f.seek(0, 2) < pos.get(p, 0):  # truncated (a job without open-mode append)
+                        pos[p] = 0
+                    f.seek(pos.get(p, 0))
+                    data = f.read()
+                    pos[p] = f.tell()
+            except OSError:
+                continue
+            if not data and not (final and partial.get(p)):
+                continue
+            text = partial.pop(p, "") + data.decode("utf-8", "replace")
+            if not final and not text.endswith("\n"):
+                text, _, rest = text.rpartition("\n")
+                partial[p] = rest
+                if not text:
+                    continue
+            if multi[0] and not filt.active() and last_file[0] != p:
+                write(f"==> {p} <==")
+            last_file[0] = p
+            _emit_lines(p, text, filt, write)
+
+    while True:
+        drain()
+        now = time.monotonic()
+        if now >= next_check:
+            next_check = now + check_every
+            live = is_live(run_dir)
+            if live is not None and not live:
+                time.sleep(min(1.0, poll * 2))  # the last writes of a job that just ended
+                drain(final=True)
+                return True
+        if timeout is not None and now - start > timeout:
+            drain(final=True)
+            return False
+        time.sleep(poll)
+
+
+def stdout_write(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+__all__ = ["follow", "print_logs", "make_filter", "log_files", "live_jobs", "Layout", "LineFilter", "stdout_write"]
