@@ -9,7 +9,8 @@ PY=${PYTHON:-python3}
 
 # torch's CPU build first: a bare `torch` requirement with no torch installed pulls several GB of CUDA.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
-"$PY" -m pip install -q -e '.[dev]'
+# The versions seen working together (tests/constraints.txt), so a new release cannot break CI.
+"$PY" -m pip install -q -c tests/constraints.txt -e '.[dev]'
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
