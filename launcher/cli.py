@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "config": ("launcher.commands.spec_cmds:config", "Print or write the DeepSpeed ZeRO config."),
     "slurm": ("launcher.commands.slurm_cmd:slurm", "Write a run dir with a Slurm batch script; --submit queues it."),
     "estimate": ("launcher.commands.estimate_cmd:estimate", "Memory per GPU, step time and $ per 1M tokens, no GPU needed."),
+    "bench": ("launcher.commands.bench_cmd:bench", "Measure tokens/s, MFU, memory and $ per 1M tokens per setup; collect."),
     "prepare": ("launcher.commands.prepare_cmd:prepare", "Tokenize and pack the data into the cache, on CPU."),
     "runs": ("launcher.commands.runs_cmd:runs", "List run dirs with their key numbers."),
     "run": ("launcher.commands.train_cmds:run", "Train on this machine through the deepspeed launcher."),
