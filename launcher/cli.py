@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launcher.commands.train_cmds:train", "Per-rank training entry point (called by every launcher)."),
     "quickstart": ("launcher.commands.train_cmds:quickstart", "Train the embedded tiny model here, then sample from it."),
     "merge": ("launcher.commands.train_cmds:merge", "Merge a LoRA/QLoRA adapter into its base model."),
+    "eval": ("launcher.commands.eval_cmd:eval_", "Loss/perplexity of a tuned model vs its base: held-out and reference sets."),
     "status": ("launcher.commands.ops_cmds:status", "Every job of a run: state, step, GPU-hours, why it ended."),
     "logs": ("launcher.commands.ops_cmds:logs", "Print or follow (-f) a run's logs until its jobs end."),
     "cancel": ("launcher.commands.ops_cmds:cancel", "Cancel every live job of a run."),

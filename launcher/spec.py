@@ -17,7 +17,9 @@ from launcher import yamlio
 from launcher.errors import SpecError
 
 Task = Literal["pretrain", "sft"]
-MethodName = Literal["full", "lora", "qlora"]
+MethodName = Literal["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]
+PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")  # trained through peft (final/ is an adapter)
+PROMPT_METHODS = ("prefix", "prompt")  # virtual tokens before the input (peft prompt learning)
 Dtype = Literal["bf16", "fp16", "fp32"]
 Attn = Literal["auto", "flash2", "sdpa", "eager"]
 Offload = Literal["none", "cpu", "nvme"]
@@ -65,10 +67,74 @@ class QuantSpec(_Section):
     compute_dtype: Literal["auto", "bf16", "fp16"] = Field("auto", description="auto = precision.dtype")
 
 
+class PrefixSpec(_Section):
+    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="key/value vectors prepended in every layer")
+    projection: bool = Field(False, description="produce the prefix through a 2-layer MLP (more trainable parameters)")
+    projection_hidden: int | None = Field(None, ge=1, description="the MLP's hidden size; none = the prefix width "
+                                                                  "(key/value heads x head dim)")
+
+
+class PromptSpec(_Section):
+    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="trainable embeddings prepended to the input")
+    init: Literal["vocab", "random", "text"] = Field("vocab", description="start from random vocabulary rows, "
+                                                     "random values, or the embeddings of init_text")
+    init_text: str | None = Field(None, description="text whose token embeddings start the virtual tokens (init: text)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_implies_init(cls, v: Any) -> Any:
+        # `init_text: ...` alone means init from it; an explicit other init is a contradiction, refused below.
+        if isinstance(v, dict) and v.get("init_text") and "init" not in v:
+            return {**v, "init": "text"}
+        return v
+
+    @model_validator(mode="after")
+    def _text_given(self) -> "PromptSpec":
+        if self.init == "text" and not (self.init_text or "").strip():
+            raise ValueError("init 'text' needs method.prompt.init_text (the text whose embeddings start the prompt)")
+        if self.init != "text" and self.init_text:
+            raise ValueError(f"init_text is set but init is {self.init!r}; drop init_text or set init: text")
+        return self
+
+
+class IA3Spec(_Section):
+    target_modules: list[str] = Field(default_factory=lambda: ["k_proj", "v_proj", "down_proj"], min_length=1,
+                                      description="linear layers whose activations get a learned scale")
+    feedforward_modules: list[str] = Field(default_factory=lambda: ["down_proj"],
+                                           description="of those, the ones scaled at their input (feed-forward)")
+
+    @model_validator(mode="after")
+    def _ff_subset(self) -> "IA3Spec":
+        extra = [m for m in self.feedforward_modules if m not in self.target_modules]
+        if extra:
+            raise ValueError(f"feedforward_modules {extra} are not in target_modules {self.target_modules}; "
+                             f"a feed-forward module must also be a target")
+        return self
+
+
+class FreezeSpec(_Section):
+    train_modules: list[str] = Field(default_factory=list, description="parameter names that train, dotted, "
+                                     "matched as whole name parts with * wildcards: lm_head, norm, 'layers.*.mlp'")
+    top_layers: int = Field(0, ge=0, description="also train the last N decoder layers")
+
+    @field_validator("train_modules")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pat in v:
+            if not re.fullmatch(r"[A-Za-z0-9_*?\[\]-]+(\.[A-Za-z0-9_*?\[\]-]+)*", pat):
+                raise ValueError(f"{pat!r} is not a dotted module name (e.g. lm_head, model.norm, layers.*.mlp)")
+        return v
+
+
 class MethodSpec(_Section):
-    name: MethodName = "full"
-    lora: LoraSpec = Field(default_factory=LoraSpec)
-    quant: QuantSpec = Field(default_factory=QuantSpec)
+    name: MethodName = Field("full", description="full, lora, qlora, dora (LoRA + weight decomposition), ia3, "
+                                                 "prefix (prefix tuning), prompt (prompt tuning), freeze")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="lora, qlora and dora")
+    quant: QuantSpec = Field(default_factory=QuantSpec, description="qlora")
+    prefix: PrefixSpec = Field(default_factory=PrefixSpec)
+    prompt: PromptSpec = Field(default_factory=PromptSpec)
+    ia3: IA3Spec = Field(default_factory=IA3Spec)
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec)
 
 
 class OptimSpec(_Section):
@@ -401,6 +467,23 @@ def check_combinations(spec: RunSpec) -> list[str]:
     if meth == "qlora" and qc != "auto" and qc != prec:
         p.append(f"method.quant.compute_dtype={qc} differs from precision.dtype={prec}; "
                  f"set them equal or leave compute_dtype auto")
+    if meth == "prefix" and spec.model.grad_ckpt:
+        p.append("method prefix (prefix tuning) cannot run with gradient checkpointing: peft refuses it (the prefix "
+                 "is passed as a key/value cache, which checkpointed layers do not take); use --no-grad-ckpt, or "
+                 "--method prompt / lora")
+    if meth in PROMPT_METHODS and spec.data.packing:
+        why = ("peft drops position_ids for prompt tuning" if meth == "prompt" else
+               "the prefix is a key/value cache, and transformers separates packed examples only without one")
+        p.append(f"method {meth} with data.packing: packed examples would attend to each other ({why}); "
+                 f"use --no-packing with --method {meth}")
+    if meth in PROMPT_METHODS and z.stage == 3:
+        p.append(f"method {meth} cannot use ZeRO stage 3: peft saves the virtual tokens by running their encoder on "
+                 f"rank 0 alone, and under ZeRO-3 its weights are partitioned, so gathering them waits for the other "
+                 f"ranks forever (seen with 2 ranks: the run hangs after its last step, while saving); use --zero 2 "
+                 f"(or 0/1): the trainable part is small, only the frozen base would have been sharded")
+    if meth == "freeze" and not spec.method.freeze.train_modules and spec.method.freeze.top_layers == 0:
+        p.append("method freeze trains nothing as set: give method.freeze.top_layers=N (the last N decoder layers) "
+                 "and/or method.freeze.train_modules=[lm_head, norm, ...]")
     if spec.model.attn == "flash2" and prec == "fp32":
         p.append("model.attn=flash2 runs only in bf16 or fp16; use --precision bf16 or --attn sdpa")
     o = spec.optim

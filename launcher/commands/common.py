@@ -16,7 +16,7 @@ def _opt(decls: list[str], *extra: str, **kw: Any) -> tuple[tuple[str, ...], dic
 _SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     _opt(["--model"], help="'tiny', a local model directory, or a hub id."),
     _opt(["--task"], type=click.Choice(["pretrain", "sft"]), help="Continued pretraining or fine-tuning."),
-    _opt(["--method"], type=click.Choice(["full", "lora", "qlora"]), help="Which weights train."),
+    _opt(["--method"], type=click.Choice(["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]), help="Which weights train."),
     _opt(["--data"], help="Data file, folder or datasets hub name (default: embedded corpus)."),
     _opt(["--seq-len"], type=int, help="Tokens per sequence."),
     _opt(["--packing/--no-packing"], default=None, help="SFT: pack examples into seq-len."),

@@ -16,7 +16,7 @@ from typing import Any
 
 from launcher import assets
 from launcher.errors import UserError
-from launcher.spec import RunSpec
+from launcher.spec import PEFT_METHODS, RunSpec
 
 ATTN_IMPL = {"flash2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
 TINY = "tiny"
@@ -182,7 +182,51 @@ def lora_config(spec: RunSpec) -> Any:
         modules_to_save=list(lo.modules_to_save) or None,
         bias="none",
         task_type="CAUSAL_LM",
+        use_dora=spec.method.name == "dora",  # DoRA: LoRA + a learned magnitude per output feature
     )
+
+
+def peft_config(spec: RunSpec) -> Any:
+    """The peft config of a method trained through peft (lora, qlora, dora, ia3, prefix, prompt)."""
+    method = spec.method.name
+    if method in ("lora", "qlora", "dora"):
+        return lora_config(spec)
+    if method == "ia3":
+        from peft import IA3Config
+
+        ia = spec.method.ia3
+        return IA3Config(target_modules=list(ia.target_modules), feedforward_modules=list(ia.feedforward_modules),
+                         task_type="CAUSAL_LM")
+    if method == "prefix":
+        from peft import PrefixTuningConfig
+
+        pf = spec.method.prefix
+        return PrefixTuningConfig(num_virtual_tokens=pf.num_virtual_tokens, prefix_projection=pf.projection,
+                                  encoder_hidden_size=pf.projection_hidden, task_type="CAUSAL_LM")
+    if method == "prompt":
+        from peft import PromptTuningConfig
+
+        pr = spec.method.prompt
+        init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM", "text": "TEXT"}[pr.init]
+        tok = str(assets.tiny_dir()) if spec.model.name == TINY else model_source(spec)
+        text = {"prompt_tuning_init_text": pr.init_text, "tokenizer_name_or_path": tok} if pr.init == "text" else {}
+        return PromptTuningConfig(num_virtual_tokens=pr.num_virtual_tokens, prompt_tuning_init=init,
+                                  task_type="CAUSAL_LM", **text)
+    raise ValueError(f"method {method!r} is not trained through peft")
+
+
+def apply_freeze(spec: RunSpec, model: Any) -> int:
+    """method freeze: only the parameters method.freeze names (and the top N layers) train. Returns
+    how many parameters train. Names are matched as estimate.freeze_selection does for the plan."""
+    from launcher import estimate
+
+    named = list(model.named_parameters(remove_duplicate=False))  # tied lm_head.weight is listed too
+    layers = int(model.config.num_hidden_layers)
+    chosen = estimate.freeze_selection([n for n, _ in named], spec.method.freeze, layers)
+    trainable = {id(p) for n, p in named if n in chosen}
+    for _, p in named:
+        p.requires_grad_(id(p) in trainable)
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device: str = "cpu") -> Any:
@@ -259,7 +303,8 @@ def fix_bnb_cpu_inference(model: Any) -> int:
 
 
 def apply_method(spec: RunSpec, model: Any) -> Any:
-    """Gradient checkpointing and the PEFT wrapper for lora/qlora; freezing follows from them."""
+    """Gradient checkpointing, then the peft wrapper (lora, qlora, dora, ia3, prefix, prompt; it freezes
+    the base) or, for freeze, requires_grad on the chosen parameters only."""
     method = spec.method.name
     gc_kwargs = {"use_reentrant": False}
     if method == "qlora":
@@ -270,14 +315,19 @@ def apply_method(spec: RunSpec, model: Any) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if spec.model.grad_ckpt:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)
-    if method in ("lora", "qlora"):
+    if method == "freeze":
+        apply_freeze(spec, model)
+        embeddings = model.get_input_embeddings().weight
+        if spec.model.grad_ckpt and not embeddings.requires_grad:
+            model.enable_input_require_grads()  # as for the adapters below
+    if method in PEFT_METHODS:
         from peft import get_peft_model
 
         if spec.model.grad_ckpt:
             # Frozen embeddings give activations without grad; checkpointed blocks then have no path
             # for the gradient to the adapters ("does not require grad"). Make the inputs require it.
             model.enable_input_require_grads()
-        model = get_peft_model(model, lora_config(spec))
+        model = get_peft_model(model, peft_config(spec))
     return model
 
 

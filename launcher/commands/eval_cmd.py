@@ -1,0 +1,67 @@
+"""`launcher eval`: loss and perplexity of a tuned model and its base, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from launcher.errors import UserError
+
+
+@click.command("eval")
+@click.argument("target", metavar="RUN_DIR|MODEL", type=click.Path(file_okay=False))
+@click.option("--data", "data", multiple=True, type=click.Path(), metavar="FILE",
+              help="Reference set (out-of-distribution), repeatable; default: the embedded corpus.")
+@click.option("--base", help="Base model to compare with (default: the run's model, or the adapter's base).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of a table.")
+@click.option("--out", "out", type=click.Path(dir_okay=False), help="Also write the JSON here.")
+@click.option("--plot", "plot", type=click.Path(dir_okay=False), metavar="PNG",
+              help="Write a PNG of train/eval loss over steps from RUN_DIR/logs/metrics.jsonl.")
+@click.option("--max-rows", type=click.IntRange(1), default=200, show_default=True,
+              help="Rows (sequences) evaluated per set, spread evenly over it.")
+@click.option("--samples", type=click.IntRange(0), default=16, show_default=True,
+              help="SFT sets: prompts completed greedily for exact match.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True)
+@click.option("--seq-len", type=click.IntRange(8),
+              help="Tokens per sequence (default: the run's data.seq_len; 256 for a MODEL).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--tolerance", type=float, default=0.01, show_default=True,
+              help="Reference-set loss rise (nats/token) above which forgetting is reported.")
+def eval_(target: str, data: tuple[str, ...], base: str | None, as_json: bool, out: str | None, plot: str | None,
+          max_rows: int, samples: int, max_new_tokens: int, batch_size: int, seq_len: int | None, device: str,
+          tolerance: float) -> None:
+    """Loss and perplexity on the run's held-out split (in-distribution) and on reference sets
+    (out-of-distribution), for the tuned model and its base model; delta = tuned - base, so a rise
+    on a reference set is forgetting, as a number. SFT sets add exact match of greedy completions.
+
+    RUN_DIR is a run dir (its final model or newest checkpoint; results also go to RUN_DIR/eval.json);
+    MODEL a model directory or a peft adapter. Runs in this process, on CPU or one GPU.
+    """
+    from launcher import evaluate as ev
+
+    is_run = (Path(target) / "spec.yaml").is_file()
+    if plot and not is_run:
+        raise UserError("--plot reads RUN_DIR/logs/metrics.jsonl; give a run dir")
+    res = ev.evaluate(target, data=data, base=base, max_rows=max_rows, batch_size=batch_size, samples=samples,
+                      max_new_tokens=max_new_tokens, device=device, seq_len=seq_len, tolerance=tolerance)
+    text = json.dumps(res, indent=2) + "\n"
+    written = []
+    if res["run_dir"]:
+        p = Path(res["run_dir"]) / "eval.json"
+        p.write_text(text)
+        written.append(p)
+    if out:
+        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(out).expanduser().write_text(text)
+        written.append(Path(out))
+    if plot:
+        written.append(ev.plot_losses(target, plot))
+    if as_json:
+        click.echo(text, nl=False)
+    else:
+        click.echo(ev.format_table(res))
+        for p in written:
+            click.echo(f"wrote {p}")

@@ -1,0 +1,435 @@
+"""Evaluation: loss and perplexity of a tuned model beside its base, so that improvement and
+forgetting are numbers.
+
+Sets evaluated, each for the tuned model and for the base model:
+- in-distribution: the run's held-out split (data.eval_fraction > 0), tokenized exactly as for
+  training; without one, a slice of the training data, marked as seen in training;
+- reference sets (out-of-distribution): files given with --data, else the embedded corpus; each is
+  tokenized with the run's tokenizer and seq_len (plain text as pretraining blocks, prompt/response or
+  chat records as SFT examples).
+
+loss = mean cross-entropy per predicted token over the whole set (token-weighted across batches),
+perplexity = exp(loss). delta = tuned - base: below 0 the tuned model is better there; above 0 on a
+reference set it has forgotten some of what the base knew. For SFT-shaped sets, exact match of the
+greedy completion of a sample of prompts with their reference responses.
+
+Runs in one process on CPU or one GPU; no DeepSpeed. Heavy libraries are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import UserError
+from launcher.spec import RunSpec
+
+FORGETTING_TOLERANCE = 0.01  # nats per token: a reference-set loss rise above this counts as forgetting
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    kind: str  # "in-distribution" or "reference"
+    source: str
+    spec: RunSpec  # the data section says how it was tokenized
+    held_out: bool = True
+    note: str = ""
+    rows: Any = None  # a datasets.Dataset once loaded
+
+
+@dataclass
+class Target:
+    """What is evaluated: the tuned model (a full model or a peft adapter) and the base beside it."""
+
+    tuned: Path
+    base: str | None
+    spec: RunSpec
+    run_dir: Path | None = None
+    adapter: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- what to evaluate
+
+def _has_weights(path: Path) -> bool:
+    return any((path / f).is_file() for f in _WEIGHTS)
+
+
+def _newest_checkpoint_with_weights(run_dir: Path) -> Path | None:
+    ckpts = []
+    for p in (run_dir / "checkpoints").glob("checkpoint-*"):
+        if p.name.split("-")[-1].isdigit() and _has_weights(p):
+            ckpts.append((int(p.name.split("-")[-1]), p))
+    return max(ckpts)[1] if ckpts else None
+
+
+def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int | None = None) -> Target:
+    """RUN_DIR (its final model, else its newest checkpoint; base: the model it started from) or a
+    model directory (full model or peft adapter; base: --base, else the adapter's own base)."""
+    from launcher import spec as spec_mod
+    from launcher.rundir import with_overrides
+
+    path = Path(target).expanduser().resolve()
+    if not path.is_dir():
+        raise UserError(f"{target}: not a directory; give a run dir (made by `launcher run --out`) or a model "
+                        f"directory (save_pretrained output or a peft adapter)")
+    if (path / "spec.yaml").is_file():
+        from launcher.rundir import open_run_dir
+        from launcher.train import model as model_mod
+
+        rd = open_run_dir(path)
+        spec = rd.load_spec()
+        if seq_len:
+            spec = with_overrides(spec, {"data": {"seq_len": seq_len}})
+        notes = []
+        tuned = rd.final
+        if not _has_weights(tuned):
+            ck = _newest_checkpoint_with_weights(rd.path)
+            if ck is None:
+                raise UserError(f"{rd.path} holds no trained model yet (no final/ and no checkpoint with weights); "
+                                f"train it first (`launcher run`)")
+            tuned = ck
+            notes.append(f"no final model: evaluating the newest checkpoint {ck.name}")
+        if base is None:
+            base = model_mod.model_source(spec)
+            if spec.model.name == model_mod.TINY:
+                base = str(rd.path / model_mod.BASE_DIRNAME)
+        return Target(tuned=tuned, base=base, spec=spec, run_dir=rd.path,
+                      adapter=(tuned / "adapter_config.json").is_file(), notes=notes)
+    adapter = (path / "adapter_config.json").is_file()
+    if not adapter and not (path / "config.json").is_file():
+        raise UserError(f"{path} is neither a run dir (spec.yaml), a model (config.json) nor a peft adapter "
+                        f"(adapter_config.json)")
+    if adapter and base is None:
+        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        if not base:
+            raise UserError(f"{path}/adapter_config.json names no base model; give --base MODEL")
+    model_name = base if adapter else str(path)
+    tree: dict[str, Any] = {"model": {"name": model_name}, "data": {"seq_len": seq_len or 256},
+                            "precision": {"dtype": "fp32"}}
+    if adapter:
+        method = json.loads((path / "adapter_config.json").read_text()).get("peft_type", "LORA")
+        tree["method"] = {"name": {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix",
+                                   "PROMPT_TUNING": "prompt"}.get(str(method), "lora")}
+    spec = spec_mod.validate(tree)
+    return Target(tuned=path, base=base, spec=spec, adapter=adapter)
+
+
+def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
+    """The run's spec reading `file` instead: same tokenizer and seq_len, no split, no packing."""
+    from launcher.rundir import with_overrides
+    from launcher.train import data as data_mod
+
+    if not file.exists():
+        raise UserError(f"--data {file}: no such file or folder")
+    probe = with_overrides(spec, {"task": "pretrain", "data": {"path": str(file), "eval_fraction": 0.0,
+                                                               "packing": False, "format": "auto"}})
+    fmt, files = data_mod._data_files(probe)
+    task = "pretrain"
+    if fmt != "txt":
+        for _, record in data_mod._sample(files[0], fmt, probe):
+            if isinstance(record, dict) and data_mod.sft_shape(record, probe) is not None \
+                    and probe.data.text_field not in record:
+                task = "sft"
+            break
+    return with_overrides(probe, {"task": task})
+
+
+def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet]:
+    from launcher import assets
+
+    sets: list[EvalSet] = []
+    spec = t.spec
+    if t.run_dir is not None:
+        src = spec.data.path or f"embedded {('sft.jsonl' if spec.task == 'sft' else 'corpus.txt')}"
+        if spec.data.eval_fraction > 0:
+            sets.append(EvalSet("held-out split", "in-distribution", src, spec))
+        else:
+            sets.append(EvalSet("training data", "in-distribution", src, spec, held_out=False,
+                                note="seen in training (the run has no held-out split: set data.eval_fraction)"))
+    refs = [Path(d).expanduser() for d in data] or [assets.tiny_dir() / "corpus.txt"]
+    for f in refs:
+        name = "embedded corpus" if not data else f.name
+        sets.append(EvalSet(name, "reference", str(f), _reference_spec(spec, f.resolve())))
+    return sets
+
+
+def load_rows(s: EvalSet, max_rows: int) -> None:
+    """Tokenize (through the data cache) and pick at most max_rows rows, evenly spread over the set."""
+    from launcher.train import data as data_mod
+
+    data_mod.prepare(s.spec)  # checks the data first; a no-op when the run's own data is cached
+    split = "eval" if (s.kind == "in-distribution" and s.held_out) else "train"
+    ds = data_mod.load_prepared(s.spec, split=split)
+    if len(ds) > max_rows:
+        step = len(ds) / max_rows
+        ds = ds.select([int(k * step) for k in range(max_rows)])
+    s.rows = ds
+
+
+# --------------------------------------------------------------------------- models
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is visible here; use --device cpu")
+    return device
+
+
+def eval_dtype(spec: RunSpec, device: str) -> str:
+    if spec.method.name == "qlora":
+        return spec.precision.dtype if spec.precision.dtype != "fp32" else "bf16"
+    return spec.precision.dtype if device == "cuda" else "fp32"  # CPU: fp32 (no fp16 kernels, exact numbers)
+
+
+def load_model(t: Target, which: str, device: str) -> Any:
+    """The tuned model (`which="tuned"`) or the base model, in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from launcher.train import model as model_mod
+
+    hf_logging.disable_progress_bar()
+    spec = t.spec
+    dtype = eval_dtype(spec, device)
+    kwargs: dict[str, Any] = {"dtype": model_mod.torch_dtype(dtype), "trust_remote_code": spec.model.trust_remote_code}
+    qlora = spec.method.name == "qlora"
+    if qlora:
+        kwargs["quantization_config"] = model_mod.quantization_config(spec)
+        kwargs["device_map"] = {"": "cuda:0" if device == "cuda" else "cpu"}
+    src = str(t.tuned) if which == "tuned" and not t.adapter else t.base
+    if src is None:
+        raise UserError("no base model to compare with; give --base MODEL")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except OSError as exc:
+        raise UserError(f"cannot load model {src} ({exc})") from None
+    if qlora:
+        model_mod.fix_bnb_cpu_inference(model)
+    if which == "tuned" and t.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(t.tuned))
+    if not qlora:
+        model = model.to(device)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------- measuring
+
+def loss_on(model: Any, s: EvalSet, tokenizer: Any, batch_size: int, device: str) -> dict[str, Any]:
+    """Token-weighted mean cross-entropy over the set: sum over batches of (the model's mean loss x
+    its predicted tokens) / all predicted tokens. Predicted tokens: labels != -100 after the shift."""
+    import torch
+
+    from launcher.train import data as data_mod
+
+    collate = data_mod.make_collator(s.spec, tokenizer)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(0, len(s.rows), batch_size):
+            batch = collate([s.rows[j] for j in range(k, min(k + batch_size, len(s.rows)))])
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n == 0:
+                continue
+            batch = {key: v.to(device) for key, v in batch.items()}
+            out = model(**batch, use_cache=False)
+            loss = float(out.loss)
+            total += loss * n
+            count += n
+    if count == 0:
+        raise UserError(f"{s.name} ({s.source}): no tokens to predict")
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(mean) if mean < 50 else float("inf"), "tokens": count}
+
+
+def sft_samples(s: EvalSet, n: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference response ids) of up to n examples: each row's first response span."""
+    out = []
+    for row in s.rows:
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        if "position_ids" in row:  # a packed row: its first example only
+            pos = list(row["position_ids"])
+            end = next((j for j in range(1, len(pos)) if pos[j] == 0), len(pos))
+            ids, labels = ids[:end], labels[:end]
+        start = next((j for j, x in enumerate(labels) if x != -100), None)
+        if not start:
+            continue
+        stop = next((j for j in range(start, len(labels)) if labels[j] == -100), len(labels))
+        out.append((ids[:start], ids[start:stop]))
+        if len(out) >= n:
+            break
+    return out
+
+
+def exact_match(model: Any, tokenizer: Any, samples: list[tuple[list[int], list[int]]], device: str,
+                max_new_tokens: int) -> float:
+    """Share of samples whose greedy completion equals the reference response (decoded, special
+    tokens dropped, outer whitespace stripped)."""
+    import torch
+
+    hits = 0
+    for prompt, ref in samples:
+        want = tokenizer.decode(ref, skip_special_tokens=True).strip()
+        x = torch.tensor([prompt], device=device)
+        with torch.no_grad():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
+                                 max_new_tokens=min(max_new_tokens, len(ref) + 1), use_cache=True,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        got = tokenizer.decode(out[0, x.shape[1]:], skip_special_tokens=True).strip()
+        hits += got == want
+    return hits / len(samples) if samples else float("nan")
+
+
+# --------------------------------------------------------------------------- the whole evaluation
+
+def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base: str | None = None,
+             max_rows: int = 200, batch_size: int = 8, samples: int = 16, max_new_tokens: int = 64,
+             device: str = "auto", seq_len: int | None = None,
+             tolerance: float = FORGETTING_TOLERANCE) -> dict[str, Any]:
+    import gc
+
+    t0 = time.time()
+    t = resolve_target(target, base=base, seq_len=seq_len)  # bad input fails here, before heavy imports
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets
+
+    from launcher.train import model as model_mod
+
+    datasets.disable_progress_bars()
+    dev = pick_device(device)
+    sets = eval_sets(t, data)
+    for s in sets:
+        load_rows(s, max_rows)
+    tokenizer = model_mod.load_tokenizer(t.spec) if t.run_dir is not None else model_mod.load_tokenizer_from(
+        t.tuned if (t.tuned / "tokenizer_config.json").is_file() else t.base)
+    sft = {s.name: sft_samples(s, samples) for s in sets if s.spec.task == "sft"}
+
+    results: dict[str, dict[str, Any]] = {s.name: {} for s in sets}
+    for which in ("tuned", "base"):
+        if which == "base" and t.base is None:
+            continue
+        model = load_model(t, which, dev)
+        for s in sets:
+            r = loss_on(model, s, tokenizer, batch_size, dev)
+            results[s.name][which] = r
+            if sft.get(s.name):
+                results[s.name].setdefault("exact_match", {"samples": len(sft[s.name])})[which] = \
+                    exact_match(model, tokenizer, sft[s.name], dev, max_new_tokens)
+        del model
+        gc.collect()
+
+    out_sets = []
+    for s in sets:
+        r = results[s.name]
+        tuned, based = r["tuned"], r.get("base")
+        entry: dict[str, Any] = {
+            "name": s.name, "kind": s.kind, "source": s.source, "task": s.spec.task, "held_out": s.held_out,
+            "rows": len(s.rows), "tokens": tuned["tokens"],
+            "tuned": {"loss": tuned["loss"], "perplexity": tuned["perplexity"]},
+            "base": {"loss": based["loss"], "perplexity": based["perplexity"]} if based else None,
+            "delta_loss": tuned["loss"] - based["loss"] if based else None,
+        }
+        if s.note:
+            entry["note"] = s.note
+        if "exact_match" in r:
+            entry["exact_match"] = r["exact_match"]
+        out_sets.append(entry)
+    refs = [e for e in out_sets if e["kind"] == "reference" and e["delta_loss"] is not None]
+    ind = [e for e in out_sets if e["kind"] == "in-distribution" and e["delta_loss"] is not None]
+    return {
+        "target": str(Path(target).expanduser().resolve()),
+        "run_dir": str(t.run_dir) if t.run_dir else None,
+        "tuned": str(t.tuned), "base": t.base, "adapter": t.adapter, "method": t.spec.method.name,
+        "device": dev, "dtype": eval_dtype(t.spec, dev), "seq_len": t.spec.data.seq_len,
+        "sets": out_sets,
+        "in_distribution_delta": ind[0]["delta_loss"] if ind else None,
+        "reference_delta": max(e["delta_loss"] for e in refs) if refs else None,
+        "forgetting_tolerance": tolerance,
+        "forgetting_detected": any(e["delta_loss"] > tolerance for e in refs) if refs else None,
+        "notes": t.notes,
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def format_table(res: dict[str, Any]) -> str:
+    def f(x: Any, spec: str = ".4f") -> str:
+        return "-" if x is None else format(x, spec)
+
+    head = ("set", "kind", "rows", "tokens", "tuned loss", "tuned ppl", "base loss", "base ppl", "delta")
+    rows = [head]
+    for e in res["sets"]:
+        b = e["base"] or {}
+        rows.append((e["name"] + ("" if e["held_out"] else " (seen)"), e["kind"], str(e["rows"]), str(e["tokens"]),
+                     f(e["tuned"]["loss"]), f(e["tuned"]["perplexity"], ".2f"), f(b.get("loss")),
+                     f(b.get("perplexity"), ".2f"), f(e["delta_loss"], "+.4f")))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    for e in res["sets"]:
+        em = e.get("exact_match")
+        if em:
+            lines.append(f"exact match on {e['name']} ({em['samples']} greedy completions): "
+                         f"tuned {f(em.get('tuned'), '.2f')}, base {f(em.get('base'), '.2f')}")
+        if e.get("note"):
+            lines.append(f"note: {e['name']}: {e['note']}")
+    lines.append(f"tuned {res['tuned']}" + (" (adapter)" if res["adapter"] else ""))
+    lines.append(f"base  {res['base'] or '(none: give --base MODEL to compare)'}")
+    if res["forgetting_detected"] is not None:
+        verdict = "FORGETTING: the tuned model is worse than its base on a reference set" \
+            if res["forgetting_detected"] else "no forgetting above the tolerance"
+        lines.append(f"{verdict} (largest reference delta {res['reference_delta']:+.4f} nats/token, "
+                     f"tolerance {res['forgetting_tolerance']})")
+    lines += [f"note: {n}" for n in res["notes"]]
+    return "\n".join(lines)
+
+
+def plot_losses(run_dir: str | Path, png: str | Path) -> Path:
+    """PNG of training loss (and eval loss, when the run evaluated) over steps, from logs/metrics.jsonl."""
+    metrics = Path(run_dir) / "logs" / "metrics.jsonl"
+    if not metrics.is_file():
+        raise UserError(f"{metrics} does not exist: --plot needs a run dir whose training wrote its metrics")
+    train, ev = [], []
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "loss" in rec and "step" in rec:
+            train.append((rec["step"], rec["loss"]))
+        elif "eval_loss" in rec and "step" in rec:
+            ev.append((rec["step"], rec["eval_loss"]))
+    if not train and not ev:
+        raise UserError(f"{metrics} holds no loss records yet")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*sorted(train)), label="train loss", lw=1.2)
+    if ev:
+        ax.plot(*zip(*sorted(ev)), "o-", label="eval loss (held-out split)", lw=1.5)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(Path(run_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(png).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
