@@ -41,15 +41,7 @@ def status(run_dirs: tuple[str, ...], as_json: bool) -> None:
     """
     from launcher.jobs.status import format_run, run_status
 
-    results = [run_status(d) for d in _run_dirs(run_dirs)]
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-        return
-    for i, r in enumerate(results):
-        if i:
-            click.echo("")
-        for line in format_run(r):
-            click.echo(line)
+    _echo_results([run_status(d) for d in _run_dirs(run_dirs)], format_run, as_json)
 
 
 @click.command()
@@ -113,14 +105,18 @@ def cost(run_dirs: tuple[str, ...], clusters: str | None, as_json: bool) -> None
     from launcher.jobs.cost import format_cost, run_cost
     from launcher.rundir import open_run_dir
 
-    results = [run_cost(open_run_dir(d).path, clusters) for d in run_dirs]
+    _echo_results([run_cost(open_run_dir(d).path, clusters) for d in run_dirs], format_cost, as_json)
+
+
+def _echo_results(results: list, formatter, as_json: bool) -> None:
+    """One JSON document, or each run's formatted lines with a blank line between runs."""
     if as_json:
         click.echo(json.dumps(results, indent=2))
         return
     for i, r in enumerate(results):
         if i:
             click.echo("")
-        for line in format_cost(r):
+        for line in formatter(r):
             click.echo(line)
 
 
