@@ -71,10 +71,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False) -> tuple[RunDir, RunSpec, Plan, Path]:
-    """Everything before the ranks start, in this process: check and tokenize the data (bad data
-    fails here, exit 2, before any run dir or rank), write the run dir, make the tiny base model."""
-    from launcher import rundir
+def local_gpu_memory(plan: Plan) -> int | None:
+    if plan.device != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.get_device_properties(0).total_memory) if torch.cuda.is_available() else None
+
+
+def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
+                ignore_fit: bool = False) -> tuple[RunDir, RunSpec, Plan, Path]:
+    """Everything before the ranks start, in this process: pre-flight (spec, model, a data sample,
+    clashes, memory fit: exit 2 before any run dir or rank), write the run dir, tokenize the data,
+    make the tiny base model."""
+    from launcher import preflight, rundir
     from launcher.plan import make_plan
     from launcher.train import data as data_mod
     from launcher.train.loop import check_environment
@@ -82,8 +92,10 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False) -> tuple
     if spec.cluster.nodes > 1:
         raise UserError(f"`launcher run` starts ranks on this machine only; cluster.nodes={spec.cluster.nodes}. "
                         f"Use `launcher slurm` for several nodes, or --nodes 1")
-    data_mod.check_data(spec)  # cheap, stdlib only: refuses a missing/empty/malformed file at once
-    check_environment(spec, make_plan(spec))  # GPUs, precision, attention kernel: before any rank
+    plan0 = make_plan(spec)
+    for note in preflight.check(spec, ignore_fit=ignore_fit, device_memory=local_gpu_memory(plan0)):
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    check_environment(spec, plan0)  # GPUs, precision, attention kernel: before any rank
     rd, spec, plan = rundir.create(out, spec, force=force)
     prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache
     if spec.model.name == "tiny":
@@ -93,9 +105,36 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False) -> tuple
     return rd, spec, plan, prepared
 
 
+def rank_processes(root_pid: int) -> list[int]:
+    """The rank processes under a local launch (`... -m launcher train ...`), not the launcher's own."""
+    import psutil  # a dependency of deepspeed
+
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    out = []
+    for child in children:
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if "launcher" in argv and "train" in argv and "deepspeed.launcher.runner" not in argv \
+                and "deepspeed.launcher.launch" not in argv:
+            out.append(child.pid)
+    return out
+
+
 def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False) -> int:
-    """Spawn the ranks, tee their output to RUN_DIR/logs/launch.log, return the exit code."""
+    """Spawn the ranks, tee their output to RUN_DIR/logs/launch.log, return the exit code.
+
+    USR1 and TERM to this process go to the ranks themselves (they save a checkpoint at one optimizer
+    step and exit 3); the deepspeed launcher would kill them at once on TERM and dies of USR1.
+    Ctrl-C (INT) stops the whole launch tree now."""
     argv, env = launch_command(rd.path, plan, plan.nproc_per_node, master_port=free_port(), quiet=quiet)
+    job = f"local-{os.getpid()}-{int(time.time())}"
+    env["LAUNCHER_JOB_ID"] = job
+    env["LAUNCHER_ATTEMPT"] = "0"
     rd.logs.mkdir(parents=True, exist_ok=True)
     log_path = rd.logs / "launch.log"
     started = time.time()
@@ -104,15 +143,28 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         log.flush()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True, errors="replace", bufsize=1)
-        rd.record_job(f"local-{proc.pid}", "local", "started", nproc=plan.nproc_per_node)
+        rd.record_job(job, "local", "started", nproc=plan.nproc_per_node, pid=proc.pid)
 
-        def forward(signum: int, frame: object) -> None:  # Ctrl-C / TERM reach the whole launch tree
+        def forward(signum: int, frame: object) -> None:  # Ctrl-C reaches the whole launch tree
             try:
                 os.killpg(proc.pid, signum)
             except ProcessLookupError:
                 pass
 
-        old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+        def to_ranks(signum: int, frame: object) -> None:
+            pids = rank_processes(proc.pid)
+            msg = (f"launcher: got {signal.Signals(signum).name}; passing it to {len(pids)} rank(s): they save a "
+                   f"checkpoint and stop\n")
+            sys.stderr.write(msg)
+            for pid in pids:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+        old = {signal.SIGINT: signal.signal(signal.SIGINT, forward)}
+        for s in (signal.SIGTERM, signal.SIGUSR1):
+            old[s] = signal.signal(s, to_ranks)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -125,17 +177,57 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    rd.record_job(f"local-{proc.pid}", "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
+    from launcher.train import resilience
+
+    if code not in (0, EXIT_REQUEUE) and (resilience.markers_dir(rd.path) / f"requeue-{job}-a0.json").is_file():
+        # every rank passed the barrier after the stop checkpoint and its marker: a rank that then died in
+        # its own teardown (a late signal) changes nothing
+        code = EXIT_REQUEUE
+    rd.record_job(job, "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
+    rd_note = _failure_note(rd, job) if code not in (0, EXIT_REQUEUE) else ""
+    if rd_note:
+        sys.stderr.write(rd_note + "\n")
+        with log_path.open("a") as log:
+            log.write(rd_note + "\n")
     return code
 
 
-def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = True, quiet: bool = False) -> RunDir:
-    """`launcher run`: prepare, write the run dir, train on this machine. RunFailed when a rank fails."""
-    rd, spec, plan, _ = prepare_run(spec, out, force=force)
+def _failure_note(rd: RunDir, job: str) -> str:
+    """Which rank failed and where, from the markers the ranks wrote (a rank that wrote none was killed)."""
+    from launcher.train import resilience
+
+    lines = []
+    for s in resilience.silent_ranks(rd.path, job, 0):
+        lines.append(f"launcher: rank {s['rank']} on {s['node']} ended without an exit record: killed (SIGKILL, the "
+                     f"out-of-memory killer) or its node failed")
+    for p in sorted(resilience.markers_dir(rd.path).glob(f"exit-{job}-a0-rank*.json")):
+        rec = resilience.read_marker(rd.path, p.name[:-5]) or {}
+        if rec.get("exit_code") not in (0, EXIT_REQUEUE, None):
+            lines.append(f"launcher: rank {rec.get('rank')} on {rec.get('node')}: {rec.get('reason')}: {rec.get('message')}")
+    return "\n".join(lines)
+
+
+def resume_hint(rd: RunDir) -> str:
+    return f"launcher run {rd.spec_path} --out {rd.path} --force"
+
+
+def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = True, quiet: bool = False,
+        ignore_fit: bool = False) -> RunDir:
+    """`launcher run`: prepare, write the run dir, train on this machine. RunFailed when a rank fails,
+    with exit code 3 when the ranks stopped on USR1/TERM after a complete checkpoint."""
+    rd, spec, plan, _ = prepare_run(spec, out, force=force, ignore_fit=ignore_fit)
     if echo:
         print("\n".join(plan.summary()), flush=True)
         print(f"run dir      {rd.path}", flush=True)
     code = run_ranks(rd, plan, echo=echo, quiet=quiet)
+    if code == EXIT_REQUEUE:
+        from launcher.train.resilience import complete_checkpoints
+
+        done = complete_checkpoints(rd.checkpoints)
+        where = f"{done[-1][1]} (step {done[-1][0]})" if done else "the newest checkpoint"
+        raise RunFailed(f"stopped on a signal after saving {where}. Resume with: {resume_hint(rd)} "
+                        f"(the run dir's own spec; output.resume=auto picks the newest complete checkpoint)",
+                        exit_code=EXIT_REQUEUE)
     if code != 0:
         exit_code = code if code in _KNOWN_EXITS else EXIT_FAILED
         raise RunFailed(f"training failed (exit {code}); logs: {rd.logs / 'launch.log'}", exit_code=exit_code)

@@ -36,7 +36,9 @@ _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="One job array over the product of values, e.g. --sweep optim.lr=1e-4,3e-4 (repeatable); "
                    "task i trains RUN_DIR/tasks/i/spec.yaml.")
-def slurm(spec: RunSpec, out: str, force: bool, submit: bool, dry_run: bool, sweeps: tuple[str, ...]) -> None:
+@click.option("--ignore-fit", is_flag=True, help="Submit even when the memory estimate exceeds the GPU's memory.")
+def slurm(spec: RunSpec, out: str, force: bool, submit: bool, dry_run: bool, sweeps: tuple[str, ...],
+          ignore_fit: bool) -> None:
     """Write RUN_DIR with the Slurm batch script for SPEC and flags; --submit queues it.
 
     The job runs `launcher train RUN_DIR/spec.yaml` on every rank: torchrun on each node
@@ -44,10 +46,9 @@ def slurm(spec: RunSpec, out: str, force: bool, submit: bool, dry_run: bool, swe
     gives set-up lines or a container. Secrets (HF_TOKEN, WANDB_API_KEY, ...) are never written:
     export them in the shell that submits and the job inherits them.
     """
-    from launcher import rundir
+    from launcher import preflight, rundir
     from launcher.plan import make_plan
     from launcher.render.slurm import render_sbatch
-    from launcher.train.data import check_data
 
     if dry_run and submit:
         raise UserError("--dry-run prints the script and submits nothing; drop one of --dry-run and --submit")
@@ -59,7 +60,10 @@ def slurm(spec: RunSpec, out: str, force: bool, submit: bool, dry_run: bool, swe
     python = sys.executable
     script = render_sbatch(spec, plan, run_dir, python=python, array_specs=[t.spec for t in tasks] or None)
     for each in (spec, *(t.spec for t in tasks)):
-        check_data(each)  # stdlib only: a missing, empty or malformed data file stops here, exit 2
+        # pre-flight, torch-free: model config and weights, LoRA targets, a data sample (missing, empty or
+        # malformed file: exit 2 with the line), option clashes, the memory estimate against the GPU
+        for note in preflight.check(each, slurm=True, ignore_fit=ignore_fit):
+            click.echo(f"note: {note}", err=True)
     if dry_run:
         click.echo(script, nl=False)
         for i, t in enumerate(tasks):

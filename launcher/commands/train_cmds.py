@@ -27,11 +27,23 @@ def train(spec: RunSpec) -> None:
 
     SPEC is a run dir's spec.yaml (made by `launcher run --out` or `launcher slurm --out`): the
     run dir holds the DeepSpeed config the ranks use and receives checkpoints, logs and the final model.
-    Rank, world size and master address come from the launcher's environment.
+    Rank, world size and master address come from the launcher's environment. USR1 or TERM: the
+    ranks save a checkpoint at the same optimizer step and exit 3; the next start resumes from it.
     """
+    import sys
+
+    from launcher.errors import EXIT_REQUEUE
+    from launcher.train import resilience
     from launcher.train.loop import train as train_loop
 
-    train_loop(spec)
+    out_dir = Path(spec.output.dir)
+    result = resilience.run_rank(out_dir, lambda: train_loop(spec))
+    resilience.ignore_stop_signals()
+    if result.stopped_at is not None:
+        resilience.mark_exit(out_dir, "requeue", EXIT_REQUEUE, f"stopped at step {result.stopped_at} after a signal; "
+                             f"checkpoint saved", step=result.stopped_at)
+        sys.exit(EXIT_REQUEUE)
+    resilience.mark_exit(out_dir, "completed", 0)
 
 
 @click.command()
@@ -39,15 +51,19 @@ def train(spec: RunSpec) -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Run dir to create (default: the spec's output.dir).")
 @click.option("--force", is_flag=True, help="Write into a non-empty run dir (generated files are replaced).")
-def run(spec: RunSpec, out: str | None, force: bool) -> None:
+@click.option("--ignore-fit", is_flag=True, help="Start even when the memory estimate exceeds the GPU's memory.")
+def run(spec: RunSpec, out: str | None, force: bool, ignore_fit: bool) -> None:
     """Train on this machine through the deepspeed launcher: N GPUs, or N CPU ranks over gloo.
 
-    The data is checked and tokenized here first (bad data exits 2 before any rank starts), the run
-    dir is written (spec.yaml, ds_config.json, plan.txt), then --nproc ranks run `launcher train`.
+    Pre-flight first (the spec, the model, a data sample, option clashes, the memory estimate: exit 2
+    before any rank starts), then the data is tokenized, the run dir written (spec.yaml,
+    ds_config.json, plan.txt) and --nproc ranks run `launcher train`. USR1 or TERM to this command:
+    the ranks save a checkpoint and stop, exit 3; resume with
+    `launcher run RUN_DIR/spec.yaml --out RUN_DIR --force`.
     """
     from launcher import launch
 
-    rd = launch.run(spec, out or spec.output.dir, force=force)
+    rd = launch.run(spec, out or spec.output.dir, force=force, ignore_fit=ignore_fit)
     click.echo(f"done         {rd.path}")
 
 

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,6 @@ from launcher.spec import RunSpec
 # ZeRO-3, trainable parameters only for LoRA/QLoRA, everything for full) to this torch file, so a
 # test can compare the saved final model with them. Not for users.
 TEST_DUMP_ENV = "LAUNCHER_TEST_DUMP_FINAL_WEIGHTS"
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -93,15 +92,12 @@ def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, An
 
 
 def newest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (checkpoint-N with trainer_state.json, written last)."""
-    if not checkpoints.is_dir():
-        return None
-    found = []
-    for p in checkpoints.iterdir():
-        m = _CHECKPOINT.match(p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    """The newest complete checkpoint-N: launcher's completion marker (or, from a plain Trainer, its
+    trainer_state.json) is in it. Saves cut off midway are never newest (resilience.is_complete)."""
+    from launcher.train.resilience import complete_checkpoints
+
+    found = complete_checkpoints(checkpoints)
+    return found[-1][1] if found else None
 
 
 def resume_point(spec: RunSpec) -> Path | None:
@@ -110,11 +106,13 @@ def resume_point(spec: RunSpec) -> Path | None:
         return None
     if value == "auto":
         return newest_checkpoint(Path(spec.output.dir) / "checkpoints")
+    from launcher.train.resilience import is_complete
+
     p = Path(value).expanduser()
-    if not (p / "trainer_state.json").is_file():
-        raise UserError(f"output.resume={value!r} is not a complete checkpoint (no trainer_state.json in it); "
-                        f"give a checkpoint-N folder, 'auto' (the newest in the run dir) or 'never'",
-                        field="output.resume")
+    if not p.is_dir() or not is_complete(p):
+        raise UserError(f"output.resume={value!r} is not a complete checkpoint (no completion marker or "
+                        f"trainer_state.json in it); give a checkpoint-N folder, 'auto' (the newest complete one "
+                        f"in the run dir) or 'never'", field="output.resume")
     return p
 
 
@@ -282,62 +280,113 @@ def _dump_final_weights(trainer: Any, path: str) -> None:
         torch.save(out, path)
 
 
-def train(spec: RunSpec) -> Path:
-    """Train on this rank; returns the final output folder. Every rank calls it."""
+@dataclass(frozen=True)
+class TrainResult:
+    """How this rank's training ended: with the final model, or stopped on a signal at `stopped_at`
+    after a complete checkpoint (exit 3: requeue me)."""
+
+    final: Path | None = None
+    stopped_at: int | None = None
+    checkpoint: Path | None = None
+
+
+def collective_timeout_s(spec: RunSpec) -> int:
+    """The batch script exports LAUNCHER_COLLECTIVE_TIMEOUT_S (from cluster.nccl.timeout_s); the spec's
+    value otherwise."""
+    raw = os.environ.get("LAUNCHER_COLLECTIVE_TIMEOUT_S", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else spec.cluster.nccl.timeout_s
+
+
+def train(spec: RunSpec) -> TrainResult:
+    """Train on this rank. Every rank calls it. Returns the final output folder, or the step it stopped
+    at after a signal (the checkpoint is complete and the requeue marker written)."""
     from launcher.rundir import RunDir
+    from launcher.train import resilience
 
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
-    check_world_size(plan)
     if not run_dir.ds_config_path.is_file():
         raise UserError(f"{run_dir.path} has no ds_config.json; create the run dir with `launcher run --out` or "
                         f"`launcher slurm --out` and train from its spec.yaml")
     ds_config = json.loads(run_dir.ds_config_path.read_text())
+    check_world_size(plan)
+    resume = resume_point(spec)
+    # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
+    # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
+    universal_note = resilience.prepare_resume(resume, ds_config) if resume is not None else None
     run_dir.logs.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tb")
+    # NCCL's async error handling: a failed or timed-out collective aborts the rank instead of hanging it.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if spec.cluster.nccl.async_error_handling else "0")
     _quiet_libraries()
 
     check_environment(spec, plan)
 
-    from transformers import PrinterCallback, ProgressCallback, Trainer, TrainingArguments
+    from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
     from launcher.train import data as data_mod
     from launcher.train import model as model_mod
 
-    # TrainingArguments first: it registers the DeepSpeed config, so that under ZeRO-3 the model
-    # below is loaded straight into partitions (deepspeed.zero.Init) instead of whole on every rank.
-    args = TrainingArguments(**training_arguments_kwargs(spec, plan, ds_config))
-    # Join the process group now: zero.Init (ZeRO-3 loading) partitions over the world it finds,
-    # and takes a world of 1 before the group exists.
-    _ = args.device
+    kwargs = training_arguments_kwargs(spec, plan, ds_config)
+    kwargs["ddp_timeout"] = collective_timeout_s(spec)
+    # Join the process group first, with the collective timeout: a rank that died or hangs makes the
+    # others fail within it (accelerate passes no timeout for CPU ranks, whose gloo default is 30 min).
+    # zero.Init (ZeRO-3 loading) also needs the group: it takes a world of 1 before the group exists.
+    # Then TrainingArguments, before the model: it registers the DeepSpeed config, so that under ZeRO-3
+    # the model is loaded straight into partitions (deepspeed.zero.Init) instead of whole on every rank.
+    from datetime import timedelta
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if plan.device == "cuda" else "gloo")  # no-op when joined
+    deepspeed.init_distributed(dist_backend="nccl" if plan.device == "cuda" else "gloo",
+                               timeout=timedelta(seconds=kwargs["ddp_timeout"]))
+    args = TrainingArguments(**kwargs)
+    _ = args.device  # accelerate's state over the group joined above
     tokenizer = model_mod.load_tokenizer(spec)
     train_ds = data_mod.load_prepared(spec)
     eval_ds = data_mod.load_prepared(spec, split="eval") if spec.data.eval_fraction > 0 else None
+    # Seeded before the model is built: LoRA's A matrices (and anything else initialised at random) must be
+    # the same in every run of this spec, or two runs, and a run and its reference, start apart.
+    from transformers import set_seed
+
+    set_seed(spec.optim.seed)
     model = model_mod.load_model(spec, ds_config=ds_config, device=plan.device)
     say(f"model        {spec.model.name} ({spec.method.name}): {model_mod.describe(model)}; "
         f"attention {getattr(model.config, '_attn_implementation', '?')}; precision {spec.precision.dtype}; "
         f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}")
     say(f"data         {len(train_ds):,} training rows" + (f", {len(eval_ds):,} eval rows" if eval_ds is not None else ""))
 
-    trainer = Trainer(
+    stop = resilience.stop_callback()
+    trainer = resilience.trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=data_mod.make_collator(spec, tokenizer),
         processing_class=tokenizer,
-        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl")],
+        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl"), stop],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    trainer.launcher_keep_last = spec.output.keep_last
+    stop.trainer = trainer
 
-    resume = resume_point(spec)
+    if _rank() == 0:
+        for note in resilience.resume_notes(run_dir.checkpoints):
+            print(note, flush=True)
+        resilience.prune(run_dir.checkpoints, spec.output.keep_last)  # staging folders of a cut-off save
     if resume is not None:
-        say(f"resuming from {resume}")
+        say(f"resuming from {resume}" + (f": {universal_note}" if universal_note else ""))
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+
+    if stop.stopped_at is not None:
+        step = stop.stopped_at
+        ckpt = run_dir.checkpoints / f"checkpoint-{step}"
+        resilience.finish_stop(run_dir.path, step, ckpt if resilience.is_complete(ckpt) else None)
+        say(f"stopped      at step {step}/{plan.max_steps} on {resilience.STOP.signal_name or 'a signal'}; "
+            f"checkpoint {ckpt}; exit 3 (requeue me): the next start resumes from it")
+        sys.stdout.flush()
+        return TrainResult(stopped_at=step, checkpoint=ckpt)
 
     evaluated_last = any(h.get("step") == trainer.state.global_step and "eval_loss" in h
                          for h in trainer.state.log_history)
@@ -361,4 +410,4 @@ def train(spec: RunSpec) -> Path:
     else:
         say(f"output       model + tokenizer in {final} (AutoModelForCausalLM.from_pretrained)")
     sys.stdout.flush()
-    return final
+    return TrainResult(final=final)

@@ -7,8 +7,10 @@ and review the diff (git diff tests/golden/slurm) before committing it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,6 +301,20 @@ case "${STUB_MODE:-}" in
     echo $$ > "$SANDBOX/ready"
     for _ in $(seq 100); do sleep 0.1; done
     exit 0 ;;
+  requeue)  # what the ranks leave after a signal: global rank 0's marker; torchrun then exits 1
+    d="$(dirname "${@: -1}")/markers"; mkdir -p "$d"
+    printf '{"name": "r", "rank": 0, "node": "node-a", "reason": "requeue", "exit_code": 3, "step": 7}\n' \
+      > "$d/requeue-$LAUNCHER_JOB_ID-a$LAUNCHER_ATTEMPT.json"
+    exit 1 ;;
+  fail-*)  # two ranks started; rank 0 recorded its failure (exit code after "fail-"), rank 1 nothing
+    d="$(dirname "${@: -1}")/markers"; mkdir -p "$d"
+    for r in 0 1; do
+      printf '{"name": "s", "rank": %s, "node": "node-%s"}\n' "$r" "$([ $r = 0 ] && echo a || echo b)" \
+        > "$d/start-$LAUNCHER_JOB_ID-a$LAUNCHER_ATTEMPT-rank$r.json"
+    done
+    printf '{"name": "e", "rank": 0, "node": "node-a", "reason": "why", "exit_code": %s}\n' "${STUB_MODE#fail-}" \
+      > "$d/exit-$LAUNCHER_JOB_ID-a$LAUNCHER_ATTEMPT-rank0.json"
+    exit 1 ;;
 esac
 exit 0
 ''',
@@ -508,3 +524,73 @@ def test_batch_shell_relays_term_through_scancel_and_survives(tmp_path):
 def test_sbatch_quote_round_trips_through_sbatchs_parser():
     for value in HOSTILE + ["plain", "a b", "100%", "tab\\t", 'q"q', "#x"]:
         assert sbatch_args(f"#SBATCH --job-name={sbatch_quote(value)}") == [f"--job-name={value}"]
+
+
+# --------------------------------------------------------------------------- requeue and retry decisions
+
+def _requeue_script(sb: Sandbox, **cluster: Any) -> str:
+    spec = spec_of({"cluster": {"nodes": 2, **cluster}})
+    return render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python))
+
+
+def _jobs(sb: Sandbox) -> list[dict[str, Any]]:
+    path = sb.root / "run" / "jobs.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_requeue_marker_requeues_the_job_until_max_requeues_is_spent(tmp_path):
+    sb = Sandbox(tmp_path)
+    script = _requeue_script(sb, max_requeues=2)
+    for attempt in range(3):
+        proc = sb.run(script, STUB_MODE="requeue", SLURM_RESTART_COUNT=str(attempt))
+        assert proc.returncode == 3, proc.stderr
+    requeues = [argv for argv, _ in sb.calls("scontrol") if argv[:1] == ["requeue"]]
+    assert requeues == [["requeue", "4242"], ["requeue", "4242"]]  # attempts 0 and 1; attempt 2 is over budget
+    assert [(j["job_id"], j["kind"], j["attempt"]) for j in _jobs(sb)] == [("4242", "requeue", 0), ("4242", "requeue", 1)]
+    assert "stopped at step 7" in _jobs(sb)[0]["reason"]
+    assert "not requeueing: 2 of cluster.max_requeues=2 used" in proc.stderr
+
+
+def test_requeue_off_leaves_the_job_ended_with_exit_3(tmp_path):
+    sb = Sandbox(tmp_path)
+    proc = sb.run(_requeue_script(sb, requeue=False), STUB_MODE="requeue")
+    assert proc.returncode == 3 and "cluster.requeue is false" in proc.stderr
+    assert [argv for argv, _ in sb.calls("scontrol") if argv[:1] == ["requeue"]] == []
+
+
+def test_failed_step_is_retried_within_max_retries_naming_the_silent_rank(tmp_path):
+    sb = Sandbox(tmp_path)
+    script = _requeue_script(sb, max_retries=1)
+    first = sb.run(script, STUB_MODE="fail-1")
+    assert "rank 0 on node-a: why (exit 1)" in first.stderr
+    assert "rank 1 on node-b ended without an exit record" in first.stderr
+    assert "requeueing job 4242 (retry 1 of 1)" in first.stderr
+    second = sb.run(script, STUB_MODE="fail-1", SLURM_RESTART_COUNT="1")
+    assert second.returncode == 1 and "not requeueing: 1 of cluster.max_retries=1 used" in second.stderr
+    assert [j["kind"] for j in _jobs(sb)] == ["retry"]
+
+
+@pytest.mark.parametrize("code", [2, 5])
+def test_out_of_memory_and_bad_input_are_not_retried(tmp_path, code):
+    sb = Sandbox(tmp_path)
+    proc = sb.run(_requeue_script(sb, max_retries=3), STUB_MODE=f"fail-{code}")
+    assert proc.returncode == code and "not retrying" in proc.stderr
+    assert [argv for argv, _ in sb.calls("scontrol") if argv[:1] == ["requeue"]] == [] and _jobs(sb) == []
+
+
+def test_without_scontrol_a_requeue_request_ends_cleanly_with_how_to_resume(tmp_path):
+    sb = Sandbox(tmp_path)
+    (sb.bin / "scontrol").unlink()
+    tools = tmp_path / "tools"  # the shell's utilities, without Slurm's (this machine may have them in /usr/bin)
+    tools.mkdir()
+    for tool in ("bash", "sed", "grep", "date", "head", "ls", "wc", "mkdir", "env", "cat", "seq", "sleep", "dirname"):
+        found = shutil.which(tool)
+        assert found, tool
+        (tools / tool).symlink_to(found)
+    spec = spec_of({"cluster": {"nodes": 1}})
+    script = render_sbatch(spec, make_plan(spec), sb.root / "run", python=str(sb.python))
+    proc = sb.run(script, STUB_MODE="requeue", PATH=f"{sb.bin}:{tools}", SLURM_JOB_NUM_NODES="1",
+                  SLURM_JOB_NODELIST="node-a")
+    assert proc.returncode == 0, proc.stderr
+    assert "scontrol is not on the PATH here" in proc.stderr and "sbatch " in proc.stderr
+    assert _jobs(sb) == []

@@ -1,0 +1,275 @@
+"""Exact resume through the real path, on CPU in fp32 with dropout on.
+
+Each case runs `launcher run` twice from the same spec: once through to max_steps (the reference),
+once interrupted by a real SIGUSR1 sent to `launcher run` mid-run, which passes it to the rank; the
+rank agrees with the others (all_reduce) to stop at the end of the current optimizer step, saves a
+checkpoint through the Trainer and DeepSpeed, writes the requeue marker and exits 3; `launcher run`
+exits 3 and prints the resume command, which the test then runs (the run dir's own spec.yaml, --out
+the same dir, --force). The resumed run must print exactly the remaining steps, with the reference's
+losses at the same steps (data position, RNG and schedule restored), and end with the reference's
+weights (bitwise; 1e-6 is the tolerance the issue allows). The weights come from the test-only hook
+LAUNCHER_TEST_DUMP_FINAL_WEIGHTS (every trainable parameter, gathered under ZeRO-3).
+
+Dropout: the model is the embedded tiny Llama saved with attention_dropout=0.1, and LoRA's own
+dropout is 0.05, so a resume that did not restore the RNG states would differ.
+
+A last test resumes a one-rank checkpoint on two ranks (DeepSpeed's universal checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.train.loop import TEST_DUMP_ENV, parse_step_lines
+from launcher.train.resilience import COMPLETE_MARKER
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+MAX_STEPS = 10
+SIGNAL_AFTER = 2  # send USR1 once this step's line is printed
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["LAUNCHER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
+    for k in (TEST_DUMP_ENV, "LAUNCHER_TEST_FAULT"):
+        e.pop(k, None)
+    return e
+
+
+@pytest.fixture(scope="module")
+def dropout_model(tmp_path_factory):
+    """The embedded tiny Llama with attention dropout 0.1, as a local model directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from launcher import assets
+
+    d = tmp_path_factory.mktemp("model") / "tiny-dropout"
+    cfg = AutoConfig.from_pretrained(assets.tiny_dir())
+    cfg.attention_dropout = 0.1
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(d)
+    AutoTokenizer.from_pretrained(assets.tiny_dir()).save_pretrained(d)
+    return d
+
+
+def flags(model, method, zero, nproc=1):
+    return ["--model", model, "--task", "pretrain", "--method", method, "--zero", zero, "--nproc", nproc,
+            "--precision", "fp32", "--max-steps", MAX_STEPS, "--seq-len", 64, "--micro-batch", 2, "--lr", 3e-3,
+            "--set", "optim.warmup_steps=3", "--set", "optim.scheduler=cosine", "--set", "output.log_every=1"]
+
+
+def launcher(args, env, timeout=900, **extra):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**env, **extra})
+    proc.seconds = time.monotonic() - t0
+    return proc
+
+
+def ok(proc, code=0):
+    assert proc.returncode == code, (f"exit {proc.returncode} (wanted {code})\n--- stdout\n{proc.stdout[-6000:]}\n"
+                                     f"--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def interrupted_run(args, env, after=SIGNAL_AFTER, timeout=900, **extra):
+    """`launcher run ARGS`, sent SIGUSR1 twice once step `after` is printed; returns (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, env={**env, **extra},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    out, sent = [], False
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.append(line)
+        if not sent and line.startswith(f"step {after}/"):
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGUSR1)  # twice, as with `scancel --full` plus the batch shell's relay
+            sent = True
+        if time.monotonic() > deadline:
+            proc.kill()
+            break
+    err = proc.stderr.read() if proc.stderr else ""
+    code = proc.wait(timeout=60)
+    assert sent, "".join(out)[-4000:] + err[-4000:]
+    return code, "".join(out), err
+
+
+def load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_weights(a, b, tol=1e-6):
+    import torch
+
+    assert a.keys() == b.keys() and a
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    bitwise = all(torch.equal(a[k], b[k]) for k in a)
+    assert bitwise or worst <= tol, f"max |difference| {worst:.3e} over {len(a)} tensors"
+    return bitwise, worst
+
+
+RESULTS = Path(os.environ.get("LAUNCHER_RESUME_RESULTS", "")) if os.environ.get("LAUNCHER_RESUME_RESULTS") else None
+
+
+@pytest.mark.parametrize("method,zero", [("full", 2), ("full", 3), ("lora", 2), ("lora", 3)])
+def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, env, dropout_model, method, zero):
+    base = flags(dropout_model, method, zero)
+    ref = ok(launcher(["run", *base, "--out", tmp_path / "ref"], env, **{TEST_DUMP_ENV: str(tmp_path / "ref.pt")}))
+    ref_steps = {s["step"]: s for s in parse_step_lines(ref.stdout)}
+    assert sorted(ref_steps) == list(range(1, MAX_STEPS + 1))
+
+    run = tmp_path / "run"
+    code, out, err = interrupted_run(["run", *base, "--out", run], env)
+    assert code == 3, f"exit {code}\n{out[-4000:]}\n{err[-4000:]}"
+    stopped = int(re.search(r"ranks agreed to stop at step (\d+)/", out).group(1))
+    assert SIGNAL_AFTER <= stopped < MAX_STEPS
+    assert "got SIGUSR1 again; already stopping" in out  # the second signal changes nothing
+    ckpt = run / "checkpoints" / f"checkpoint-{stopped}"
+    assert json.loads((ckpt / COMPLETE_MARKER).read_text())["step"] == stopped
+    assert not list((run / "checkpoints").glob(".staging-*"))
+    hint = re.search(r"Resume with: launcher (run \S+ --out \S+ --force)", err)
+    assert hint, err[-3000:]
+    [marker] = (run / "markers").glob("requeue-*.json")
+    assert json.loads(marker.read_text())["step"] == stopped
+    assert [s["step"] for s in parse_step_lines(out)] == list(range(1, stopped + 1))
+    assert not (run / "final").exists()  # stopped, not finished
+
+    # the resume command launcher printed, as a user would paste it
+    resumed = ok(launcher(hint.group(1).split(), env, **{TEST_DUMP_ENV: str(tmp_path / "run.pt")}))
+    assert f"resuming from {ckpt}" in resumed.stdout
+    steps = parse_step_lines(resumed.stdout)
+    # nothing seen twice, nothing skipped: exactly the remaining steps, each with the reference's loss
+    assert [s["step"] for s in steps] == list(range(stopped + 1, MAX_STEPS + 1))
+    for s in steps:
+        assert s["loss"] == ref_steps[s["step"]]["loss"] and s["lr"] == ref_steps[s["step"]]["lr"], (s, ref_steps[s["step"]])
+    bitwise, worst = assert_same_weights(load(tmp_path / "ref.pt"), load(tmp_path / "run.pt"))
+    if RESULTS is not None:
+        with RESULTS.open("a") as f:
+            f.write(json.dumps({"case": f"{method}-zero{zero}", "stopped_at": stopped, "max_steps": MAX_STEPS,
+                                "steps_lost": 0, "bitwise": bitwise, "max_abs_diff": worst,
+                                "seconds": {"reference": round(ref.seconds, 1), "resume": round(resumed.seconds, 1)}}) + "\n")
+
+
+def test_checkpoint_cut_off_mid_save_is_skipped_on_resume(tmp_path, env):
+    """A rank SIGKILLed inside the save at step 4 (after its data, before the completion marker): the
+    run fails, the half-written checkpoint stays in its staging folder, and the next start resumes from
+    checkpoint-2 (saved every 2 steps), saying what it skipped, and completes."""
+    run = tmp_path / "run"
+    args = ["run", *flags("tiny", "full", 2), "--max-steps", 6, "--save-every", 2, "--out", run]
+    failed = launcher(args, env, LAUNCHER_TEST_FAULT="kill-in-save:rank=0:step=4")
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "ended without an exit record" in failed.stderr  # the rank killed, named
+    cps = run / "checkpoints"
+    assert (cps / "checkpoint-2" / COMPLETE_MARKER).is_file()
+    assert not (cps / "checkpoint-4").exists() and (cps / ".staging-checkpoint-4").is_dir()
+    resumed = ok(launcher(["run", run / "spec.yaml", "--out", run, "--force"], env))
+    assert "skipping .staging-checkpoint-4: cut off mid-save" in resumed.stdout
+    assert f"resuming from {cps / 'checkpoint-2'}" in resumed.stdout
+    assert [s["step"] for s in parse_step_lines(resumed.stdout)] == [3, 4, 5, 6]
+    assert not (cps / ".staging-checkpoint-4").exists()  # cleaned once a complete checkpoint exists
+    # keep_last=2: the newest two complete checkpoints remain
+    assert sorted(p.name for p in cps.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks_through_a_universal_checkpoint(tmp_path, env):
+    """The run dir re-made for 2 ranks after a 1-rank run stopped: the checkpoint is converted with
+    ds_to_universal --inject_missing_state and loaded with checkpoint.load_universal; training continues
+    from the saved step to max_steps (data order differs: samples are sharded over the new world)."""
+    run = tmp_path / "run"
+    base = flags("tiny", "full", 2)
+    code, out, err = interrupted_run(["run", *base, "--out", run], env)
+    assert code == 3, out[-3000:] + err[-3000:]
+    stopped = int(re.search(r"ranks agreed to stop at step (\d+)/", out).group(1))
+    resumed = ok(launcher(["run", *base, "--nproc", 2, "--out", run, "--force"], env))
+    assert "through DeepSpeed's universal checkpoint" in resumed.stdout
+    ckpt = run / "checkpoints" / f"checkpoint-{stopped}"
+    assert (ckpt / "latest_universal").read_text().strip().endswith("_universal")
+    assert [s["step"] for s in parse_step_lines(resumed.stdout)] == list(range(stopped + 1, MAX_STEPS + 1))
+    assert "world size 2" in resumed.stdout and (run / "final" / "config.json").is_file()
+
+
+def test_hung_rank_makes_the_other_leave_within_the_collective_timeout(tmp_path, env):
+    """Rank 1 stops (SIGSTOP) after step 2; rank 0 waits in the next collective for cluster.nccl.timeout_s,
+    then leaves with a message naming itself, its node and the cause; launcher run exits non-zero and names
+    the silent rank."""
+    run = tmp_path / "run"
+    timeout_s = 20
+    proc = launcher(["run", *flags("tiny", "full", 2, nproc=2), "--max-steps", 6, "--set",
+                     f"cluster.nccl.timeout_s={timeout_s}", "--out", run], env, LAUNCHER_TEST_FAULT="hang:rank=1:step=2")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    markers = run / "markers"
+    [fault] = [json.loads(p.read_text()) for p in markers.glob("fault-*-rank1.json")]
+    [survivor] = [json.loads(p.read_text()) for p in markers.glob("exit-*-rank0.json")]
+    assert survivor["reason"] == "collective_timeout" and "rank 0 on" in survivor["message"]
+    waited = survivor["time"] - fault["time"]
+    assert timeout_s - 1 <= waited < timeout_s + 30, waited
+    assert "rank 1 on" in proc.stderr and "ended without an exit record" in proc.stderr
+    assert not list(markers.glob("exit-*-rank1.json"))
+
+
+def test_out_of_memory_on_a_rank_exits_5_and_is_recorded(tmp_path, env):
+    run = tmp_path / "run"
+    proc = launcher(["run", *flags("tiny", "full", 2), "--max-steps", 4, "--out", run], env,
+                    LAUNCHER_TEST_FAULT="oom:rank=0:step=2")
+    assert proc.returncode == 5, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [rec] = [json.loads(p.read_text()) for p in (run / "markers").glob("exit-*-rank0.json")]
+    assert rec["reason"] == "oom" and rec["exit_code"] == 5
+    assert "out of memory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- checkpoint bookkeeping (no ranks)
+
+def test_only_complete_checkpoints_count_and_keep_last_prunes_the_rest(tmp_path):
+    from launcher.train.resilience import complete_checkpoints, incomplete_checkpoints, prune
+
+    for step, complete in ((2, True), (4, True), (6, True), (8, False)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if complete:
+            (d / COMPLETE_MARKER).write_text(json.dumps({"step": step}))
+    (tmp_path / ".staging-checkpoint-10" / "checkpoint-10").mkdir(parents=True)
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2, 4, 6]
+    assert [p.name for p in incomplete_checkpoints(tmp_path)] == [".staging-checkpoint-10", "checkpoint-8"]
+    prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_free_disk_is_checked_against_the_checkpoint_size(tmp_path, monkeypatch):
+    import shutil as sh
+
+    from launcher.train import resilience
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
+    (tmp_path / "checkpoint-2" / "weights").write_bytes(b"x" * 10_000)
+    need = resilience.estimate_checkpoint_bytes(None, tmp_path)  # the newest complete one's size
+    assert need >= 10_000
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
+    msg = resilience.disk_shortfall(need, tmp_path)
+    assert msg and "MiB free" in msg and "keep_last" in msg
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 0, 10**9))
+    assert resilience.disk_shortfall(need, tmp_path) is None
+
+
+def test_fault_spec_parses_and_refuses_unknown_kinds():
+    from launcher.train.resilience import Fault, parse_faults
+
+    assert parse_faults("kill:rank=1:step=3,oom:step=2:attempt=1") == [Fault("kill", 1, 3), Fault("oom", 0, 2, 1)]
+    with pytest.raises(ValueError, match="unknown fault"):
+        parse_faults("explode:rank=0")

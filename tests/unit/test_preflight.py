@@ -1,0 +1,142 @@
+"""Pre-flight: each way a run would fail after it started is caught before any rank starts (`launcher
+run`) and before submission (`launcher slurm`): exit 2, one message naming the field or file and the fix,
+no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher import assets, preflight
+from launcher.cli import main
+from launcher.errors import UserError
+from launcher.spec import resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "num_hidden_layers": 32, "vocab_size": 128256, "max_position_embeddings": 8192,
+            "tie_word_embeddings": False, "head_dim": 128}
+
+
+def run_cli(args, capsys):
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def model_dir(tmp_path: Path, cfg: dict | None = None, weights: bool = True) -> Path:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg or json.loads((assets.tiny_dir() / "config.json").read_text())))
+    if weights:
+        (d / "model.safetensors").write_bytes(b"")
+    return d
+
+
+def profiles(tmp_path: Path, gpu_type: str) -> Path:
+    p = tmp_path / "clusters.yaml"
+    p.write_text(yaml.safe_dump({"lab": {"default_partition": "gpu", "partitions": {
+        "gpu": {"gpu_type": gpu_type, "gpus_per_node": 8}}}}))
+    return p
+
+
+def bad_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
+    data = tmp_path / "broken.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "also fine"}\n{"text": oops}\n')
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text('{"prompt": "a", "answer": "b"}\n')
+    return {
+        "missing data file": (["--data", tmp_path / "nope.jsonl"], "nope.jsonl"),
+        "empty data file": (["--data", empty], "empty.jsonl"),
+        "malformed line": (["--data", data], "broken.jsonl line 3"),
+        "field absent": (["--data", sft, "--task", "sft"], "response"),
+        "seq_len beyond positions": (["--seq-len", 4096], "data.seq_len"),
+        "model without config": (["--model", tmp_path / "no-model"], "model.name"),
+        "model without weights": (["--model", model_dir(tmp_path, weights=False)], "no weights"),
+        "lora target absent": (["--method", "lora", "--set", "method.lora.target_modules=[q_proj,qkv]"],
+                               "method.lora.target_modules"),
+        "fp16 on cpu": (["--precision", "fp16"], "precision.dtype"),
+        "grace beyond time": (["--time", "1", "--set", "cluster.signal_grace_s=90"], "cluster.signal_grace_s"),
+        "retries without requeue": (["--set", "cluster.max_retries=2", "--set", "cluster.requeue=false"],
+                                    "cluster.max_retries"),
+        "resume from nothing": (["--set", f"output.resume={tmp_path}"], "output.resume"),
+    }
+
+
+def test_each_bad_input_is_refused_before_submission_with_one_message(tmp_path, capsys):
+    for name, (flags, needle) in bad_cases(tmp_path).items():
+        out = tmp_path / f"run-{name.replace(' ', '-')}"
+        code, stdout, err = run_cli(["slurm", "--out", out, "--dry-run", *flags], capsys)
+        assert code == 2, (name, err)
+        assert needle in err, (name, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, (name, err)
+        assert not out.exists() and stdout == "", name
+
+
+def test_launcher_run_refuses_before_any_rank_or_run_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", "--data", tmp_path / "nope.jsonl", "--out", out], capsys)
+    assert code == 2 and "nope.jsonl" in err and not out.exists()
+    code, _, err = run_cli(["run", "--method", "lora", "--set", "method.lora.target_modules=[q_projj]", "--out", out],
+                           capsys)
+    assert code == 2 and "q_projj" in err and not out.exists()
+
+
+def test_a_run_that_does_not_fit_the_gpu_is_refused_unless_ignore_fit(tmp_path, capsys, monkeypatch):
+    model = model_dir(tmp_path, LLAMA_8B)
+    monkeypatch.setenv("LAUNCHER_CLUSTERS", str(profiles(tmp_path, "l4")))
+    flags = ["--cluster", "lab", "--model", model, "--zero", "0", "--precision", "bf16", "--seq-len", 2048,
+             "--micro-batch", 4]
+    code, _, err = run_cli(["slurm", "--out", tmp_path / "a", "--dry-run", *flags], capsys)
+    assert code == 2 and "does not fit" in err and "--ignore-fit" in err and "L4" in err, err
+    code, stdout, err = run_cli(["slurm", "--out", tmp_path / "b", "--dry-run", "--ignore-fit", *flags], capsys)
+    assert code == 0 and stdout.startswith("#!/bin/bash") and "trying anyway" in err, err
+
+
+def test_a_run_that_fits_passes_and_cpu_runs_skip_the_fit(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_CLUSTERS", str(profiles(tmp_path, "h100")))
+    fits = resolve(None, flags={"model": str(model_dir(tmp_path)), "gpus_per_node": 8, "precision": "bf16"},
+                   sets=[f"output.dir={tmp_path / 'r'}", "cluster.profile=lab"])
+    assert preflight.check(fits, slurm=True) == []
+    big = tmp_path / "big"
+    big.mkdir()
+    cpu = resolve(None, flags={"model": str(model_dir(big, LLAMA_8B))}, sets=[])
+    assert preflight.check(cpu) == []  # CPU ranks: no GPU memory to fit, even for 8B
+
+
+def test_hub_models_are_noted_not_refused(tmp_path):
+    spec = resolve(None, flags={"model": "meta-llama/Llama-3.1-8B", "method": "lora", "gpus_per_node": 8,
+                                "precision": "bf16"}, sets=[])
+    notes = preflight.check(spec, slurm=True)
+    assert any("hub id" in n for n in notes)
+
+
+def test_resume_from_a_complete_checkpoint_passes(tmp_path):
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    spec = resolve(None, flags={}, sets=[f"output.resume={ckpt}"])
+    with pytest.raises(UserError, match="output.resume"):
+        preflight.check(spec)
+    (ckpt / "launcher-complete.json").write_text("{}")
+    assert preflight.check(spec) == []
+
+
+def test_slurm_dry_run_with_preflight_imports_no_heavy_library(tmp_path):
+    code = ("import sys\nfrom launcher.cli import main\n"
+            "try:\n    main(['slurm', '--dry-run', '--method', 'lora', '--out', sys.argv[1]])\n"
+            "except SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+            "heavy = {'torch', 'transformers', 'deepspeed', 'peft', 'bitsandbytes', 'datasets'} & set(sys.modules)\n"
+            "print('HEAVY', sorted(heavy), file=sys.stderr)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
+    assert "HEAVY []" in proc.stderr, proc.stderr
