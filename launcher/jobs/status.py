@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,39 +181,10 @@ def describe(reason: str, exit_code: int | None, signal: int | None, line: str |
 
 # --------------------------------------------------------------------------- markers
 
-def markers_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "markers"
-
-
-def write_marker(run_dir: str | os.PathLike, name: str, **fields: Any) -> Path:
-    """Write RUN_DIR/markers/NAME.json (atomically) for `launcher status` to read.
-
-    For the ranks and the batch script: e.g. `write_marker(run_dir, f"exit-{job}-rank{rank}",
-    reason="oom", exit_code=5, message=str(exc))`. `reason` is one of MARKER_REASONS' keys
-    (completed, oom, hang, collective_timeout, node_failure, time_limit, requeue, failed, bad_input);
-    `message` is the line that says why. job_id (SLURM_JOB_ID, or SLURM_ARRAY_JOB_ID_TASK for an
-    array task; LAUNCHER_JOB_ID when the batch script exports it), restart (LAUNCHER_ATTEMPT or
-    SLURM_RESTART_COUNT: which attempt), rank, host and time are filled in from the environment
-    unless given. The same record as launcher/train/resilience.py's markers (start-/exit-/requeue-
-    JOB-aN[-rankR]), which this module reads too. Stdlib only: safe to call from anywhere.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,200}", name):
-        raise ValueError(f"marker name {name!r}: use letters, digits, '.', '_' and '-'")
-    env = os.environ
-    job = env.get("LAUNCHER_JOB_ID") or env.get("SLURM_JOB_ID")
-    if not env.get("LAUNCHER_JOB_ID") and env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
-        job = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
-    attempt = env.get("LAUNCHER_ATTEMPT") or env.get("SLURM_RESTART_COUNT") or "0"
-    record = {"name": name, "job_id": job, "restart": int(attempt) if attempt.isdigit() else 0,
-              "rank": int(env["RANK"]) if env.get("RANK", "").isdigit() else None,
-              "host": socket.gethostname(), "time": time.time(), **fields}
-    d = markers_dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{name}.json"
-    tmp = d / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, default=str) + "\n")
-    os.replace(tmp, path)
-    return path
+# The ranks' marker writer is the one place that writes RUN_DIR/markers/NAME.json (atomically, with
+# job_id, restart, rank, node, host and time from the environment); this module reads what it writes.
+# Stdlib only at import, like this module.
+from launcher.train.resilience import markers_dir, write_marker  # noqa: E402, F401 (re-exported)
 
 
 def read_markers(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
