@@ -139,7 +139,9 @@ def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, 
     assert code == 3, f"exit {code}\n{out[-4000:]}\n{err[-4000:]}"
     stopped = int(re.search(r"ranks agreed to stop at step (\d+)/", out).group(1))
     assert SIGNAL_AFTER <= stopped < MAX_STEPS
-    assert "got SIGUSR1 again; already stopping" in out  # the second signal changes nothing
+    # both signals reached the launcher and were passed on; the second changes nothing. Whether a rank still
+    # ran its handler ("again; already stopping") or had already saved and begun to exit depends on timing.
+    assert err.count("launcher: got SIGUSR1; passing it to") == 2, err[-3000:]
     ckpt = run / "checkpoints" / f"checkpoint-{stopped}"
     assert json.loads((ckpt / COMPLETE_MARKER).read_text())["step"] == stopped
     assert not list((run / "checkpoints").glob(".staging-*"))
