@@ -91,7 +91,7 @@ class Profile(_Strict):
         """The profile as the lowest spec layer, for the partition the run will use."""
         name, part = self.partition(partition)
         c: dict[str, Any] = {"profile": self.name}
-        for key in ("account", "qos", "net_ifname"):
+        for key in ("account", "qos", "net_ifname", "hf_home"):
             if getattr(self, key) is not None:
                 c[key] = getattr(self, key)
         if name:

@@ -209,6 +209,30 @@ class ContainerSpec(_Section):
 _SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
+class PrepSpec(_Section):
+    """The CPU job that tokenizes and packs the data before training (`launcher slurm --submit`)."""
+
+    partition: str | None = Field(None, description="none = the training partition")
+    cpus: int = Field(4, ge=1, le=512, description="CPUs for tokenization")
+    mem: str | None = Field(None, description="memory, Slurm syntax; none = the partition default")
+    time: str = Field("01:00:00", description="time limit of the preparation job")
+
+    @field_validator("time", mode="before")
+    @classmethod
+    def _time(cls, v: Any) -> Any:
+        return _check_slurm_time(v)
+
+
+def _check_slurm_time(v: Any) -> Any:
+    if isinstance(v, bool):
+        raise ValueError("a time limit is not true/false; write it as \"HH:MM:SS\"")
+    if isinstance(v, int):
+        return str(v)  # Slurm's meaning of a bare number: minutes
+    if isinstance(v, str) and not _SLURM_TIME.match(v.strip()):
+        raise ValueError(f"{v!r} is not a Slurm time; write [D-]HH:MM:SS, MM:SS or minutes")
+    return v.strip() if isinstance(v, str) else v
+
+
 class ClusterSpec(_Section):
     profile: str | None = Field(None, description="cluster profile this run was resolved with (--cluster)")
     nodes: int = Field(1, ge=1, le=4096)
@@ -238,17 +262,16 @@ class ClusterSpec(_Section):
     array: str | None = None
     usd_per_gpu_hour: float | None = Field(None, ge=0, description="price, from the cluster profile")
     usd_per_node_hour: float | None = Field(None, ge=0, description="price of a CPU node-hour")
+    hang_timeout_s: int = Field(1800, ge=0, description="watchdog: a rank with no finished optimizer step for this "
+                                "long writes every thread's stack to its log and exits 4; 0 = off")
+    hf_home: str | None = Field(None, description="shared Hugging Face cache filled by `launcher stage`; jobs run "
+                                "with HF_HOME set to it and HF_HUB_OFFLINE=1")
+    prep: PrepSpec = Field(default_factory=PrepSpec)
 
     @field_validator("time", mode="before")
     @classmethod
     def _time(cls, v: Any) -> Any:
-        if isinstance(v, bool):
-            raise ValueError("a time limit is not true/false; write it as \"HH:MM:SS\"")
-        if isinstance(v, int):
-            return str(v)  # Slurm's meaning of a bare number: minutes
-        if isinstance(v, str) and not _SLURM_TIME.match(v.strip()):
-            raise ValueError(f"{v!r} is not a Slurm time; write [D-]HH:MM:SS, MM:SS or minutes")
-        return v.strip() if isinstance(v, str) else v
+        return _check_slurm_time(v)
 
     @field_validator("env")
     @classmethod
