@@ -14,6 +14,9 @@ gloo), all `launcher slurm --submit` into their own run dirs, submitted at once 
   checkpoint-4 (after its shards, before the completion marker). Rank 0 leaves within the collective
   timeout, the script names the silent rank and its node and retries (cluster.max_retries=1); the
   retry skips the cut-off checkpoint, resumes from checkpoint-2 and completes.
+- oom (one node, one rank): LAUNCHER_TEST_FAULT raises torch.OutOfMemoryError at step 2 with
+  cluster.max_retries=2: the rank records exit 5 and the script does not retry (a retry would repeat
+  it); `launcher status` says out of memory, not transient.
 """
 
 from __future__ import annotations
@@ -92,6 +95,10 @@ def jobs(slurm_lab, tmp_path_factory):
     faulty_spec["output"]["save_every"] = 2
     faulty_spec["cluster"].update(max_retries=1, nccl={"timeout_s": TIMEOUT_S})
     faulty = submit(slurm_lab, tmp, "faulty", faulty_spec, LAUNCHER_TEST_FAULT="kill-in-save:rank=1:step=4")
+    oom_spec = json.loads(json.dumps(SPEC))
+    oom_spec["optim"]["max_steps"] = 3
+    oom_spec["cluster"].update(nodes=1, max_retries=2)
+    oom = submit(slurm_lab, tmp, "oom", oom_spec, LAUNCHER_TEST_FAULT="oom:rank=0:step=2")
 
     # the preemption: a USR1 to the job step once training is under way
     job, run_dir = pre
@@ -105,7 +112,7 @@ def jobs(slurm_lab, tmp_path_factory):
     signalled = time.time()
 
     results = {}
-    for key, (j, d) in {"reference": ref, "preempted": pre, "faulty": faulty}.items():
+    for key, (j, d) in {"reference": ref, "preempted": pre, "faulty": faulty, "oom": oom}.items():
         state, restarts = watch(slurm_lab, j)
         results[key] = {"job": j, "run_dir": d, "state": state, "restarts": restarts, "log": log_of(d)}
     results["preempted"]["signalled"] = signalled
@@ -167,3 +174,17 @@ def test_rank_killed_on_node2_mid_save_ends_the_attempt_in_time_and_the_retry_sk
     retries = [j for j in map(json.loads, (run_dir / "jobs.jsonl").read_text().splitlines()) if j["kind"] == "retry"]
     assert len(retries) == 1
     assert f["restarts"] >= 1
+
+
+def test_out_of_memory_is_not_retried_and_status_says_why(jobs, slurm_lab):
+    o = jobs["oom"]
+    log, run_dir = o["log"], o["run_dir"]
+    assert o["state"] == "FAILED" and o["restarts"] == 0, log[-4000:]
+    assert "not retrying: a rank ended with exit 5" in log, log[-4000:]
+    assert "retry" not in [j["kind"] for j in map(json.loads, (run_dir / "jobs.jsonl").read_text().splitlines())]
+    assert steps_of(log) == [1]
+    env = slurm_lab.subprocess_env({"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    cp = subprocess.run([sys.executable, "-m", "launcher", "status", str(run_dir), "--json"], cwd=ROOT, env=env,
+                        text=True, capture_output=True, timeout=120)
+    [job] = [j for r in json.loads(cp.stdout) for j in r["jobs"] if j["job_id"] == o["job"]]
+    assert job["reason"] == "out of memory" and job["exit_code"] == 5 and not job["transient"], job
