@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cancel": ("launcher.commands.ops_cmds:cancel", "Cancel every live job of a run."),
     "cost": ("launcher.commands.ops_cmds:cost", "GPU-hours and $ really spent (sacct), $ per 1M tokens."),
     "cluster": ("launcher.commands.ops_cmds:cluster", "Check a cluster profile against the live cluster."),
+    "stage": ("launcher.commands.stage_cmd:stage", "Download the spec's hub model and data into a shared cache."),
+    "doctor": ("launcher.commands.doctor_cmd:doctor", "Each node's environment: versions, CUDA, GPUs, shared dir, NIC."),
 }
 
 

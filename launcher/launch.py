@@ -183,6 +183,10 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         # every rank passed the barrier after the stop checkpoint and its marker: a rank that then died in
         # its own teardown (a late signal) changes nothing
         code = EXIT_REQUEUE
+    hung = [p for p in resilience.markers_dir(rd.path).glob(f"exit-{job}-a0-rank*.json")
+            if (resilience.read_marker(rd.path, p.stem) or {}).get("exit_code") == EXIT_HANG]
+    if hung and code not in _KNOWN_EXITS | {0}:
+        code = EXIT_HANG  # a rank's watchdog fired; the others' failed collectives (exit 1) are its echo
     rd.record_job(job, "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
     rd_note = _failure_note(rd, job) if code not in (0, EXIT_REQUEUE) else ""
     if rd_note:
@@ -230,5 +234,7 @@ def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = Tru
                         exit_code=EXIT_REQUEUE)
     if code != 0:
         exit_code = code if code in _KNOWN_EXITS else EXIT_FAILED
-        raise RunFailed(f"training failed (exit {code}); logs: {rd.logs / 'launch.log'}", exit_code=exit_code)
+        why = (": a rank made no progress for cluster.hang_timeout_s and its watchdog stopped it, after writing "
+               "every thread's stack to the log" if exit_code == EXIT_HANG else "")
+        raise RunFailed(f"training failed (exit {code}{why}); logs: {rd.logs / 'launch.log'}", exit_code=exit_code)
     return rd

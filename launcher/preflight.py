@@ -30,6 +30,9 @@ def check(spec: RunSpec, *, slurm: bool = False, ignore_fit: bool = False, devic
     plan = make_plan(spec)  # batch arithmetic, model config exists, seq_len within its positions
     _clashes(spec, plan, slurm=slurm)
     notes += _model(spec, plan)
+    from launcher.stage import check_cached  # stdlib only
+
+    check_cached(spec)  # a hub model is in cluster.hf_home when the jobs run offline from it
     _resume(spec)
     from launcher.train.data import check_data  # stdlib only
 

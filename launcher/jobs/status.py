@@ -170,8 +170,9 @@ def _killed(exit_code: int | None, signal: int | None, log: str) -> bool:
 
 
 def describe(reason: str, exit_code: int | None, signal: int | None, line: str | None) -> str:
-    """'failed: exit code 1: ValueError: bad shard 7'."""
-    parts = [reason]
+    """'failed: exit code 1: ValueError: bad shard 7'; a hang is always the watchdog's (exit 4, its marker or
+    its log line): 'hang (watchdog): ...'."""
+    parts = [f"{reason} (watchdog)" if reason == HANG else reason]
     if reason not in (COMPLETED,) and (exit_code or signal):
         parts.append(f"exit code {exit_code}" + (f" (signal {signal})" if signal else ""))
     if line and reason != COMPLETED:

@@ -1,0 +1,482 @@
+"""`launcher doctor`: the environment on each node, as a job sees it, before a real job finds out.
+
+One task per node (`srun --nodes=N --ntasks-per-node=1`) runs the probe of this module,
+`python -m launcher.jobs.doctor probe ...`, which prints one JSON line: hostname, Python and package
+versions, torch/CUDA/NCCL versions, whether flash_attn imports and bitsandbytes' CUDA library loads with
+this torch, the GPUs, free disk under the output dir, whether that dir is shared (each node writes a
+token file there and reads the others'), and the network interface that carries the route to the first
+node (what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME must name). The command gathers the lines, compares
+the nodes and reports; a failed check (versions that differ, a dir that is not shared, a node that did
+not answer, srun that failed, a kernel library that does not load) makes it exit 1.
+
+Stdlib only at import; the probe imports torch (and bitsandbytes, flash_attn on CUDA nodes) itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+PREFIX = "LAUNCHER-DOCTOR "  # the probe's result line; anything else a node prints is ignored
+PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
+            "huggingface_hub", "flash_attn")
+TOKEN_DIR = ".launcher-doctor-{id}"
+_PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+
+
+# =========================================================================== the probe (on each node)
+
+def node_name() -> str:
+    """The node as the scheduler names it (in a job every node may share one hostname)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def package_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    import launcher
+
+    out["launcher"] = launcher.__version__  # the code the node runs, installed or not
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def torch_info() -> dict[str, Any]:
+    """torch, CUDA and NCCL versions, the GPUs (name, memory), or the error importing torch."""
+    try:
+        import torch
+    except Exception as exc:  # a node without torch, or a broken one: reported, not raised
+        return {"error": _first_line(exc)}
+    info: dict[str, Any] = {"version": torch.__version__, "cuda": torch.version.cuda, "nccl": None,
+                            "cuda_available": False, "gpus": []}
+    try:
+        if torch.version.cuda and hasattr(torch.cuda, "nccl"):
+            v = torch.cuda.nccl.version()
+            info["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    except Exception as exc:
+        info["nccl"] = f"error: {_first_line(exc)}"
+    try:
+        info["cuda_available"] = bool(torch.cuda.is_available())
+        for i in range(torch.cuda.device_count() if info["cuda_available"] else 0):
+            p = torch.cuda.get_device_properties(i)
+            info["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
+                                 "capability": f"{p.major}.{p.minor}"})
+    except Exception as exc:
+        info["cuda_error"] = _first_line(exc)
+    return info
+
+
+def flash_attn_status(installed: bool) -> str:
+    """'ok <version>', 'not installed', or 'error: ...' (installed but does not import: an ABI mismatch
+    with this torch, the usual way it breaks)."""
+    if not installed:
+        return "not installed"
+    try:
+        import flash_attn
+
+        return f"ok {getattr(flash_attn, '__version__', '')}".strip()
+    except Exception as exc:
+        return f"error: {_first_line(exc)}"
+
+
+def bitsandbytes_status(cuda: bool, installed: bool) -> str:
+    """'no CUDA' on a node without a usable GPU; else whether bitsandbytes' CUDA library loads with this
+    torch and runs a 4-bit quantization: 'ok (...)' or 'error: ...'."""
+    if not cuda:
+        return "no CUDA"
+    if not installed:
+        return "not installed"
+    try:
+        import torch
+        from bitsandbytes import cextension, functional
+
+        lib = cextension.lib
+        mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", ())
+        if mock and isinstance(lib, mock):
+            return f"error: the CUDA library did not load: {str(getattr(lib, 'error_msg', '')).splitlines()[0][:300]}"
+        x = torch.ones(64, 64, device="cuda", dtype=torch.float16)
+        q, state = functional.quantize_4bit(x)
+        functional.dequantize_4bit(q, state)
+        torch.cuda.synchronize()
+        return f"ok ({type(lib).__name__}, {cextension.BNB_BACKEND})"
+    except Exception as exc:
+        return f"error: {_first_line(exc)}"
+
+
+def first_node() -> str | None:
+    """The first host of this step's (or job's) allocation, as the batch scripts take MASTER_ADDR."""
+    nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             timeout=30)
+        if out.returncode == 0 and out.stdout.split():
+            return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return re.split(r"[,\[]", nodelist, maxsplit=1)[0]  # 'node1,node2' or 'node[1-2]' without scontrol
+
+
+def _ipv4_addresses() -> dict[str, str]:
+    """interface -> IPv4 address, for every interface that has one (SIOCGIFADDR, no `ip` binary needed)."""
+    import fcntl
+    import struct
+
+    out = {}
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+                out[name] = socket.inet_ntoa(packed[20:24])
+            except OSError:
+                continue
+    return out
+
+
+def route_interface(target: str | None) -> dict[str, Any]:
+    """The interface and local address this node uses to reach `target` (the first node; None: the default
+    route). The source address of a UDP 'connection' (no packet is sent) is the one routing picks; the
+    interface is the one that holds it. On the first node itself that is its own address's interface."""
+    info: dict[str, Any] = {"target": target, "address": None, "local_address": None, "ifname": None}
+    try:
+        addr = socket.getaddrinfo(target, None, socket.AF_INET)[0][4][0] if target else "192.0.2.1"
+        info["address"] = addr if target else None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))
+            local = s.getsockname()[0]
+        info["local_address"] = local
+        info["ifname"] = next((n for n, a in _ipv4_addresses().items() if a == local), None)
+        if info["ifname"] is None and local.startswith("127."):
+            info["ifname"] = "lo"
+    except OSError as exc:
+        info["error"] = _first_line(exc)
+    return info
+
+
+def shared_dir_check(out_dir: Path, run_id: str, index: int, expect: int, wait_s: float) -> dict[str, Any]:
+    """Write OUT/.launcher-doctor-ID/node-INDEX.token (INDEX: the srun task, one per node), then read every other node's token (by name, which
+    a network file system answers more promptly than a listing) until all are there or wait_s passes."""
+    d = out_dir / TOKEN_DIR.format(id=run_id)
+    info: dict[str, Any] = {"dir": str(d), "index": index, "expect": expect, "seen": {}}
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".node-{index}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"node": node_name(), "run": run_id}) + "\n")
+        os.replace(tmp, d / f"node-{index}.token")
+    except OSError as exc:
+        info["error"] = f"cannot write in {out_dir}: {_first_line(exc)}"
+        return info
+    deadline = time.monotonic() + wait_s
+    while True:
+        for i in range(expect):
+            if str(i) in info["seen"]:
+                continue
+            try:
+                rec = json.loads((d / f"node-{i}.token").read_text())
+            except (OSError, ValueError):
+                continue
+            if rec.get("run") == run_id:
+                info["seen"][str(i)] = rec.get("node")
+        if len(info["seen"]) >= expect or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    return info
+
+
+def probe(out_dir: str | os.PathLike[str], run_id: str, expect: int = 1, wait_s: float = 60,
+          index: int | None = None) -> dict[str, Any]:
+    """Everything `launcher doctor` asks of one node, as a JSON-ready dict."""
+    out = Path(out_dir).expanduser()
+    idx = index if index is not None else int(os.environ.get("SLURM_PROCID") or os.environ.get("SLURM_NODEID") or 0)
+    rec: dict[str, Any] = {"node": node_name(), "hostname": socket.gethostname(), "index": idx,
+                           "python": platform.python_version(), "executable": sys.executable}
+    # the shared-dir check first: the nodes reach it together, before the slow imports below
+    rec["shared"] = shared_dir_check(out, run_id, idx, expect, wait_s)
+    rec["packages"] = package_versions()
+    rec["torch"] = torch_info()
+    cuda = bool(rec["torch"].get("cuda_available"))
+    rec["flash_attn"] = flash_attn_status(rec["packages"].get("flash_attn") is not None)
+    rec["bitsandbytes_cuda"] = bitsandbytes_status(cuda, rec["packages"].get("bitsandbytes") is not None)
+    try:
+        rec["disk_free_bytes"] = shutil.disk_usage(out).free
+    except OSError as exc:
+        rec["disk_free_bytes"], rec["disk_error"] = None, _first_line(exc)
+    rec["out_dir"] = str(out)
+    rec["net"] = route_interface(first_node())
+    return rec
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launcher.jobs.doctor")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("probe", help="probe this node and print one JSON line")
+    p.add_argument("--out", required=True, help="output dir whose free disk and sharing are checked")
+    p.add_argument("--id", required=True, help="this doctor run's id (names the token folder)")
+    p.add_argument("--expect", type=int, default=1, help="how many nodes take part")
+    p.add_argument("--wait", type=float, default=60, help="seconds to wait for the other nodes' tokens")
+    args = ap.parse_args(argv)
+    rec = probe(args.out, args.id, args.expect, args.wait)
+    sys.stdout.write(PREFIX + json.dumps(rec, default=str) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# =========================================================================== the command (on the submit host)
+
+@dataclass
+class Target:
+    """Where the probe runs: the partition, account and QoS (from --partition or the cluster profile),
+    nodes, GPUs per node to request (so that the job sees them) and the expected NIC (profile)."""
+
+    nodes: int = 2
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int = 0
+    net_ifname: str | None = None
+    time_min: int = 10
+
+
+def srun_command(t: Target, out_dir: Path, run_id: str, python: str = sys.executable,
+                 wait_s: float = 60) -> list[str]:
+    """The srun line: one probe task on each of N nodes. Pure."""
+    argv = ["srun", f"--nodes={t.nodes}", "--ntasks-per-node=1", f"--ntasks={t.nodes}", f"--time={t.time_min}",
+            "--job-name=launcher-doctor", "--kill-on-bad-exit=0"]
+    if t.partition:
+        argv.append(f"--partition={t.partition}")
+    if t.account:
+        argv.append(f"--account={t.account}")
+    if t.qos:
+        argv.append(f"--qos={t.qos}")
+    if t.gpus_per_node:
+        argv.append(f"--gpus-per-node={t.gpus_per_node}")
+    return argv + [python, "-m", "launcher.jobs.doctor", "probe", "--out", str(out_dir), "--id", run_id,
+                   "--expect", str(t.nodes), "--wait", str(wait_s)]
+
+
+def parse_lines(text: str) -> list[dict[str, Any]]:
+    """The probe's result lines in `text` (srun's merged output), one dict per node, by node index."""
+    out = []
+    for line in text.splitlines():
+        i = line.find(PREFIX)
+        if i < 0:
+            continue
+        try:
+            rec = json.loads(line[i + len(PREFIX):])
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return sorted(out, key=lambda r: (int(r.get("index", 0) or 0), str(r.get("node"))))
+
+
+@dataclass
+class Report:
+    mode: str  # "srun" | "local"
+    command: list[str]
+    out_dir: str
+    nodes: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    expected: int = 1
+    partition: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "mode": self.mode, "partition": self.partition, "command": self.command,
+                "out_dir": self.out_dir, "expected_nodes": self.expected, "nodes": self.nodes,
+                "problems": self.problems, "notes": self.notes, "net_ifname": _common_ifname(self.nodes),
+                "shared": _shared(self.nodes, self.expected) if self.mode == "srun" else None}
+
+
+def _versions(rec: dict[str, Any]) -> dict[str, Any]:
+    t = rec.get("torch") or {}
+    v = {"python": rec.get("python"), **(rec.get("packages") or {})}
+    v.update({"torch CUDA": t.get("cuda"), "NCCL": t.get("nccl")})
+    return v
+
+
+def _common_ifname(nodes: list[dict[str, Any]]) -> str | None:
+    names = {(n.get("net") or {}).get("ifname") for n in nodes}
+    return names.pop() if len(names) == 1 else None
+
+
+def _shared(nodes: list[dict[str, Any]], expected: int) -> bool:
+    return bool(nodes) and all(_seen(n) >= expected for n in nodes)
+
+
+def analyze(report: Report, profile_ifname: str | None = None) -> Report:
+    """Fill report.problems and report.notes from the nodes' records."""
+    nodes = report.nodes
+    if report.mode == "srun" and len(nodes) < report.expected:
+        report.problems.append(f"{report.expected - len(nodes)} of {report.expected} node(s) did not answer")
+    # versions: every node alike
+    if len(nodes) > 1:
+        keys = list(_versions(nodes[0]))
+        for k in keys:
+            seen = {str(_versions(n).get(k)) for n in nodes}
+            if len(seen) > 1:
+                where = ", ".join(f"{n.get('node')}: {_versions(n).get(k)}" for n in nodes)
+                report.problems.append(f"{k} differs between nodes ({where})")
+    for n in nodes:
+        who = n.get("node")
+        t = n.get("torch") or {}
+        if t.get("error"):
+            report.problems.append(f"{who}: torch does not import: {t['error']}")
+        if str(n.get("flash_attn", "")).startswith("error"):
+            report.problems.append(f"{who}: flash_attn is installed but does not import: {n['flash_attn'][7:]}")
+        if str(n.get("bitsandbytes_cuda", "")).startswith("error"):
+            report.problems.append(f"{who}: bitsandbytes' CUDA library does not work with this torch: "
+                                   f"{n['bitsandbytes_cuda'][7:]}")
+        sh = n.get("shared") or {}
+        if sh.get("error"):
+            report.problems.append(f"{who}: {sh['error']}")
+        net = n.get("net") or {}
+        if net.get("error"):
+            report.notes.append(f"{who}: no route to {net.get('target') or 'a default gateway'}: {net['error']}")
+        elif report.mode == "srun" and (net.get("ifname") == "lo" or str(net.get("address", "")).startswith("127.")):
+            report.problems.append(f"{who}: the first node's name {net.get('target')!r} resolves to "
+                                   f"{net.get('address')} here (loopback): a rendezvous at MASTER_ADDR would "
+                                   f"connect to itself; fix its entry in /etc/hosts or DNS")
+        if n.get("disk_error"):
+            report.problems.append(f"{who}: cannot read free disk of {n.get('out_dir')}: {n['disk_error']}")
+    if report.mode == "srun" and nodes and not _shared(nodes, report.expected):
+        missing = "; ".join(f"{n.get('node')} sees {_seen(n)} of {report.expected}" for n in nodes)
+        report.problems.append(f"the output dir {report.out_dir} is not shared between the nodes ({missing}): "
+                               f"run dirs, checkpoints and markers must be on a shared file system")
+    names = {(n.get("net") or {}).get("ifname") for n in nodes} - {None}
+    if len(names) > 1:
+        report.notes.append(f"the nodes reach the first node over different interfaces ({', '.join(sorted(names))}); "
+                            f"NCCL_SOCKET_IFNAME takes a comma list: --net-ifname {','.join(sorted(names))}")
+    common = _common_ifname(nodes)
+    if common and profile_ifname and profile_ifname != common:
+        report.notes.append(f"the cluster profile's net_ifname is {profile_ifname}, but the route to the first node "
+                            f"goes over {common}")
+    return report
+
+
+def collect(target: Target, out_dir: str | os.PathLike[str], *, timeout_s: float = 300,
+            srun: str | None = None) -> Report:
+    """Run the probe on `target.nodes` nodes through srun (or here once when srun is not on the PATH),
+    gather and analyze. Removes its token folder afterwards."""
+    out = Path(out_dir).expanduser().resolve()
+    run_id = uuid.uuid4().hex[:12]
+    env = dict(os.environ)
+    # the nodes run this very package, installed or not (as `launcher run` does for its ranks)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(_PACKAGE_ROOT), env.get("PYTHONPATH", "")) if x)
+    srun = srun if srun is not None else shutil.which("srun")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        from launcher.errors import UserError
+
+        raise UserError(f"--out {out}: cannot create it ({exc}); give a folder on the file system the runs use")
+    if srun is None:
+        argv = [sys.executable, "-m", "launcher.jobs.doctor", "probe", "--out", str(out), "--id", run_id,
+                "--expect", "1", "--wait", "0"]
+        report = Report("local", argv, str(out), expected=1)
+        report.notes.append("srun is not on the PATH: probed this machine once (no Slurm, so no node comparison "
+                            "and no shared-dir check)")
+    else:
+        argv = srun_command(target, out, run_id)
+        argv[0] = srun
+        report = Report("srun", argv, str(out), expected=target.nodes, partition=target.partition)
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout_s)
+        report.nodes = parse_lines(proc.stdout)
+        if proc.returncode != 0:
+            tail = " | ".join(ln for ln in proc.stderr.strip().splitlines()[-5:] if ln.strip())
+            report.problems.append(f"{'srun' if report.mode == 'srun' else 'the probe'} exited {proc.returncode}: "
+                                   f"{tail or '(no message)'}")
+    except subprocess.TimeoutExpired:
+        report.problems.append(f"{'srun' if report.mode == 'srun' else 'the probe'} did not finish within "
+                               f"{timeout_s:.0f} s (still queued? see `squeue`; raise --timeout)")
+    finally:
+        shutil.rmtree(out / TOKEN_DIR.format(id=run_id), ignore_errors=True)
+    return analyze(report, target.net_ifname)
+
+
+def _gib(n: Any) -> str:
+    return "-" if not isinstance(n, (int, float)) else f"{n / 2**30:,.1f} GiB"
+
+
+def _seen(rec: dict[str, Any]) -> int:
+    return len((rec.get("shared") or {}).get("seen") or {})
+
+
+def _gpus(rec: dict[str, Any]) -> str:
+    gpus = (rec.get("torch") or {}).get("gpus") or []
+    return ", ".join(f"{g['name']} {g['memory_gib']} GiB" for g in gpus) or "none"
+
+
+def _rows(report: Report) -> list[tuple[str, list[str]]]:
+    nodes, n_exp = report.nodes, report.expected
+    rows: list[tuple[str, list[str]]] = [("hostname", [str(n.get("hostname")) for n in nodes])]
+    for k in _versions(nodes[0]) if nodes else []:
+        rows.append((k, [str(_versions(n).get(k) or "-") for n in nodes]))
+    rows.append(("GPUs", [_gpus(n) for n in nodes]))
+    rows.append(("flash_attn imports", [str(n.get("flash_attn")) for n in nodes]))
+    rows.append(("bitsandbytes CUDA lib", [str(n.get("bitsandbytes_cuda")) for n in nodes]))
+    rows.append(("free disk", [_gib(n.get("disk_free_bytes")) for n in nodes]))
+    if report.mode == "srun":
+        rows.append(("shared out dir", [f"{'yes' if _seen(n) >= n_exp else 'NO'} (sees {_seen(n)}/{n_exp})"
+                                        for n in nodes]))
+    rows.append(("NCCL/gloo interface", [f"{(n.get('net') or {}).get('ifname') or '?'} "
+                                         f"({(n.get('net') or {}).get('local_address') or '-'})" for n in nodes]))
+    return rows
+
+
+def format_report(report: Report) -> list[str]:
+    """The table `launcher doctor` prints: one column per node, rows that differ marked '*'."""
+    where = (f"{report.expected} node(s)" + (f" of partition {report.partition}" if report.partition else "")
+             + " through srun") if report.mode == "srun" else "this machine (no srun)"
+    lines = [f"launcher doctor: {where}; output dir {report.out_dir}"]
+    if report.nodes:
+        rows = [("", [str(n.get("node")) for n in report.nodes])] + _rows(report)
+        w0 = max(len(r[0]) for r in rows) + 2
+        widths = [max(len(r[1][i]) for r in rows) for i in range(len(report.nodes))]
+        for label, vals in rows:
+            mark = "*" if label and len(set(vals)) > 1 and label not in ("hostname", "free disk", "NCCL/gloo interface",
+                                                                       "shared out dir") else " "
+            lines.append(f"{mark} {label.ljust(w0)}" + "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip())
+    for note in report.notes:
+        lines.append(f"note: {note}")
+    if report.problems:
+        lines.append(f"{len(report.problems)} problem(s):")
+        lines += [f"  - {p}" for p in report.problems]
+    else:
+        ifname = _common_ifname(report.nodes)
+        tail = f"; network interface {ifname} (--net-ifname {ifname})" if ifname and ifname != "lo" else ""
+        shared = ", the output dir is shared" if report.mode == "srun" else ""
+        lines.append(f"ok: versions agree{shared}{tail}" if report.mode == "srun" else f"ok{tail}")
+    return lines
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,217 @@
+"""Offline-first hub use: `launcher stage` puts the hub model (with its tokenizer, which lives in the same
+repository) and hub dataset a spec names into a shared Hugging Face cache where a hub is reachable, so
+that jobs run with HF_HOME on that cache and HF_HUB_OFFLINE=1; and the pre-flight check that the cache
+holds the model before anything is queued.
+
+Stdlib only at import (pre-flight runs in `launcher slurm`, which never imports heavy libraries);
+huggingface_hub is imported by `stage()` alone.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.errors import RunFailed, UserError
+from launcher.spec import RunSpec
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+# Files a causal LM never needs from its repository: other frameworks' exports and duplicate originals.
+_SKIP = ["original/*", "*.gguf", "*.onnx", "*.onnx_data", "onnx/*", "*.h5", "*.msgpack", "*.ot", "*.tflite",
+         "*.mlmodel", "coreml/*", "*.pth"]
+
+
+@dataclass(frozen=True)
+class HubItem:
+    """One repository to stage: kind 'model' (weights and tokenizer) or 'dataset'."""
+
+    kind: str
+    repo_id: str
+    revision: str | None
+    field: str  # the spec field that names it
+
+    @property
+    def repo_type(self) -> str:
+        return "model" if self.kind == "model" else "dataset"
+
+
+def is_hub_model(name: str) -> bool:
+    """A hub id ('org/name' or 'name'), not 'tiny' and not a local directory or path."""
+    if name == "tiny" or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
+        return False
+    return bool(_HUB_ID.fullmatch(name))
+
+
+def hub_items(spec: RunSpec) -> list[HubItem]:
+    """What of the spec comes from a hub: the model (and its tokenizer) and the dataset. A local path that
+    does not exist is bad input (UserError)."""
+    items = []
+    name = spec.model.name
+    if is_hub_model(name):
+        items.append(HubItem("model", name, spec.model.revision, "model.name"))
+    elif name != "tiny" and not Path(name).expanduser().is_dir():
+        raise UserError(f"model.name={name!r}: no such local model directory (and not a hub id 'org/name'); "
+                        f"give a folder with config.json, 'tiny', or a hub id", field="model.name")
+    if spec.data.path is not None:
+        from launcher.train.data import _data_files  # stdlib only; UserError for a missing local path
+
+        fmt, _ = _data_files(spec)
+        if fmt == "hub":
+            items.append(HubItem("dataset", spec.data.path, None, "data.path"))
+    return items
+
+
+def hf_home(spec: RunSpec, flag: str | None = None) -> tuple[Path, str]:
+    """(the cache folder, where it came from): --hf-home, else cluster.hf_home, else $HF_HOME, else
+    huggingface_hub's default ~/.cache/huggingface."""
+    for value, source in ((flag, "--hf-home"), (spec.cluster.hf_home, "cluster.hf_home"),
+                          (os.environ.get("HF_HOME"), "HF_HOME")):
+        if value:
+            return Path(value).expanduser().resolve(), source
+    return Path("~/.cache/huggingface").expanduser().resolve(), "the default (no --hf-home, cluster.hf_home or HF_HOME)"
+
+
+def repo_folder(home: Path, item: HubItem) -> Path:
+    """HF_HOME/hub/models--ORG--NAME (or datasets--...), huggingface_hub's cache layout."""
+    return home / "hub" / f"{item.repo_type}s--{item.repo_id.replace('/', '--')}"
+
+
+def cached_snapshot(home: Path, item: HubItem) -> Path | None:
+    """The snapshot folder an offline load would use: snapshots/REVISION for a commit, else the commit that
+    refs/REVISION (default main) names. None when the cache does not have it."""
+    repo = repo_folder(home, item)
+    rev = item.revision or "main"
+    if _COMMIT.fullmatch(rev):
+        snap = repo / "snapshots" / rev
+        return snap if snap.is_dir() else None
+    try:
+        commit = (repo / "refs" / rev).read_text().strip()
+    except OSError:
+        return None
+    snap = repo / "snapshots" / commit
+    return snap if commit and snap.is_dir() else None
+
+
+def missing_in_cache(home: Path, item: HubItem) -> str | None:
+    """What an offline load of a staged model would miss (config.json, weights), or None when it is there."""
+    snap = cached_snapshot(home, item)
+    if snap is None:
+        rev = f"refs/{item.revision or 'main'}" if not _COMMIT.fullmatch(item.revision or "") else "that commit"
+        return f"no snapshot for {rev} in {repo_folder(home, item)}"
+    if item.kind == "model":
+        if not (snap / "config.json").is_file():
+            return f"{snap} has no config.json"
+        if not any(next(snap.glob(p), None) for p in _WEIGHTS):
+            return f"{snap} has no weights (*.safetensors or *.bin)"
+    return None
+
+
+def check_cached(spec: RunSpec) -> None:
+    """Pre-flight: with cluster.hf_home set, the jobs load the model offline from it (HF_HUB_OFFLINE=1), so a
+    hub model must already be there. UserError (exit 2) naming the model and the fix otherwise."""
+    if not spec.cluster.hf_home or not is_hub_model(spec.model.name):
+        return
+    home = Path(spec.cluster.hf_home).expanduser()
+    item = HubItem("model", spec.model.name, spec.model.revision, "model.name")
+    why = missing_in_cache(home, item)
+    if why:
+        rev = f" (revision {spec.model.revision})" if spec.model.revision else ""
+        raise UserError(f"model.name={spec.model.name!r}{rev} is not in the shared hub cache cluster.hf_home={home} "
+                        f"({why}); the jobs load it offline (HF_HUB_OFFLINE=1). Stage it first where the hub is "
+                        f"reachable: launcher stage SPEC (the same spec and flags)", field="model.name")
+
+
+# --------------------------------------------------------------------------- staging
+
+@dataclass
+class Staged:
+    item: HubItem
+    snapshot: Path
+    files: int
+    bytes: int
+
+
+def stage(spec: RunSpec, hf_home_flag: str | None = None, *, say: Any = print) -> list[Staged]:
+    """Download every hub item of the spec into HF_HOME/hub (what is there already is checked, not fetched
+    again). Nothing to stage (tiny, local paths): says so and returns []. Cannot reach the hub: RunFailed
+    (exit 1) naming the endpoint and the cause; a repository or revision that does not exist, or is gated:
+    UserError (exit 2)."""
+    items = hub_items(spec)
+    if not items:
+        model = "the embedded tiny model" if spec.model.name == "tiny" else f"the local model {spec.model.name}"
+        data = "the embedded corpus" if spec.data.path is None else f"the local data {spec.data.path}"
+        say(f"nothing to stage: {model} and {data} need no hub")
+        return []
+    home, source = hf_home(spec, hf_home_flag)
+    from huggingface_hub import constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError("HF_HUB_OFFLINE is set in this environment, so nothing can be downloaded; run "
+                        "`launcher stage` where the hub is reachable, without HF_HUB_OFFLINE")
+    say(f"cache        {home} (from {source}); hub {constants.ENDPOINT}")
+    done = []
+    for item in items:
+        rev = f"@{item.revision}" if item.revision else ""
+        say(f"staging      {item.kind} {item.repo_id}{rev} ...")
+        try:
+            path = Path(snapshot_download(item.repo_id, repo_type=item.repo_type, revision=item.revision,
+                                          cache_dir=str(home / "hub"),
+                                          ignore_patterns=_SKIP if item.kind == "model" else None))
+        except Exception as exc:  # classified: bad input (2), unreachable hub (1), anything else raised on
+            raise _explain(exc, item, constants.ENDPOINT) from None
+        files = [f for f in path.rglob("*") if f.is_file()]
+        s = Staged(item, path, len(files), sum(f.stat().st_size for f in files))
+        done.append(s)
+        say(f"staged       {item.kind} {item.repo_id}{rev}: {s.files} files, {s.bytes / 2**20:,.1f} MiB in {path}")
+        if item.kind == "dataset":
+            say("note: the job's preparation step tokenizes hub datasets through the datasets library; run "
+                "`launcher prepare SPEC` here as well (LAUNCHER_CACHE or data.cache_dir on the shared file "
+                "system), so that the job finds the tokenized data and never needs the hub")
+    if spec.cluster.hf_home is None or Path(spec.cluster.hf_home).expanduser().resolve() != home:
+        say(f"jobs read this cache offline with cluster.hf_home: {home} (in the spec or the cluster profile)")
+    else:
+        say(f"jobs read this cache offline: cluster.hf_home={home}, HF_HUB_OFFLINE=1")
+    return done
+
+
+def _explain(exc: Exception, item: HubItem, endpoint: str) -> Exception:
+    """The one message for a failed download: UserError for what the spec can fix, RunFailed for a hub that
+    cannot be reached; anything unknown is returned as it is (a bug until understood)."""
+    from huggingface_hub import errors as hf_errors
+
+    what = f"{item.field}={item.repo_id!r}"
+    if isinstance(exc, hf_errors.GatedRepoError):
+        return UserError(f"{what} is gated on {endpoint}: accept its licence on its hub page with your account, then "
+                         f"set HF_TOKEN (or `hf auth login`) and run `launcher stage` again", field=item.field)
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        return UserError(f"{what}: no such {item.repo_type} repository on {endpoint} (or it is private: set "
+                         f"HF_TOKEN); check the name", field=item.field)
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return UserError(f"model.revision={item.revision!r}: no such branch, tag or commit in {item.repo_id} on "
+                         f"{endpoint}", field="model.revision")
+    if isinstance(exc, hf_errors.HFValidationError):
+        return UserError(f"{what} is not a valid hub repository id ({exc})", field=item.field)
+    cause = exc.__cause__ or exc.__context__
+    net = _network_cause(exc) or _network_cause(cause)
+    if net or isinstance(exc, (hf_errors.LocalEntryNotFoundError, hf_errors.HfHubHTTPError)):
+        detail = net or f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return RunFailed(f"cannot reach the hub at {endpoint} to stage {item.kind} {item.repo_id} ({detail}). "
+                         f"`launcher stage` needs network access to the hub: run it on a machine that has it "
+                         f"(a login node), or point HF_ENDPOINT at a reachable mirror")
+    return exc
+
+
+def _network_cause(exc: BaseException | None) -> str | None:
+    """'ConnectError: [Errno 111] Connection refused' when exc is a connection/timeout/DNS failure."""
+    if exc is None:
+        return None
+    name = type(exc).__name__
+    if isinstance(exc, (ConnectionError, TimeoutError)) or re.search(r"Connect|Timeout|NetworkError|ProxyError|"
+                                                                     r"RemoteProtocolError", name):
+        return f"{name}: {exc}"
+    return None

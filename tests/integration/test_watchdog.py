@@ -1,0 +1,183 @@
+"""The hang watchdog (launcher/train/watchdog.py): a rank that makes no progress for
+cluster.hang_timeout_s writes every thread's stack to its log and exits 4, and `launcher run` exits 4
+naming it; a healthy run with the watchdog on is not disturbed.
+
+The stall is the test-only fault `stall` (LAUNCHER_TEST_FAULT): the rank sleeps in Python inside the
+step, so its threads still run and the stack shows where it stalls (`_stall_forever`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher.train.loop import TEST_DUMP_ENV, parse_step_lines
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+HANG_S = 15
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = dict(os.environ)
+    e["LAUNCHER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
+    for k in (TEST_DUMP_ENV, "LAUNCHER_TEST_FAULT"):
+        e.pop(k, None)
+    return e
+
+
+def launcher(args, env, timeout=600, **extra):
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**env, **extra})
+    proc.seconds = time.monotonic() - t0
+    return proc
+
+
+def flags(nproc, max_steps):
+    return ["--model", "tiny", "--task", "pretrain", "--method", "full", "--zero", 2, "--nproc", nproc,
+            "--precision", "fp32", "--max-steps", max_steps, "--seq-len", 64, "--micro-batch", 2,
+            "--set", "output.log_every=1", "--set", f"cluster.hang_timeout_s={HANG_S}"]
+
+
+def test_stalled_rank_dumps_every_stack_and_launcher_run_exits_4(tmp_path, env):
+    """Rank 1 of 2 sleeps in Python after step 2: its watchdog writes the line and every thread's stack
+    (the stall site among them), records an exit marker (reason hang, exit 4) and exits 4 within the
+    limit; `launcher run` exits 4 and its failure note names the rank and the cause."""
+    run = tmp_path / "run"
+    proc = launcher(["run", *flags(2, 8), "--out", run], env, LAUNCHER_TEST_FAULT="stall:rank=1:step=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-6000:]
+    assert "made no progress for" in out and "stacks of every thread follow" in out, out[-6000:]
+    # the stuck rank fires first (the other, blocked in a collective, is given longer and leaves when it goes)
+    line = next(ln for ln in proc.stdout.splitlines() if "made no progress for" in ln)
+    assert line.startswith("launcher: rank 1 on ") and "(last step 1); stacks of every thread follow" in line, line
+    # faulthandler's dump: every thread, the stalled main thread down to the stall site
+    assert "most recent call first" in out and "in _stall_forever" in out and "in on_step_end" in out, out[-6000:]
+    assert "launcher-hang-watchdog" in out or out.count("Thread 0x") >= 2
+    markers = tmp_path / "run" / "markers"
+    [fault] = [json.loads(p.read_text()) for p in markers.glob("fault-*-rank1.json")]
+    [hung] = [json.loads(p.read_text()) for p in markers.glob("exit-*-rank1.json")]
+    assert fault["kind"] == "stall" and hung["reason"] == "hang" and hung["exit_code"] == 4, hung
+    # it fired when the limit ran out since its last finished step (step 1), not before, and not much later
+    waited = hung["time"] - fault["time"]
+    assert 0 < waited <= HANG_S + 10, waited
+    # launcher run: exit 4 (the other rank's failed collective is an echo), explained
+    assert "no progress for cluster.hang_timeout_s" in proc.stderr, proc.stderr[-3000:]
+    assert "launcher: rank 1 on" in proc.stderr and ": hang: " in proc.stderr, proc.stderr[-3000:]
+    assert "exit 4" in (run / "jobs.jsonl").read_text()
+
+
+def test_healthy_run_with_the_watchdog_on_finishes_untouched(tmp_path, env):
+    """A run with the watchdog on (15 s) and checkpoint saves finishes every step with exit 0: neither the
+    first step nor a save nor the end of training trips it."""
+    run = tmp_path / "run"
+    proc = launcher(["run", *flags(1, 6), "--save-every", 2, "--out", run], env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    assert [s["step"] for s in parse_step_lines(proc.stdout)] == [1, 2, 3, 4, 5, 6]
+    assert "made no progress" not in proc.stdout + proc.stderr
+    assert (run / "final" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- the Watchdog itself (no ranks)
+
+def _python(code: str, tmp_path: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": "3"})
+
+
+def test_watchdog_fires_after_the_limit_with_every_stack_and_a_marker(tmp_path):
+    t0 = time.monotonic()
+    proc = _python(f"""
+        import time
+        from launcher.train.watchdog import Watchdog
+        w = Watchdog(1.0, {str(tmp_path)!r})
+        w.arm(None)
+        w.pet(7)  # step 7 finished: the first-step allowance is over
+
+        def stuck_here():
+            time.sleep(30)
+
+        stuck_here()
+        """, tmp_path)
+    took = time.monotonic() - t0
+    assert proc.returncode == 4, proc.stderr
+    assert "launcher: rank 3 on " in proc.stderr and "made no progress for 1 s (last step 7)" in proc.stderr
+    assert "in stuck_here" in proc.stderr and "launcher-hang-watchdog" not in proc.stdout
+    assert took < 20
+    [rec] = [json.loads(p.read_text()) for p in (tmp_path / "markers").glob("exit-*-rank3.json")]
+    assert rec["reason"] == "hang" and rec["exit_code"] == 4 and rec["step"] == 7 and rec["watchdog"] is True
+
+
+def test_watchdog_kept_alive_by_progress_and_off_at_zero(tmp_path):
+    proc = _python("""
+        import time
+        from launcher.train.watchdog import Watchdog
+        w = Watchdog(1.0)
+        w.arm(0)
+        for step in range(1, 12):  # 3.3 s of steps of 0.3 s each, over a 1 s limit
+            time.sleep(0.3)
+            w.pet(step)
+        w.pet(12, factor=4)  # a save: 4 s allowed
+        time.sleep(2)
+        w.disarm()
+        time.sleep(1.5)
+        off = Watchdog(0)
+        off.arm(0)
+        time.sleep(0.5)
+        assert off._thread is None
+        print("alive")
+        """, tmp_path)
+    assert proc.returncode == 0 and "alive" in proc.stdout, proc.stderr
+
+
+def test_first_step_gets_the_generous_limit(tmp_path):
+    proc = _python("""
+        import time
+        from launcher.train import watchdog
+        w = watchdog.Watchdog(1.0)
+        w.arm(None)
+        time.sleep(1.8)  # under FIRST_STEP_FACTOR x 1 s: compilation, first collectives
+        w.pet(1)
+        print("alive")
+        time.sleep(3)
+        """, tmp_path)
+    assert proc.returncode == 4 and "alive" in proc.stdout and "(last step 1)" in proc.stderr, proc.stderr
+
+
+def test_a_rank_blocked_in_a_collective_waits_longer_and_says_so(tmp_path):
+    """The victim of a stuck peer (blocked in torch.distributed) gets COLLECTIVE_GRACE_S more (at most the
+    limit), so that the stuck rank fires first; its line names the collective."""
+    t0 = time.monotonic()
+    proc = _python("""
+        import time
+        from launcher.train.watchdog import Watchdog
+        ns = {}
+        exec(compile("import time\\ndef all_reduce():\\n    time.sleep(30)\\n",
+                     "/site-packages/torch/distributed/distributed_c10d.py", "exec"), ns)
+        w = Watchdog(1.0)
+        w.arm(None)
+        w.pet(3)
+        ns["all_reduce"]()
+        """, tmp_path)
+    took = time.monotonic() - t0
+    assert proc.returncode == 4, proc.stderr
+    assert "(last step 3; waiting in torch.distributed all_reduce: another rank may be the one stuck)" in proc.stderr
+    assert took >= 1.9, took  # 1 s limit + 1 s grace
+
+
+def test_status_names_a_hang_as_the_watchdogs():
+    from launcher.jobs import status
+
+    reason, line = status.classify("FAILED", 1, None, "", {"reason": "hang", "message": "rank 1 on node2 made no "
+                                                                                        "progress for 15 s"})
+    assert reason == "hang" and status.describe(reason, 1, None, line).startswith("hang (watchdog): exit code 1")
