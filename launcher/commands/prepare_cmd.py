@@ -14,8 +14,8 @@ from launcher.spec import RunSpec
 def prepare(spec: RunSpec) -> None:
     """Check, tokenize and pack the data of SPEC into the fingerprinted cache that training reads.
 
-    Runs on CPU. `launcher run` does this itself before spawning ranks; Slurm jobs run it as
-    their first step. Bad data exits 2 with the file, line and fix.
+    Runs on CPU. `launcher run` does this itself before spawning ranks; `launcher slurm --submit`
+    queues it as a CPU job that training waits for. Bad data exits 2 with the file, line and fix.
     """
     from pathlib import Path
 

@@ -1,7 +1,10 @@
-"""`launcher slurm`: a run dir with its Slurm batch script, optionally submitted with sbatch.
+"""`launcher slurm`: a run dir with its Slurm batch scripts, optionally submitted with sbatch.
 
-Everything is validated (spec, plan, every value the script would carry) before anything is
-written or queued; a bad input exits 2 and leaves no trace.
+The run is a chain of jobs, each waiting for the one before to succeed (afterok): a CPU job that
+prepares the data when the cache lacks it (prepare.sbatch), the training job (job.sbatch), and the
+follow-ups asked with --then (merge.sbatch, eval.sbatch). Everything is validated (spec, plan, chain,
+every value the scripts would carry) before anything is written or queued; a bad input exits 2 and
+leaves no trace.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from launcher.errors import RunFailed, SpecError, UserError
 from launcher.spec import RunSpec
 
 _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
+THEN_KINDS = ("merge", "eval")
+# Methods whose adapter adds into the base weights (peft's merge_and_unload): the LoRA family and IA3.
+# prefix/prompt tuning keep virtual tokens apart from the weights; full and freeze train the weights.
+MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3")
 
 
 @click.command()
@@ -31,67 +38,200 @@ _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), metavar="RUN_DIR",
               help="Run dir to create: spec.yaml, ds_config.json, plan.txt, job.sbatch, logs/.")
 @click.option("--force", is_flag=True, help="Write into a non-empty RUN_DIR (generated files are replaced).")
-@click.option("--submit", is_flag=True, help="Submit with sbatch, print the job id and record it in RUN_DIR.")
-@click.option("--dry-run", is_flag=True, help="Print the batch script; write and submit nothing.")
+@click.option("--submit", is_flag=True, help="Submit with sbatch, print the job ids and record them in RUN_DIR.")
+@click.option("--dry-run", is_flag=True, help="Print the batch scripts; write and submit nothing.")
 @click.option("--sweep", "sweeps", multiple=True, metavar="KEY=V1,V2",
               help="One job array over the product of values, e.g. --sweep optim.lr=1e-4,3e-4 (repeatable); "
                    "task i trains RUN_DIR/tasks/i/spec.yaml.")
+@click.option("--prep/--no-prep", "prep", default=True, show_default=True,
+              help="Queue a CPU job that tokenizes the data (prepare.sbatch, cluster.prep) before training when "
+                   "the cache lacks it. --no-prep: the data was prepared by hand (`launcher prepare SPEC`).")
+@click.option("--then", "then", multiple=True, type=click.Choice(THEN_KINDS),
+              help="After training, queue this job too (repeatable, in order; each waits for the one before to "
+                   "succeed): merge (the adapter into RUN_DIR/merged) or eval (RUN_DIR/eval.json).")
 @click.option("--ignore-fit", is_flag=True, help="Submit even when the memory estimate exceeds the GPU's memory.")
 def slurm(spec: RunSpec, out: str, force: bool, submit: bool, dry_run: bool, sweeps: tuple[str, ...],
-          ignore_fit: bool) -> None:
-    """Write RUN_DIR with the Slurm batch script for SPEC and flags; --submit queues it.
+          prep: bool, then: tuple[str, ...], ignore_fit: bool) -> None:
+    """Write RUN_DIR with the Slurm batch scripts for SPEC and flags; --submit queues them.
 
     The job runs `launcher train RUN_DIR/spec.yaml` on every rank: torchrun on each node
     (or one srun task per rank with --launcher srun), in this Python environment unless the spec
-    gives set-up lines or a container. Secrets (HF_TOKEN, WANDB_API_KEY, ...) are never written:
-    export them in the shell that submits and the job inherits them.
+    gives set-up lines or a container. The ranks only read the tokenized data: when it is not in the
+    cache yet, a CPU job prepares it first (RUN_DIR/prepare.sbatch) and training waits for it.
+    Secrets (HF_TOKEN, WANDB_API_KEY, ...) are never written: export them in the shell that submits
+    and the jobs inherit them.
     """
     from launcher import preflight, rundir
     from launcher.plan import make_plan
-    from launcher.render.slurm import render_sbatch
+    from launcher.render.slurm import CHAIN_FILES, render_sbatch
 
     if dry_run and submit:
-        raise UserError("--dry-run prints the script and submits nothing; drop one of --dry-run and --submit")
+        raise UserError("--dry-run prints the scripts and submits nothing; drop one of --dry-run and --submit")
+    check_chain(spec, then, sweeps)
     run_dir = Path(out).expanduser().resolve()
     plan = make_plan(spec)
     tasks = sweep_tasks(spec, sweeps)
     for t in tasks:
         make_plan(t.spec)
     python = sys.executable
-    script = render_sbatch(spec, plan, run_dir, python=python, array_specs=[t.spec for t in tasks] or None)
+    task_specs = [t.spec for t in tasks] or None
+    script = render_sbatch(spec, plan, run_dir, python=python, array_specs=task_specs, prepare_step=False)
     for each in (spec, *(t.spec for t in tasks)):
         # pre-flight, torch-free: model config and weights, LoRA targets, a data sample (missing, empty or
         # malformed file: exit 2 with the line), option clashes, the memory estimate against the GPU
         for note in preflight.check(each, slurm=True, ignore_fit=ignore_fit):
             click.echo(f"note: {note}", err=True)
+    missing = unprepared(task_specs or [spec])
+    kinds = chain_kinds(prep and bool(missing), then)
+    chain = {k: render_chain(spec, k, run_dir, python, task_specs) for k in kinds if k != "train"}
     if dry_run:
         click.echo(script, nl=False)
+        for kind, text in chain.items():
+            click.echo(f"\n# ==== {CHAIN_FILES[kind]} ({kind} job) ====")
+            click.echo(text, nl=False)
         for i, t in enumerate(tasks):
             click.echo(f"task {i}: {t.describe()}", err=True)
+        _say_data(missing, prep)
+        click.echo("would queue: " + describe_chain(kinds), err=True)
         return
     if submit:
         check_cluster_tools(spec)
 
     rd, spec, plan = rundir.create(run_dir, spec, force=force)
     created = [rundir.create(rd.path / "tasks" / str(i), t.spec, force=force)[1] for i, t in enumerate(tasks)]
-    script = render_sbatch(spec, plan, rd.path, python=python, array_specs=created or None)
-    job_file = rd.path / "job.sbatch"
-    job_file.write_text(script)
-    job_file.chmod(0o700)
+    script = render_sbatch(spec, plan, rd.path, python=python, array_specs=created or None, prepare_step=False)
+    files = {"train": _write_script(rd.path / "job.sbatch", script)}
+    for kind, name in CHAIN_FILES.items():
+        path = rd.path / name
+        if kind in kinds:
+            files[kind] = _write_script(path, render_chain(spec, kind, rd.path, python, created or None))
+        elif path.is_file():
+            path.unlink()  # a script of an earlier render (--force) that this chain does not run
     if tasks:
         (rd.path / "sweep.json").write_text(json.dumps(
             {"tasks": [{"index": i, "dir": f"tasks/{i}", "set": t.values} for i, t in enumerate(tasks)]},
             indent=2) + "\n")
-    click.echo(f"wrote {rd.path} (job.sbatch, spec.yaml, ds_config.json, plan.txt"
+    names = ", ".join(f.name for f in files.values())
+    click.echo(f"wrote {rd.path} ({names}, spec.yaml, ds_config.json, plan.txt"
                f"{f', {len(tasks)} sweep tasks' if tasks else ''})", err=True)
+    _say_data(missing, prep)
     if not submit:
-        click.echo(f"submit with: sbatch {job_file}  (or add --submit)", err=True)
-        click.echo(str(job_file))
+        click.echo("submit with --submit, or by hand, each job after the one before:", err=True)
+        for line in manual_commands(kinds, files):
+            click.echo(f"  {line}", err=True)
+        click.echo(str(files["train"]))
         return
-    job_id = sbatch(job_file)
-    extra = {"array_tasks": len(tasks)} if tasks else {}
-    rd.record_job(job_id, "train", **extra)
-    click.echo(job_id)
+    queued: list[tuple[str, str]] = []
+    for kind in kinds:
+        after = queued[-1][1] if queued else None
+        try:
+            job_id = sbatch(files[kind], after=after)
+        except RunFailed as exc:
+            if queued:
+                done = ", ".join(f"{k} job {j}" for k, j in queued)
+                raise RunFailed(f"{exc}. Already queued and recorded in {rd.jobs_path}: {done}; cancel them with "
+                                f"`launcher cancel {rd.path}`") from None
+            raise
+        extra: dict[str, Any] = {"after": after} if after else {}
+        if kind == "train" and tasks:
+            extra["array_tasks"] = len(tasks)
+        rd.record_job(job_id, kind, **extra)
+        queued.append((kind, job_id))
+        click.echo(f"queued {kind} job {job_id}: {files[kind].name}"
+                   + (f", after {queued[-2][0]} job {after} succeeds" if after else ""), err=True)
+        click.echo(job_id)
+
+
+# --------------------------------------------------------------------------- the chain
+
+def check_chain(spec: RunSpec, then: tuple[str, ...] | list[str], sweeps: tuple[str, ...] | list[str]) -> None:
+    """--then refusals, before anything is written or queued."""
+    if not then:
+        return
+    problems = []
+    for kind in sorted(set(then)):
+        if then.count(kind) > 1:
+            problems.append(f"--then {kind} is given {then.count(kind)} times; give each follow-up job once")
+    if "merge" in then and spec.method.name not in MERGEABLE_METHODS:
+        what = {"full": "trains every weight", "freeze": "trains chosen weights in place",
+                "prefix": "learns virtual tokens that stay apart from the weights",
+                "prompt": "learns virtual tokens that stay apart from the weights"}.get(spec.method.name, "")
+        problems.append(f"--then merge: method {spec.method.name!r} {what}, so there is no adapter to merge into "
+                        f"the base model (RUN_DIR/final is the model to use); merge is for methods "
+                        f"{', '.join(MERGEABLE_METHODS)}: drop --then merge")
+    if sweeps:
+        problems.append("--then with --sweep: the follow-up jobs act on one trained model, and a sweep trains "
+                        "one per task; queue them per task (`launcher merge`/`launcher eval` RUN_DIR/tasks/<i>)")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+def chain_kinds(with_prep: bool, then: tuple[str, ...] | list[str]) -> list[str]:
+    """The jobs in the order they are queued, each after the one before."""
+    return (["prep"] if with_prep else []) + ["train", *then]
+
+
+def describe_chain(kinds: list[str]) -> str:
+    from launcher.render.slurm import CHAIN_FILES
+
+    names = {"train": "job.sbatch", **CHAIN_FILES}
+    return ", then ".join(f"{names[k]} ({k})" for k in kinds) + (" (each after the one before succeeds)"
+                                                                  if len(kinds) > 1 else "")
+
+
+def manual_commands(kinds: list[str], files: dict[str, Path]) -> list[str]:
+    """What --submit runs, as shell lines a user can paste."""
+    import shlex
+
+    lines, prev = [], None
+    for kind in kinds:
+        dep = f" --dependency=afterok:${prev} --kill-on-invalid-dep=yes" if prev else ""
+        lines.append(f"{kind}=$(sbatch --parsable{dep} {shlex.quote(str(files[kind]))})")
+        prev = kind
+    return lines
+
+
+def render_chain(spec: RunSpec, kind: str, run_dir: Path, python: str, task_specs: list[RunSpec] | None) -> str:
+    from launcher.render.slurm import render_chain_sbatch
+
+    return render_chain_sbatch(spec, kind, run_dir, python=python, array_specs=task_specs)
+
+
+def unprepared(specs: list[RunSpec]) -> list[Path]:
+    """Cache folders of these specs' tokenized data that this machine does not see complete.
+
+    Computed without torch or a tokenizer load: the cache key reads the data files' size and mtime and
+    hashes the tokenizer files (a hub model: its name and revision). Where the key cannot be computed
+    here, the data counts as unprepared: the preparation job is then a cache hit of a few seconds.
+    """
+    from launcher.train import data
+
+    missing: list[Path] = []
+    for s in specs:
+        try:
+            path = data.prepared_path(s)
+        except (UserError, OSError, ValueError):
+            return [Path("?")]
+        if not (path / "meta.json").is_file() and path not in missing:
+            missing.append(path)
+    return missing
+
+
+def _say_data(missing: list[Path], prep: bool) -> None:
+    if not missing:
+        click.echo("data: already prepared in the cache; no preparation job", err=True)
+    elif prep:
+        click.echo("data: not prepared yet; a CPU job prepares it before training (prepare.sbatch)", err=True)
+    else:
+        where = ", ".join(str(p) for p in missing)
+        click.echo(f"note: --no-prep, but the tokenized data is not in the cache here ({where}); the ranks exit 2 "
+                   f"unless it is prepared where they run: `launcher prepare SPEC` first", err=True)
+
+
+def _write_script(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(0o700)
+    return path
 
 
 # --------------------------------------------------------------------------- sweeps
@@ -157,10 +297,18 @@ def check_cluster_tools(spec: RunSpec) -> None:
         raise UserError("cannot submit: " + "; ".join(missing))
 
 
-def sbatch(job_file: Path) -> str:
-    """Submit; return the job id. The job inherits this environment (--export=ALL)."""
-    proc = subprocess.run(["sbatch", "--parsable", "--export=ALL", str(job_file)],
-                          capture_output=True, text=True, timeout=120)
+def sbatch_argv(job_file: Path, after: str | None = None) -> list[str]:
+    """The sbatch command for one job of the chain. The job inherits this environment (--export=ALL).
+    `after`: the job it waits for; given here rather than in the script so that a script resubmitted
+    by hand does not wait for a job the controller has forgotten, and a failed job cancels the ones
+    waiting for it (--kill-on-invalid-dep) instead of leaving them pending forever."""
+    dep = [f"--dependency=afterok:{after}", "--kill-on-invalid-dep=yes"] if after else []
+    return ["sbatch", "--parsable", "--export=ALL", *dep, str(job_file)]
+
+
+def sbatch(job_file: Path, after: str | None = None) -> str:
+    """Submit; return the job id."""
+    proc = subprocess.run(sbatch_argv(job_file, after), capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise RunFailed(f"sbatch refused {job_file}: {proc.stderr.strip() or proc.stdout.strip()}")
     job_id = proc.stdout.strip().split(";")[0]  # --parsable: "ID" or "ID;CLUSTER"

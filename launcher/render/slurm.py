@@ -1,8 +1,9 @@
-"""RunSpec + Plan -> the Slurm batch script. Pure: the same inputs give byte-identical text.
+"""RunSpec + Plan -> the Slurm batch scripts of a run. Pure: the same inputs give byte-identical text.
 
-The `#SBATCH` directives are built here, one per line and sorted; the body is the jinja2 template
-slurm/job.sbatch.j2. Every value that reaches the script is quoted here, or checked against a strict
-pattern, and the template refuses any string that is not marked as such (`Sh`).
+The training job (slurm/job.sbatch.j2) and the one-task jobs chained around it (slurm/chain.sbatch.j2):
+`prep` tokenizes the data before training, `merge` and `eval` follow it. The `#SBATCH` directives are
+built here, one per line and sorted. Every value that reaches a script is quoted here, or checked
+against a strict pattern, and the templates refuse any string that is not marked as such (`Sh`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from launcher.plan import Plan
 from launcher.spec import ClusterSpec, RunSpec
 
 TEMPLATE = "job.sbatch.j2"
+CHAIN_TEMPLATE = "chain.sbatch.j2"
+# The one-task jobs around training: what each runs is fixed here, never taken from the spec.
+CHAIN_KINDS = ("prep", "merge", "eval")
+CHAIN_FILES = {"prep": "prepare.sbatch", "merge": "merge.sbatch", "eval": "eval.sbatch"}
+MERGED_DIRNAME = "merged"  # RUN_DIR/merged: the merge job's output
 # Python in a container or after the spec's set-up lines: whatever those put first on the PATH.
 PATH_PYTHON = "python3"
 # torchrun's shutdown timeout when the spec asks for no warning signal (torchrun's own default).
@@ -78,6 +84,7 @@ def check(spec: RunSpec, run_dir: Path, *, python: str, array_specs: Sequence[Ru
         name_field: job_name(spec), "cluster.partition": c.partition, "cluster.account": c.account,
         "cluster.qos": c.qos, "cluster.constraint": c.constraint, "cluster.reservation": c.reservation,
         "cluster.mem": c.mem, "cluster.dependency": c.dependency, "cluster.array": c.array,
+        "cluster.prep.partition": c.prep.partition, "cluster.prep.mem": c.prep.mem,
     }
     for field, value in directive_values.items():
         if value is None:
@@ -93,9 +100,13 @@ def check(spec: RunSpec, run_dir: Path, *, python: str, array_specs: Sequence[Ru
         p.append("the job name (cluster.job_name or name) is empty; give the run a --name")
     if "/" in name:
         p.append(f"job name {name!r} contains '/': it names the log file (%x); use --name without '/'")
-    if c.mem is not None and not _MEM.fullmatch(c.mem):
-        p.append(f"cluster.mem={c.mem!r} is not Slurm memory syntax; write a number with an optional unit "
-                 f"K, M, G or T (e.g. 200G; 0 = all of the node's memory)")
+    for field, mem in (("cluster.mem", c.mem), ("cluster.prep.mem", c.prep.mem)):
+        if mem is not None and not _MEM.fullmatch(mem):
+            p.append(f"{field}={mem!r} is not Slurm memory syntax; write a number with an optional unit "
+                     f"K, M, G or T (e.g. 200G; 0 = all of the node's memory)")
+    if c.hf_home is not None and (not c.hf_home.startswith("/") or "\x00" in c.hf_home):
+        p.append(f"cluster.hf_home={c.hf_home!r} must be an absolute path (the jobs start in another working "
+                 f"directory, and '~' is not expanded in a quoted value); write it as /path/to/hf")
     if c.array is not None and not array_specs:
         p.append("cluster.array: a job array here comes from --sweep (each task with its own spec and output "
                  "dir); drop cluster.array or use --sweep key=v1,v2")
@@ -186,6 +197,22 @@ def _cpus_per_task(spec: RunSpec, plan: Plan) -> int | None:
 
 # --------------------------------------------------------------------------- body
 
+def _hub_environment(spec: RunSpec) -> list[tuple[str, str]]:
+    """cluster.hf_home: every job reads the shared Hugging Face cache and never the network (compute
+    nodes often have none; a hub download on every rank would race)."""
+    hf_home = spec.cluster.hf_home
+    return [("HF_HOME", hf_home), ("HF_HUB_OFFLINE", "1")] if hf_home else []
+
+
+def _quoted_environment(env: list[tuple[str, str]]) -> list[tuple[Sh, Sh]]:
+    out = []
+    for name, value in env:
+        if not _ENV_NAME.fullmatch(name):  # the spec checks this too; a name is never quoted
+            raise SpecError(f"cluster.env: {name!r} is not an environment variable name")
+        out.append((Sh(name), sh(value)))
+    return out
+
+
 def _environment(spec: RunSpec) -> list[tuple[Sh, Sh]]:
     c = spec.cluster
     env: list[tuple[str, str]] = []
@@ -200,17 +227,14 @@ def _environment(spec: RunSpec) -> list[tuple[Sh, Sh]]:
             env.append(("NCCL_DEBUG", c.nccl.debug))
         env.append(("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if c.nccl.async_error_handling else "0"))
     env.append(("LAUNCHER_COLLECTIVE_TIMEOUT_S", str(c.nccl.timeout_s)))
+    env += _hub_environment(spec)
     env += sorted(c.env.items())  # last, so the spec's own values win
-    out = []
-    for name, value in env:
-        if not _ENV_NAME.fullmatch(name):  # the spec checks this too; a name is never quoted
-            raise SpecError(f"cluster.env: {name!r} is not an environment variable name")
-        out.append((Sh(name), sh(value)))
-    return out
+    return _quoted_environment(env)
 
 
-def _container(spec: RunSpec, run_dir: Path) -> tuple[dict[str, Sh] | None, str, str]:
-    """(template values, extra srun arguments, command prefix) for the container runtime."""
+def _container(spec: RunSpec, run_dir: Path, gpu: bool) -> tuple[dict[str, Sh] | None, str, str]:
+    """(template values, extra srun arguments, command prefix) for the container runtime; `gpu`:
+    the job has GPUs for apptainer to bind (--nv)."""
     ct = spec.cluster.container
     if ct is None:
         return None, "", ""
@@ -219,12 +243,12 @@ def _container(spec: RunSpec, run_dir: Path) -> tuple[dict[str, Sh] | None, str,
     values = {"image": sh(ct.image), "mounts": sh(mounts)}
     if ct.runtime == "pyxis":
         return values, ' --container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS"', ""
-    nv = "--nv " if spec.cluster.gpus_per_node > 0 else ""
+    nv = "--nv " if gpu else ""
     return values, "", f'apptainer exec {nv}--bind "$CONTAINER_MOUNTS" "$CONTAINER_IMAGE" '
 
 
-@functools.lru_cache(maxsize=1)
-def _template():  # type: ignore[no-untyped-def]
+@functools.lru_cache(maxsize=2)
+def _template(name: str = TEMPLATE):  # type: ignore[no-untyped-def]
     import jinja2
 
     def only_safe(value: object) -> object:
@@ -241,7 +265,7 @@ def _template():  # type: ignore[no-untyped-def]
         lstrip_blocks=True,
         finalize=only_safe,
     )
-    return env.get_template(TEMPLATE)
+    return env.get_template(name)
 
 
 def render_sbatch(
@@ -251,13 +275,16 @@ def render_sbatch(
     *,
     python: str,
     array_specs: Sequence[RunSpec] | None = None,
+    prepare_step: bool = True,
 ) -> str:
     """The batch script for `spec` run from `run_dir` (absolute; spec.yaml and logs/ live there).
 
     `python` is the interpreter the ranks use when neither set-up lines nor a container provide
     one (the caller passes sys.executable). `array_specs` are the tasks of a sweep: the script
-    becomes a job array whose task i trains RUN_DIR/tasks/i/spec.yaml. Raises SpecError listing
-    every value that cannot be rendered safely.
+    becomes a job array whose task i trains RUN_DIR/tasks/i/spec.yaml. `prepare_step`: the job
+    prepares the data itself in a first one-task step (`launcher bench --slurm`); `launcher slurm`
+    leaves it out and queues the preparation as its own CPU job (`render_chain_sbatch`). Raises
+    SpecError listing every value that cannot be rendered safely.
     """
     run_dir = Path(run_dir)
     problems = check(spec, run_dir, python=python, array_specs=array_specs)
@@ -265,7 +292,7 @@ def render_sbatch(
         raise SpecError(problems)
     c = spec.cluster
     array_tasks = len(array_specs) if array_specs else 0
-    container, container_srun, exec_prefix = _container(spec, run_dir)
+    container, container_srun, exec_prefix = _container(spec, run_dir, gpu=c.gpus_per_node > 0)
     cpus = _cpus_per_task(spec, plan)
     srun_args = (f" --cpus-per-task={cpus}" if cpus else "") + container_srun
     python_from_path = bool(c.setup or c.container)
@@ -287,5 +314,94 @@ def render_sbatch(
         requeue=1 if c.requeue else 0,
         max_requeues=c.max_requeues,
         max_retries=c.max_retries,
+        prepare_step=prepare_step,
     )
     return text
+
+
+# --------------------------------------------------------------------------- the chained one-task jobs
+
+def chain_uses_gpu(spec: RunSpec, kind: str) -> bool:
+    """eval runs the model on one GPU when the run has GPUs; prep and merge are CPU work."""
+    return kind == "eval" and spec.cluster.gpus_per_node > 0
+
+
+def chain_directives(spec: RunSpec, kind: str, run_dir: Path) -> list[str]:
+    """The #SBATCH lines of a prep/merge/eval job, sorted: one node, one task, cluster.prep's CPUs,
+    memory and time; the prep partition unless the job needs a GPU (then the training partition).
+
+    Only the prep job carries cluster.dependency: it is the first job of the chain, and every later
+    one waits for it (`--dependency=afterok:<previous job>`, given to sbatch when the chain is
+    queued, so that a script resubmitted by hand does not wait for a job Slurm has forgotten).
+    """
+    c = spec.cluster
+    gpu = chain_uses_gpu(spec, kind)
+    partition = c.partition if gpu else (c.prep.partition or c.partition)
+    # constraint and reservation name nodes of the training partition; they mean nothing elsewhere
+    same_nodes = partition == c.partition
+    log = slurm_filename(str(run_dir / "logs")) + "/%x-%j.out"
+    opts: dict[str, str | int | None] = {
+        "job-name": f"{job_name(spec)}-{kind}",
+        "nodes": 1,
+        "ntasks": 1,
+        "cpus-per-task": c.prep.cpus,
+        "gpus-per-node": 1 if gpu else None,
+        "mem": c.prep.mem,
+        "time": c.prep.time,
+        "partition": partition,
+        "account": c.account,
+        "qos": c.qos,
+        "constraint": c.constraint if same_nodes else None,
+        "reservation": c.reservation if same_nodes else None,
+        "output": log,
+        "error": log,
+        "open-mode": "append",
+        "dependency": c.dependency if kind == "prep" else None,
+        "export": "ALL",
+    }
+    lines = [f"#SBATCH --{k}={sbatch_quote(str(v))}" for k, v in opts.items() if v is not None]
+    # each job is idempotent (a cache hit, a merge with --force, eval.json rewritten): safe to run again
+    lines.append("#SBATCH --requeue" if c.requeue else "#SBATCH --no-requeue")
+    return sorted(lines)
+
+
+def render_chain_sbatch(
+    spec: RunSpec,
+    kind: str,
+    run_dir: Path,
+    *,
+    python: str,
+    array_specs: Sequence[RunSpec] | None = None,
+) -> str:
+    """The batch script of one job chained around training, RUN_DIR/{prepare,merge,eval}.sbatch:
+
+    - prep: `launcher prepare RUN_DIR/spec.yaml` (each sweep task's spec for a job array): tokenizes
+      into the cache the ranks read, and makes the tiny model's RUN_DIR/base;
+    - merge: `launcher merge RUN_DIR --out RUN_DIR/merged --force`;
+    - eval: `launcher eval RUN_DIR` (results in RUN_DIR/eval.json).
+
+    Same interpreter, set-up lines, container, account and environment as the training job.
+    """
+    if kind not in CHAIN_KINDS:
+        raise ValueError(f"chain job kind {kind!r}: one of {', '.join(CHAIN_KINDS)}")
+    run_dir = Path(run_dir)
+    problems = check(spec, run_dir, python=python, array_specs=array_specs)
+    if problems:
+        raise SpecError(problems)
+    c = spec.cluster
+    container, container_srun, exec_prefix = _container(spec, run_dir, gpu=chain_uses_gpu(spec, kind))
+    python_from_path = bool(c.setup or c.container)
+    return _template(CHAIN_TEMPLATE).render(
+        directives=Sh("\n".join(chain_directives(spec, kind, run_dir))),
+        kind=Sh(kind),
+        run_dir=sh(str(run_dir)),
+        merged=Sh(MERGED_DIRNAME),
+        array_tasks=len(array_specs) if array_specs else 0,
+        python=sh(PATH_PYTHON if python_from_path else python),
+        python_from_path=python_from_path,
+        container=container,
+        setup=Sh("\n".join(c.setup)),
+        env=_quoted_environment(_hub_environment(spec) + sorted(c.env.items())),
+        srun_args=Sh(f" --cpus-per-task={c.prep.cpus}" + container_srun),
+        exec_prefix=Sh(exec_prefix),
+    )

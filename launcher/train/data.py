@@ -453,12 +453,28 @@ def prepare(spec: RunSpec, tokenizer: Any = None) -> Path:
     return final
 
 
-def load_prepared(spec: RunSpec, tokenizer: Any = None, split: str = "train") -> Dataset:
-    """The prepared split ('train' or 'eval'); UserError with the fix when it has not been prepared."""
+def require_prepared(spec: RunSpec, tokenizer: Any = None) -> Path:
+    """The prepared data's folder; UserError (exit 2) naming it and the fix when it is not complete.
+
+    Ranks call this first: they only read the cache, so a missing entry stops every rank at once,
+    before any imports the heavy libraries or joins the process group (no rank tokenizes while the
+    others wait in a collective).
+    """
     path = prepared_path(spec, tokenizer)
     if not (path / "meta.json").is_file():
-        raise UserError(f"the tokenized data for this run is not in the cache ({path}); run "
-                        f"`launcher prepare SPEC` with the same data, model and seq_len first", field="data.path")
+        spec_file = Path(spec.output.dir) / "spec.yaml"
+        target = str(spec_file) if spec_file.is_file() else "SPEC"
+        raise UserError(f"the tokenized data for this run is not in the cache: {path} is missing or incomplete "
+                        f"(no meta.json). Ranks only read the cache; run `launcher prepare SPEC` first "
+                        f"(`launcher prepare {target}`, where the ranks see the same cache: data.cache_dir or "
+                        f"$LAUNCHER_CACHE), or submit with `launcher slurm --submit` without --no-prep, which "
+                        f"queues a preparation job before training", field="data.path")
+    return path
+
+
+def load_prepared(spec: RunSpec, tokenizer: Any = None, split: str = "train") -> Dataset:
+    """The prepared split ('train' or 'eval'); UserError with the fix when it has not been prepared."""
+    path = require_prepared(spec, tokenizer)
     from datasets import load_from_disk
 
     dd = load_from_disk(str(path))

@@ -37,7 +37,8 @@ WRONG_PROFILE = {
                    "debug": {"gpu_type": "a100", "gpus_per_node": 2, "cpus_per_node": 2, "max_time": "04:00:00"}},
 }
 TINY = {"data": {"seq_len": 64}, "optim": {"max_steps": 3, "micro_batch": 2}, "precision": "fp32",
-        "zero": {"stage": 2}, "cluster": {"gpus_per_node": 0, "time": "10", "partition": "debug"}}
+        "zero": {"stage": 2}, "cluster": {"gpus_per_node": 0, "time": "10", "partition": "debug",
+                                          "prep": {"cpus": 1}}}  # the preparation job fits a 2-CPU node
 
 
 def launcher(lab, *args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -118,13 +119,15 @@ def jobs(slurm_lab, tmp_path_factory, profiles_file):
         "nodes": 2, "gpus_per_node": 2, "nproc_per_node": 1, "time": "10", "net_ifname": "eth0",
         "setup": [f"export PATH={stub_dir}:$PATH"]}}))
     gpu_run = base / "gpu"
+    # --no-prep: the stand-in reads no data, and the run's cost is this one job's
     common = ["--cluster", "lab", "--clusters", str(profiles_file)]
-    cp = launcher(slurm_lab, "slurm", str(gpu_spec), "--out", str(gpu_run), "--gpus-per-node", "2", *common)
+    cp = launcher(slurm_lab, "slurm", str(gpu_spec), "--out", str(gpu_run), "--gpus-per-node", "2", "--no-prep",
+                  *common)
     assert cp.returncode == 0, cp.stderr
     out["gpu_test_only"] = slurm_lab.cmd("sbatch", "--test-only", str(gpu_run / "job.sbatch"), check=False,
                                          cwd=gpu_run)
-    cp = launcher(slurm_lab, "slurm", str(gpu_spec), "--out", str(gpu_run), "--gpus-per-node", "2", *common,
-                  "--force", "--submit")
+    cp = launcher(slurm_lab, "slurm", str(gpu_spec), "--out", str(gpu_run), "--gpus-per-node", "2", "--no-prep",
+                  *common, "--force", "--submit")
     assert cp.returncode == 0, cp.stderr
     out["gpu"] = (gpu_run, cp.stdout.strip().splitlines()[-1])
     out["gpu_follow"] = launcher_popen(slurm_lab, "logs", "-f", str(gpu_run))
@@ -147,7 +150,7 @@ def jobs(slurm_lab, tmp_path_factory, profiles_file):
     tiny_spec = base / "tiny.yaml"
     tiny_spec.write_text(yaml.safe_dump(TINY))
     args = [str(tiny_spec), "--nodes", "1", "--nproc", "1", "--net-ifname", "eth0", "--name", "tiny", *common]
-    # Nothing prepared by hand: the job's own preparation step tokenizes and makes the tiny base.
+    # Nothing prepared by hand: the run's preparation job tokenizes and makes the tiny base.
     cp = launcher(slurm_lab, "slurm", *args, "--out", str(tiny_run), "--submit")
     assert cp.returncode == 0, cp.stderr
     out["tiny"] = (tiny_run, cp.stdout.strip().splitlines()[-1])
@@ -302,7 +305,10 @@ def test_cost_is_the_sum_over_attempts_of_sacct_elapsed_times_allocation_times_p
     assert gpu["usd"] == pytest.approx(gpu_seconds / 3600 * GPU_PRICE, rel=0.01)
     assert len(gpu["attempts"]) == 2 and gpu["tokens"] is None
 
-    rows = slurm_lab.sacct(tiny_job, ["ElapsedRaw", "NNodes"], all_attempts=True)
+    # every job of the run is paid for: the training job, and its preparation job when the cache lacked the data
+    tiny_ids = [j["job_id"] for j in map(json.loads, (tiny_run / "jobs.jsonl").read_text().splitlines())]
+    assert tiny_ids[-1] == tiny_job
+    rows = [r for j in tiny_ids for r in slurm_lab.sacct(j, ["ElapsedRaw", "NNodes"], all_attempts=True)]
     node_seconds = sum(int(r["ElapsedRaw"]) * int(r["NNodes"]) for r in rows)
     assert tiny["gpu_hours"] == 0 and tiny["usd"] == pytest.approx(node_seconds / 3600 * NODE_PRICE, rel=0.01)
     tokens = 3 * 2 * 64  # max_steps x (micro batch 2 x 1 rank) x seq_len 64

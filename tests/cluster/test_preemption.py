@@ -39,6 +39,7 @@ TIMEOUT_S = 60  # cluster.nccl.timeout_s of the faulty job
 SPEC = {"data": {"seq_len": 64}, "optim": {"max_steps": MAX_STEPS, "micro_batch": 2, "lr": 3e-3, "warmup_steps": 2},
         "precision": "fp32", "zero": {"stage": 2}, "output": {"log_every": 1},
         "cluster": {"gpus_per_node": 0, "time": "15", "partition": "debug", "nodes": 2, "nproc_per_node": 1,
+                    "prep": {"cpus": 1},  # the preparation job fits the lab's 2-CPU nodes
                     "net_ifname": "eth0", "max_requeues": 2}}
 STEP = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+) ", re.M)
 

@@ -16,14 +16,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 # Small enough for the lab's 2-CPU nodes; fp32 because CPU ranks have no fp16 kernels.
+# cluster.prep.cpus=1: the preparation job fits the lab's 2-CPU nodes beside a training rank.
 TINY = {"data": {"seq_len": 64}, "optim": {"max_steps": 3, "micro_batch": 2}, "precision": "fp32",
-        "zero": {"stage": 2}, "cluster": {"gpus_per_node": 0, "time": "10", "partition": "debug"}}
+        "zero": {"stage": 2}, "cluster": {"gpus_per_node": 0, "time": "10", "partition": "debug",
+                                          "prep": {"cpus": 1}}}
 STEP = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+) ", re.M)
 
 
-def launcher_slurm(lab, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """`python -m launcher slurm ARGS` against the lab (its SLURM_CONF); the jobs it submits run in cwd."""
-    env = lab.subprocess_env({"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+def launcher_slurm(lab, *args: str, cwd: Path = ROOT, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m launcher slurm ARGS` against the lab (its SLURM_CONF); the jobs it submits run in cwd
+    (and inherit LAUNCHER_CACHE=cache when given)."""
+    env = lab.subprocess_env({"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                              **({"LAUNCHER_CACHE": str(cache)} if cache else {})})
     return subprocess.run([sys.executable, "-m", "launcher", "slurm", *args], cwd=cwd, env=env, text=True,
                           capture_output=True, timeout=300)
 
@@ -37,12 +41,14 @@ def tiny_spec(tmp_path: Path) -> Path:
 
 
 def write_prepare_submit(lab, run_dir: Path, *args: str) -> str:
-    """`launcher slurm --out RUN_DIR --submit`; returns the job id. Nothing is prepared by hand:
-    the job's own preparation step tokenizes the data and makes the tiny base before any rank."""
-    cp = launcher_slurm(lab, *args, "--out", str(run_dir), "--submit")
+    """`launcher slurm --out RUN_DIR --submit`; returns the training job's id. Nothing is prepared by
+    hand: the run's preparation job tokenizes the data and makes the tiny base before training starts
+    (the cache is this test's own, so it is never prepared already)."""
+    cp = launcher_slurm(lab, *args, "--out", str(run_dir), "--submit", cache=run_dir.parent / "cache")
     assert cp.returncode == 0, cp.stderr
-    job_id = cp.stdout.strip().splitlines()[-1]
-    assert [j["job_id"] for j in map(json.loads, (run_dir / "jobs.jsonl").read_text().splitlines())] == [job_id]
+    prep_id, job_id = cp.stdout.split()
+    recorded = [(j["job_id"], j["kind"]) for j in map(json.loads, (run_dir / "jobs.jsonl").read_text().splitlines())]
+    assert recorded == [(prep_id, "prep"), (job_id, "train")]
     return job_id
 
 
@@ -86,7 +92,7 @@ def test_two_nodes_one_rank_each_train_zero2_to_completion(slurm_lab, tmp_path):
     log = logs(run_dir)
     assert state == "COMPLETED", log[-3000:]
     assert_trained(run_dir, log)
-    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NodeList", "NTasks"], steps=True) if r["JobID"] == f"{job}.1"]  # step 0 prepares
+    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NodeList", "NTasks"], steps=True) if r["JobID"] == f"{job}.0"]
     assert step["NodeList"] == "node[1-2]" and step["NTasks"] == "2", step  # one torchrun per node
     assert (run_dir / "logs" / f"tiny-2x1-{job}.out").is_file()  # %x-%j
 
@@ -100,7 +106,7 @@ def test_one_node_two_ranks_train_zero2_to_completion(slurm_lab, tmp_path):
     log = logs(run_dir)
     assert state == "COMPLETED", log[-3000:]
     assert_trained(run_dir, log)
-    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NTasks"], steps=True) if r["JobID"] == f"{job}.1"]  # step 0 prepares
+    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NTasks"], steps=True) if r["JobID"] == f"{job}.0"]
     assert step["NTasks"] == "2", step
 
 

@@ -1,4 +1,5 @@
-"""The Slurm batch script: pinned by golden files, valid bash, and safe with hostile values.
+"""The Slurm batch scripts (training, and the prep/merge/eval jobs chained around it): pinned by
+golden files, valid bash, and safe with hostile values.
 
 Re-record the golden files after an intended change with
     LAUNCHER_RECORD_GOLDEN=1 pytest tests/unit/test_render_slurm.py
@@ -24,7 +25,7 @@ import pytest
 from launcher.errors import SpecError
 from launcher.plan import make_plan
 from launcher.render import slurm as render
-from launcher.render.slurm import render_sbatch, sbatch_quote
+from launcher.render.slurm import render_chain_sbatch, render_sbatch, sbatch_quote
 from launcher.spec import RunSpec, validate
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "slurm"
@@ -35,7 +36,8 @@ PYTHON = "/opt/venv/bin/python"
 _GPU = {"gpus_per_node": 8, "partition": "gpu", "account": "llm", "time": "2-00:00:00", "mem": "0",
         "cpus_per_task": 8, "exclusive": True, "net_ifname": "ib0", "nccl": {"ib_hca": "mlx5"}}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "single_node_gpu": {"name": "sft-8b", "cluster": {**_GPU, "nodes": 1}, "optim": {"global_batch": 32}},
+    "single_node_gpu": {"name": "sft-8b", "cluster": {**_GPU, "nodes": 1, "hf_home": "/shared/hf"},
+                        "optim": {"global_batch": 32}},
     "multi_node_gpu": {"name": "cpt-70b", "zero": {"stage": 3},
                        "cluster": {**_GPU, "nodes": 4, "qos": "high", "constraint": "h100",
                                    "reservation": "llm-res", "dependency": "afterok:1234",
@@ -55,19 +57,48 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                           "setup": ["module load python/3.11",
                                                                     "source /opt/venv/bin/activate"]}},
 }
+# What `launcher bench --slurm` renders: the job prepares the data in a first step of its own. Every
+# other variant is what `launcher slurm` writes, with the preparation queued as a job before it.
+IN_JOB_PREP = {"cpu_in_job_prep": "cpu"}
 SWEEP_LRS = (1e-4, 3e-4, 1e-3)
+# The one-task jobs chained around training: (kind, training variant the run has).
+CHAIN_VARIANTS: dict[str, tuple[str, str]] = {
+    "chain_prep_cpu": ("prep", "cpu"),
+    "chain_prep_sweep": ("prep", "array_sweep"),
+    "chain_prep_gpu_hf_home": ("prep", "single_node_gpu"),
+    "chain_merge_apptainer": ("merge", "container_apptainer"),
+    "chain_eval_gpu_pyxis": ("eval", "container_pyxis"),
+    "chain_eval_cpu_setup": ("eval", "cpu_srun_per_rank"),
+}
+CHAIN_EXTRA = {"cluster": {"prep": {"partition": "cpu", "cpus": 16, "mem": "64G", "time": "00:30:00"},
+                           "hf_home": "/shared/hf"}}
 
 
 def spec_of(tree: dict[str, Any]) -> RunSpec:
     return validate(tree)
 
 
+def _sweep_tasks(name: str) -> list[RunSpec] | None:
+    if name != "array_sweep":
+        return None
+    return [validate({**VARIANTS[name], "optim": {"lr": lr}}) for lr in SWEEP_LRS]
+
+
 def rendered(name: str) -> str:
-    spec = spec_of(VARIANTS[name])
-    tasks = None
-    if name == "array_sweep":
-        tasks = [validate({**VARIANTS[name], "optim": {"lr": lr}}) for lr in SWEEP_LRS]
-    return render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON, array_specs=tasks)
+    if name in CHAIN_VARIANTS:
+        kind, base = CHAIN_VARIANTS[name]
+        tree = VARIANTS[base]
+        if name.endswith(("_hf_home", "_apptainer")):  # prep settings of their own, and the hub cache
+            tree = {**tree, "cluster": {**tree["cluster"], **CHAIN_EXTRA["cluster"]}}
+        return render_chain_sbatch(spec_of(tree), kind, RUN_DIR, python=PYTHON, array_specs=_sweep_tasks(base))
+    in_job_prep = name in IN_JOB_PREP
+    base = IN_JOB_PREP.get(name, name)
+    spec = spec_of(VARIANTS[base])
+    return render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON, array_specs=_sweep_tasks(base),
+                         prepare_step=in_job_prep)
+
+
+ALL_SCRIPTS = sorted([*VARIANTS, *IN_JOB_PREP, *CHAIN_VARIANTS])
 
 
 def sbatch_args(line: str) -> list[str]:
@@ -106,8 +137,12 @@ def sbatch_args(line: str) -> list[str]:
 
 
 def directives_of(script: str) -> dict[str, str]:
+    """The options sbatch reads from a script: #SBATCH lines up to its first command, as sbatch stops
+    there (so a dry run that prints several scripts gives the first one's)."""
     out: dict[str, str] = {}
     for line in script.splitlines():
+        if line.strip() and not line.startswith("#"):
+            break
         if line.startswith("#SBATCH"):
             for arg in sbatch_args(line):
                 key, _, value = arg.partition("=")
@@ -117,7 +152,7 @@ def directives_of(script: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- golden files
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_script_matches_golden_file(name):
     text = rendered(name)
     path = GOLDEN / f"{name}.sbatch"
@@ -131,7 +166,7 @@ def test_script_matches_golden_file(name):
     assert text == path.read_text(), hint
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_golden_script_is_valid_bash(name):
     path = GOLDEN / f"{name}.sbatch"
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
@@ -142,7 +177,7 @@ def test_rendering_is_byte_identical_across_calls():
     assert len({rendered("multi_node_gpu") for _ in range(3)}) == 1
 
 
-@pytest.mark.parametrize("name", sorted(VARIANTS))
+@pytest.mark.parametrize("name", ALL_SCRIPTS)
 def test_sbatch_directives_come_first_and_sorted(name):
     lines = rendered(name).splitlines()
     assert lines[0] == "#!/bin/bash"
@@ -192,6 +227,84 @@ def test_percent_in_run_dir_is_literal_for_slurm():
     spec = spec_of({})
     text = render_sbatch(spec, make_plan(spec), Path("/runs/100%x"), python=PYTHON)
     assert directives_of(text)["--output"] == "/runs/100%%x/logs/%x-%j.out"
+    chain = render_chain_sbatch(spec, "prep", Path("/runs/100%x"), python=PYTHON)
+    assert directives_of(chain)["--output"] == "/runs/100%%x/logs/%x-%j.out"
+
+
+# --------------------------------------------------------------------------- the chained jobs
+
+def _chain(kind: str, **cluster: Any) -> str:
+    return render_chain_sbatch(spec_of({"name": "demo", "cluster": cluster}), kind, RUN_DIR, python=PYTHON)
+
+
+def test_training_script_of_launcher_slurm_leaves_preparation_to_its_own_job():
+    assert "-m launcher prepare" not in rendered("cpu")
+    assert '-m launcher prepare "$SPEC"' in rendered("cpu_in_job_prep")  # launcher bench --slurm
+
+
+def test_prep_job_is_one_cpu_task_with_the_prep_settings():
+    d = directives_of(_chain("prep", nodes=4, gpus_per_node=8, partition="gpu", account="llm", qos="high",
+                             constraint="h100", reservation="res", dependency="afterok:99", time="2-00:00:00",
+                             mem="0", exclusive=True,
+                             prep={"partition": "cpu", "cpus": 16, "mem": "64G", "time": "00:30:00"}))
+    assert (d["--nodes"], d["--ntasks"], d["--cpus-per-task"]) == ("1", "1", "16")
+    assert not {"--gpus-per-node", "--exclusive", "--signal", "--ntasks-per-node"} & set(d)
+    assert (d["--partition"], d["--mem"], d["--time"]) == ("cpu", "64G", "00:30:00")
+    assert (d["--account"], d["--qos"]) == ("llm", "high")
+    assert "--constraint" not in d and "--reservation" not in d  # they name nodes of the training partition
+    assert d["--job-name"] == "demo-prep" and d["--output"] == d["--error"] == "/scratch/runs/demo/logs/%x-%j.out"
+    assert d["--open-mode"] == "append" and d["--export"] == "ALL"
+    assert d["--dependency"] == "afterok:99"  # the first job of the chain waits for what the run waits for
+
+
+def test_prep_job_defaults_to_the_training_partition_and_its_nodes():
+    d = directives_of(_chain("prep", partition="gpu", constraint="h100"))
+    assert (d["--partition"], d["--constraint"], d["--time"], d["--cpus-per-task"]) == ("gpu", "h100", "01:00:00", "4")
+    assert "--mem" not in d
+
+
+@pytest.mark.parametrize("kind, command", [
+    ("prep", '-m launcher prepare "$SPEC"'),
+    ("merge", '-m launcher merge "$RUN_DIR" --out "$RUN_DIR/merged" --force'),
+    ("eval", '-m launcher eval "$RUN_DIR"'),
+])
+def test_chain_job_runs_its_command_and_only_the_first_carries_the_spec_dependency(kind, command):
+    text = _chain(kind, dependency="singleton")
+    assert f'"$PYTHON" {command}' in text
+    d = directives_of(text)
+    assert d.get("--dependency") == ("singleton" if kind == "prep" else None)
+    assert d["--job-name"] == f"demo-{kind}"
+
+
+def test_eval_job_takes_one_gpu_on_the_training_partition_when_the_run_has_gpus():
+    prep = {"partition": "cpu"}
+    gpu = directives_of(_chain("eval", gpus_per_node=8, partition="gpu", prep=prep))
+    assert gpu["--gpus-per-node"] == "1" and gpu["--partition"] == "gpu"
+    cpu = directives_of(_chain("eval", gpus_per_node=0, partition="gpu", prep=prep))
+    assert "--gpus-per-node" not in cpu and cpu["--partition"] == "cpu"
+    merge = directives_of(_chain("merge", gpus_per_node=8, partition="gpu", prep=prep))
+    assert "--gpus-per-node" not in merge and merge["--partition"] == "cpu"
+
+
+def test_sweep_prep_job_prepares_every_task_spec():
+    text = rendered("chain_prep_sweep")
+    assert f"for task in $(seq 0 {len(SWEEP_LRS) - 1}); do" in text
+    assert '-m launcher prepare "$RUN_DIR/tasks/$task/spec.yaml"' in text
+
+
+def test_hf_home_sets_the_hub_cache_and_offline_mode_in_every_script():
+    def scripts(tree: dict[str, Any]) -> list[str]:
+        spec = spec_of(tree)
+        return [render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON, prepare_step=False),
+                *(render_chain_sbatch(spec, k, RUN_DIR, python=PYTHON) for k in render.CHAIN_KINDS)]
+
+    for text in scripts({"cluster": {"gpus_per_node": 1, "hf_home": "/shared/hf cache"}}):
+        assert "export HF_HOME='/shared/hf cache'\nexport HF_HUB_OFFLINE=1\n" in text
+    for text in scripts({"cluster": {"gpus_per_node": 1}}):
+        assert "HF_HOME" not in text and "HF_HUB_OFFLINE" not in text
+    # cluster.env comes last and wins
+    [train, *_] = scripts({"cluster": {"hf_home": "/shared/hf", "env": {"HF_HUB_OFFLINE": "0"}}})
+    assert train.index("export HF_HUB_OFFLINE=1") < train.index("export HF_HUB_OFFLINE=0")
 
 
 # --------------------------------------------------------------------------- refusals
@@ -206,11 +319,18 @@ def test_percent_in_run_dir_is_literal_for_slurm():
     ({"cluster": {"array": "0-3"}}, "--sweep"),
     ({"cluster": {"container": {"image": "img", "mounts": ["/a,/b"]}}}, "mounts[0]"),
     ({"cluster": {"container": {"image": "img\nid"}}}, "container.image"),
+    ({"cluster": {"hf_home": "~/hf"}}, "cluster.hf_home"),
+    ({"cluster": {"hf_home": "hf"}}, "absolute path"),
+    ({"cluster": {"prep": {"mem": "1G; touch p"}}}, "cluster.prep.mem"),
+    ({"cluster": {"prep": {"partition": "cpu\n#SBATCH --uid=0"}}}, "cluster.prep.partition"),
 ])
 def test_values_that_cannot_be_one_directive_are_refused(tree, words):
     spec = spec_of(tree)
     with pytest.raises(SpecError, match=re.escape(words)):
         render_sbatch(spec, make_plan(spec), RUN_DIR, python=PYTHON)
+    for kind in render.CHAIN_KINDS:
+        with pytest.raises(SpecError, match=re.escape(words)):
+            render_chain_sbatch(spec, kind, RUN_DIR, python=PYTHON)
 
 
 def test_relative_interpreter_and_bad_run_dir_are_refused():
@@ -237,21 +357,27 @@ def test_template_refuses_a_value_that_was_not_quoted(monkeypatch):
 
 
 def test_slurm_command_imports_no_heavy_library(tmp_path):
-    # the whole `launcher slurm` path, sweep and data check included, in a fresh interpreter
+    # the whole `launcher slurm` path in a fresh interpreter: sweep, data check, the prepared-data check
+    # (an empty cache, so a prep job is rendered), the --then chain, and writing the run dir
     code = textwrap.dedent("""\
         import sys
         from launcher.cli import main
-        try:
-            main(["slurm", "--dry-run", "--out", sys.argv[1], "--sweep", "optim.lr=1e-4,2e-4"])
-        except SystemExit as exc:
-            assert exc.code in (0, None), exc.code
+        for args in (["--dry-run", "--sweep", "optim.lr=1e-4,2e-4"],
+                     ["--method", "lora", "--then", "merge", "--then", "eval"]):
+            try:
+                main(["slurm", "--out", sys.argv[1], "--force", *args])
+            except SystemExit as exc:
+                assert exc.code in (0, None), exc.code
         heavy = {"torch", "transformers", "deepspeed", "peft", "bitsandbytes", "datasets"}
         print("HEAVY", sorted(heavy & set(sys.modules)), file=sys.stderr)
         """)
+    env = {**os.environ, "LAUNCHER_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[2])
+                          cwd=Path(__file__).resolve().parents[2], env=env)
     assert proc.returncode == 0, proc.stderr
     assert "HEAVY []" in proc.stderr, proc.stderr
+    assert "would queue: prepare.sbatch (prep), then job.sbatch (train)" in proc.stderr, proc.stderr
+    assert all((tmp_path / "run" / f).is_file() for f in ("prepare.sbatch", "job.sbatch", "merge.sbatch", "eval.sbatch"))
 
 
 # --------------------------------------------------------------------------- hostile values, run for real
@@ -454,6 +580,67 @@ def test_hostile_container_values_arrive_verbatim(tmp_path, runtime, value):
         assert len(apps) == 2
         for app_argv, _ in apps:
             assert app_argv[:5] == ["exec", "--nv", "--bind", mounts, value]
+
+
+_CHAIN_ARGV = {
+    "prep": lambda rd: ["-m", "launcher", "prepare", str(rd / "spec.yaml")],
+    "merge": lambda rd: ["-m", "launcher", "merge", str(rd), "--out", str(rd / "merged"), "--force"],
+    "eval": lambda rd: ["-m", "launcher", "eval", str(rd)],
+}
+
+
+@pytest.mark.parametrize("kind", render.CHAIN_KINDS)
+@pytest.mark.parametrize("value", HOSTILE)
+def test_hostile_values_reach_the_chain_jobs_verbatim_and_run_nothing(tmp_path, kind, value):
+    sb = Sandbox(tmp_path, python_dir_name=f"venv {value}/bin")
+    run_dir = _sandbox_run_dir(sb, value)
+    spec = _hostile_spec(value, hf_home=f"/hf/{value}", prep={"partition": value})
+    script = render_chain_sbatch(spec, kind, run_dir, python=str(sb.python))
+
+    d = directives_of(script)
+    assert d["--job-name"] == f"{value}-{kind}"
+    for key in ("--partition", "--account", "--qos", "--constraint", "--reservation"):
+        assert d[key] == value, key
+    assert d.get("--dependency") == (value if kind == "prep" else None)
+    assert d["--output"] == str(run_dir / "logs").replace("%", "%%") + "/%x-%j.out"
+
+    proc = sb.run(script)
+    assert proc.returncode == 0, proc.stderr
+    assert sb.marker_files() == []
+    [(argv, env)] = sb.calls("python")
+    assert argv == _CHAIN_ARGV[kind](run_dir)
+    assert env["HOSTILE"] == value and env["HF_HOME"] == f"/hf/{value}" and env["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer"])
+@pytest.mark.parametrize("kind", ["prep", "eval"])
+def test_hostile_container_values_reach_the_chain_jobs_verbatim(tmp_path, runtime, kind):
+    value = HOSTILE[1]
+    sb = Sandbox(tmp_path)
+    run_dir = _sandbox_run_dir(sb, value)
+    spec = spec_of({"cluster": {"gpus_per_node": 2, "container": {
+        "runtime": runtime, "image": value, "mounts": [f"/data/{value}:/data"]}}})
+    proc = sb.run(render_chain_sbatch(spec, kind, run_dir, python="/unused/python"))
+    assert proc.returncode == 0, proc.stderr
+    assert sb.marker_files() == []
+    [(py_argv, _)] = sb.calls("python3")
+    assert py_argv == _CHAIN_ARGV[kind](run_dir)
+    mounts = f"{run_dir}:{run_dir},/data/{value}:/data"
+    [(srun_argv, _)] = sb.calls("srun")
+    if runtime == "pyxis":
+        assert f"--container-image={value}" in srun_argv and f"--container-mounts={mounts}" in srun_argv
+    else:
+        [(app_argv, _)] = sb.calls("apptainer")
+        nv = ["--nv"] if kind == "eval" else []  # the eval job has the run's GPU; prep is CPU work
+        assert app_argv[:4 + len(nv)] == ["exec", *nv, "--bind", mounts, value]
+
+
+@pytest.mark.parametrize("mode, status", [("", 0), ("fail-2", 1)])
+def test_chain_job_ends_with_its_commands_status_and_says_so_in_its_log(tmp_path, mode, status):
+    sb = Sandbox(tmp_path)
+    proc = sb.run(render_chain_sbatch(spec_of({}), "eval", sb.root / "run", python=str(sb.python)), STUB_MODE=mode)
+    assert proc.returncode == status
+    assert proc.stderr.splitlines()[-1] == f"launcher: job step ended with status {status}"  # what status reads
 
 
 def test_srun_launcher_exports_rank_variables_from_slurm(tmp_path):

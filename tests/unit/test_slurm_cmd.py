@@ -1,4 +1,5 @@
-"""`launcher slurm`: run dir creation, refusals before anything is written or queued, sweeps, secrets."""
+"""`launcher slurm`: run dir creation, refusals before anything is written or queued, sweeps, secrets,
+and the chain of jobs it queues (prep before training when the data is not prepared, --then after)."""
 
 from __future__ import annotations
 
@@ -48,8 +49,10 @@ def fake_bin(tmp_path: Path):
     recorder.write_text("import json, os, sys\n"
                         f"with open({str(log)!r}, 'a') as f:\n"
                         "    f.write(json.dumps({'argv': sys.argv[1:], 'env': dict(os.environ)}) + '\\n')\n")
+    # job ids 4242, 4243, ... in submission order
     add("sbatch", f"""{sys.executable} {recorder} "$@"
-echo "${{FAKE_SBATCH_OUT:-4242;lab}}"
+n=0; while IFS= read -r _; do n=$((n + 1)); done < {log}  # bash only: PATH holds just the stand-ins
+echo "${{FAKE_SBATCH_OUT:-$((4241 + n));lab}}"
 exit "${{FAKE_SBATCH_RC:-0}}"
 """)
     add("srun", 'echo "usage: srun [--container-image=IMAGE] ..."\n')
@@ -60,9 +63,12 @@ exit "${{FAKE_SBATCH_RC:-0}}"
         path = bin_dir
         calls_file = log
 
+        cache = tmp_path / "cache"
+
         @staticmethod
         def env(**extra: str) -> dict[str, str]:
-            return {"PATH": str(bin_dir), **extra}  # only the stand-ins: the real Slurm tools stay out of reach
+            # only the stand-ins: the real Slurm tools stay out of reach; an empty data cache of its own
+            return {"PATH": str(bin_dir), "LAUNCHER_CACHE": str(tmp_path / "cache"), **extra}
 
         @staticmethod
         def calls() -> list[dict]:
@@ -126,6 +132,12 @@ def test_dry_run_prints_the_script_and_writes_nothing(tmp_path):
     (["--set", "cluster.array=0-3"], "--sweep"),
     (["--set", "cluster.env.HF_TOKEN=hf_x"], "secrets are not written"),
     (["--dry-run"], "drop one of --dry-run and --submit"),
+    # chains: merge needs an adapter that folds into the weights
+    (["--method", "full", "--then", "merge"], "method 'full' trains every weight, so there is no adapter to merge"),
+    (["--method", "prefix", "--then", "merge"], "drop --then merge"),
+    (["--method", "lora", "--then", "eval", "--then", "eval"], "--then eval is given 2 times"),
+    (["--method", "lora", "--then", "eval", "--sweep", "optim.lr=1e-4,2e-4"], "--then with --sweep"),
+    (["--then", "deploy"], "Invalid value for '--then'"),
 ])
 def test_bad_input_exits_2_and_writes_or_queues_nothing(tmp_path, fake_bin, args, words):
     out = tmp_path / "run"
@@ -137,15 +149,109 @@ def test_bad_input_exits_2_and_writes_or_queues_nothing(tmp_path, fake_bin, args
 
 # --------------------------------------------------------------------------- submitting
 
+def jobs_of(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "jobs.jsonl").read_text().splitlines()]
+
+
 def test_submit_prints_and_records_the_job_id(tmp_path, fake_bin):
     out = tmp_path / "run"
-    r = slurm("--out", str(out), "--submit", env=fake_bin.env())
+    r = slurm("--out", str(out), "--submit", "--no-prep", env=fake_bin.env())
     assert r.exit_code == 0, r.output
-    assert r.stdout.strip().splitlines()[-1] == "4242"
-    jobs = [json.loads(x) for x in (out / "jobs.jsonl").read_text().splitlines()]
-    assert [(j["job_id"], j["kind"]) for j in jobs] == [("4242", "train")]
+    assert r.stdout.strip().splitlines() == ["4242"]
+    assert [(j["job_id"], j["kind"]) for j in jobs_of(out)] == [("4242", "train")]
     [call] = fake_bin.calls()
     assert call["argv"] == ["--parsable", "--export=ALL", str(out / "job.sbatch")]
+    assert "the ranks exit 2 unless it is prepared" in r.stderr  # --no-prep, and nothing in the cache here
+    assert not (out / "prepare.sbatch").exists()
+
+
+def test_unprepared_data_queues_a_prep_job_that_training_waits_for(tmp_path, fake_bin):
+    out = tmp_path / "run"
+    r = slurm("--out", str(out), "--submit", "--name", "demo", "--set", "cluster.prep.cpus=2", env=fake_bin.env())
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines() == ["4242", "4243"]  # every job id, in the order queued
+    assert [(j["job_id"], j["kind"], j.get("after")) for j in jobs_of(out)] == [
+        ("4242", "prep", None), ("4243", "train", "4242")]
+    prep_call, train_call = fake_bin.calls()
+    assert prep_call["argv"] == ["--parsable", "--export=ALL", str(out / "prepare.sbatch")]
+    assert train_call["argv"] == ["--parsable", "--export=ALL", "--dependency=afterok:4242",
+                                  "--kill-on-invalid-dep=yes", str(out / "job.sbatch")]
+    d = directives_of((out / "prepare.sbatch").read_text())
+    assert d["--job-name"] == "demo-prep" and d["--cpus-per-task"] == "2" and "--gpus-per-node" not in d
+    assert f'RUN_DIR={out}' in (out / "prepare.sbatch").read_text()
+    assert "-m launcher prepare" not in (out / "job.sbatch").read_text()  # the ranks only read the cache
+
+
+def test_prepared_data_queues_no_prep_job(tmp_path, fake_bin, monkeypatch):
+    from launcher.commands.common import resolve_from_cli
+    from launcher.train.data import prepared_path
+
+    monkeypatch.setenv("LAUNCHER_CACHE", str(fake_bin.cache))
+    entry = prepared_path(resolve_from_cli({"seq_len": 64}))  # what `launcher prepare --seq-len 64` fills
+    entry.mkdir(parents=True)
+    (entry / "meta.json").write_text("{}")
+    out = tmp_path / "run"
+    r = slurm("--out", str(out), "--submit", "--seq-len", "64", env=fake_bin.env())
+    assert r.exit_code == 0, r.output
+    assert [j["kind"] for j in jobs_of(out)] == ["train"] and "already prepared" in r.stderr
+    assert len(fake_bin.calls()) == 1 and not (out / "prepare.sbatch").exists()
+
+
+def test_then_merge_and_eval_follow_training_in_order(tmp_path, fake_bin):
+    out = tmp_path / "run"
+    r = slurm("--out", str(out), "--submit", "--method", "lora", "--then", "merge", "--then", "eval",
+              env=fake_bin.env())
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip().splitlines() == ["4242", "4243", "4244", "4245"]
+    assert [(j["job_id"], j["kind"], j.get("after")) for j in jobs_of(out)] == [
+        ("4242", "prep", None), ("4243", "train", "4242"), ("4244", "merge", "4243"), ("4245", "eval", "4244")]
+    files = [c["argv"][-1] for c in fake_bin.calls()]
+    assert files == [str(out / f) for f in ("prepare.sbatch", "job.sbatch", "merge.sbatch", "eval.sbatch")]
+    assert [c["argv"][2:-1] for c in fake_bin.calls()][1:] == [
+        [f"--dependency=afterok:{j}", "--kill-on-invalid-dep=yes"] for j in ("4242", "4243", "4244")]
+    assert f'-m launcher merge "$RUN_DIR" --out "$RUN_DIR/merged"' in (out / "merge.sbatch").read_text()
+    assert '-m launcher eval "$RUN_DIR"' in (out / "eval.sbatch").read_text()
+
+
+def test_a_refused_submission_mid_chain_names_the_jobs_already_queued(tmp_path, fake_bin):
+    # sbatch accepts the prep job, then refuses the training job
+    fake_bin.add_tool("sbatch", """case "$*" in *job.sbatch) echo "sbatch: error: invalid partition" >&2; exit 1;; esac
+echo 777
+""")
+    out = tmp_path / "run"
+    r = slurm("--out", str(out), "--submit", env=fake_bin.env())
+    assert r.exit_code == 1 and "invalid partition" in r.stderr
+    assert "prep job 777" in r.stderr and "launcher cancel" in r.stderr
+    assert [(j["job_id"], j["kind"]) for j in jobs_of(out)] == [("777", "prep")]
+
+
+def test_without_submit_the_chain_is_written_with_how_to_queue_it_by_hand(tmp_path, fake_bin):
+    out = tmp_path / "run"
+    r = slurm("--out", str(out), "--method", "lora", "--then", "eval", env=fake_bin.env())
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == str(out / "job.sbatch")
+    assert f"prep=$(sbatch --parsable {out}/prepare.sbatch)" in r.stderr
+    assert f"train=$(sbatch --parsable --dependency=afterok:$prep --kill-on-invalid-dep=yes {out}/job.sbatch)" in r.stderr
+    assert f"eval=$(sbatch --parsable --dependency=afterok:$train --kill-on-invalid-dep=yes {out}/eval.sbatch)" in r.stderr
+    assert not (out / "merge.sbatch").exists() and fake_bin.calls() == []
+    # rendered again without the chain (--force): the stale scripts go
+    r = slurm("--out", str(out), "--force", "--no-prep", env=fake_bin.env())
+    assert r.exit_code == 0, r.output
+    assert not (out / "prepare.sbatch").exists() and not (out / "eval.sbatch").exists()
+
+
+def test_dry_run_prints_every_script_training_first(tmp_path, fake_bin):
+    r = slurm("--out", str(tmp_path / "run"), "--dry-run", "--method", "lora", "--then", "merge", "--then", "eval",
+              "--name", "demo", env=fake_bin.env())
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("#!/bin/bash\n") and directives_of(r.stdout)["--job-name"] == "demo"
+    for kind, name in (("prep", "prepare.sbatch"), ("merge", "merge.sbatch"), ("eval", "eval.sbatch")):
+        assert f"# ==== {name} ({kind} job) ====\n#!/bin/bash\n" in r.stdout
+        assert f"#SBATCH --job-name=demo-{kind}" in r.stdout
+    assert "would queue: prepare.sbatch (prep), then job.sbatch (train), then merge.sbatch (merge), " \
+           "then eval.sbatch (eval)" in r.stderr
+    assert not (tmp_path / "run").exists() and fake_bin.calls() == []
+
 
 
 def test_secrets_pass_through_the_environment_and_never_reach_the_run_dir(tmp_path, fake_bin):
@@ -158,8 +264,8 @@ def test_secrets_pass_through_the_environment_and_never_reach_the_run_dir(tmp_pa
         if f.is_file():
             text = f.read_text(errors="replace")
             assert not any(v in text for v in secrets.values()), f
-    [call] = fake_bin.calls()  # sbatch got them in its environment, so the job inherits them
-    assert all(call["env"][k] == v for k, v in secrets.items())
+    calls = fake_bin.calls()  # sbatch got them in its environment (prep and train), so the jobs inherit them
+    assert len(calls) == 2 and all(c["env"][k] == v for c in calls for k, v in secrets.items())
 
 
 def test_submit_stops_before_writing_when_the_cluster_lacks_a_tool(tmp_path, fake_bin):
@@ -233,5 +339,6 @@ def test_launcher_flag_switches_to_one_task_per_rank(tmp_path):
 def test_help_lists_the_command_options():
     r = CliRunner().invoke(__import__("launcher.cli", fromlist=["cli"]).cli, ["slurm", "--help"])
     assert r.exit_code == 0
-    for opt in ("--out", "--submit", "--dry-run", "--sweep", "--force", "--net-ifname", "--launcher"):
+    for opt in ("--out", "--submit", "--dry-run", "--sweep", "--force", "--net-ifname", "--launcher", "--no-prep",
+                "--then"):
         assert opt in r.output
