@@ -112,18 +112,32 @@ def missing_in_cache(home: Path, item: HubItem) -> str | None:
 
 
 def check_cached(spec: RunSpec) -> None:
-    """Pre-flight: with cluster.hf_home set, the jobs load the model offline from it (HF_HUB_OFFLINE=1), so a
-    hub model must already be there. UserError (exit 2) naming the model and the fix otherwise."""
-    if not spec.cluster.hf_home or not is_hub_model(spec.model.name):
+    """Pre-flight: with cluster.hf_home set, the jobs (the preparation job included) load the model and the
+    dataset offline from it (HF_HUB_OFFLINE=1), so a hub model or dataset must already be there. UserError
+    (exit 2) naming the item and the fix otherwise."""
+    if not spec.cluster.hf_home:
         return
     home = Path(spec.cluster.hf_home).expanduser()
-    item = HubItem("model", spec.model.name, spec.model.revision, "model.name")
-    why = missing_in_cache(home, item)
-    if why:
-        rev = f" (revision {spec.model.revision})" if spec.model.revision else ""
-        raise UserError(f"model.name={spec.model.name!r}{rev} is not in the shared hub cache cluster.hf_home={home} "
-                        f"({why}); the jobs load it offline (HF_HUB_OFFLINE=1). Stage it first where the hub is "
-                        f"reachable: launcher stage SPEC (the same spec and flags)", field="model.name")
+    for item in hub_items(spec):
+        why = missing_in_cache(home, item)
+        if why:
+            rev = f" (revision {item.revision})" if item.revision else ""
+            raise UserError(f"{item.field}={item.repo_id!r}{rev} is not in the shared hub cache cluster.hf_home="
+                            f"{home} ({why}); the jobs load it offline (HF_HUB_OFFLINE=1). Stage it first where "
+                            f"the hub is reachable: launcher stage SPEC (the same spec and flags)", field=item.field)
+
+
+def staged_dataset(spec: RunSpec) -> Path | None:
+    """The snapshot folder of the spec's hub dataset in the hub cache (cluster.hf_home, $HF_HOME or the
+    default), or None when it is not a hub dataset or was not staged."""
+    if spec.data.path is None:
+        return None
+    from launcher.train.data import _data_files
+
+    if _data_files(spec)[0] != "hub":
+        return None
+    home, _ = hf_home(spec)
+    return cached_snapshot(home, HubItem("dataset", spec.data.path, None, "data.path"))
 
 
 # --------------------------------------------------------------------------- staging
@@ -168,10 +182,6 @@ def stage(spec: RunSpec, hf_home_flag: str | None = None, *, say: Any = print) -
         s = Staged(item, path, len(files), sum(f.stat().st_size for f in files))
         done.append(s)
         say(f"staged       {item.kind} {item.repo_id}{rev}: {s.files} files, {s.bytes / 2**20:,.1f} MiB in {path}")
-        if item.kind == "dataset":
-            say("note: the job's preparation step tokenizes hub datasets through the datasets library; run "
-                "`launcher prepare SPEC` here as well (LAUNCHER_CACHE or data.cache_dir on the shared file "
-                "system), so that the job finds the tokenized data and never needs the hub")
     if spec.cluster.hf_home is None or Path(spec.cluster.hf_home).expanduser().resolve() != home:
         say(f"jobs read this cache offline with cluster.hf_home: {home} (in the spec or the cluster profile)")
     else:

@@ -507,7 +507,12 @@ def _load_raw(spec: RunSpec, hf_cache: Path) -> tuple[Any, list[Path]]:
     kw: dict[str, Any] = {"cache_dir": str(hf_cache)}
     try:
         if fmt == "hub":
-            ds = datasets.load_dataset(spec.data.path, split=spec.data.split, **kw)
+            from launcher.stage import staged_dataset
+
+            # staged by `launcher stage` into the shared hub cache: read that snapshot folder, which needs no
+            # hub (the jobs run with HF_HUB_OFFLINE=1); otherwise the datasets library fetches it
+            staged = staged_dataset(spec)
+            ds = datasets.load_dataset(str(staged) if staged else spec.data.path, split=spec.data.split, **kw)
         else:
             builder = _loader(fmt)
             if builder == "text":

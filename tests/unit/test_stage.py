@@ -186,3 +186,40 @@ def test_stage_of_a_repository_that_does_not_exist_is_bad_input(tmp_path):
         server.shutdown()
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "model.name='acme/nope': no such model repository on" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- a staged hub dataset, offline
+
+def fake_dataset(home: Path, repo: str = "acme/corpus", sha: str = SHA) -> Path:
+    folder = home / "hub" / f"datasets--{repo.replace('/', '--')}"
+    snap = folder / "snapshots" / sha / "data"
+    snap.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(sha)
+    rows = [{"text": f"staged record {i}: the quick brown fox jumps over the lazy dog. " * 3} for i in range(40)]
+    (snap / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return snap.parent
+
+
+def test_preflight_refuses_a_hub_dataset_that_is_not_staged(tmp_path):
+    home = tmp_path / "hf"
+    spec = spec_for(tmp_path, model="tiny", hf_home=home, **{"data.path": "acme/corpus"})
+    with pytest.raises(UserError) as err:
+        check_cached(spec)
+    assert "data.path='acme/corpus'" in str(err.value) and "launcher stage SPEC" in str(err.value)
+    fake_dataset(home)
+    check_cached(spec)  # staged: nothing to say
+
+
+def test_a_staged_hub_dataset_is_prepared_with_the_hub_offline(tmp_path):
+    """The preparation job runs with HF_HUB_OFFLINE=1 and HF_HOME on the shared cache: it reads the staged
+    snapshot folder, never the hub."""
+    home = tmp_path / "hf"
+    fake_dataset(home)
+    cp = cli("prepare", "--model", "tiny", "--data", "acme/corpus", "--seq-len", "32", "--set",
+             f"cluster.hf_home={home}", "--set", "cluster.gpus_per_node=0",
+             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(home), "LAUNCHER_CACHE": str(tmp_path / "cache"),
+                  "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"})
+    assert cp.returncode == 0, cp.stderr[-3000:]
+    [meta] = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("meta.json")]
+    assert meta["documents"] == 40 and meta["tokens"] > 40 * 20, meta  # the 40 staged records
