@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from launcher import modelinfo
-from launcher.errors import SpecError
+from launcher.errors import SpecError, UserError
 from launcher.modelinfo import ModelInfo
 from launcher.spec import RunSpec
 
@@ -26,6 +26,8 @@ class Plan:
     seq_len: int
     max_steps: int
     model: ModelInfo | None
+    method: str = "full"
+    trainable_params: int | None = None  # what method trains, counted from config.json (None: not counted)
 
     @property
     def tokens_per_step(self) -> int:
@@ -48,6 +50,10 @@ class Plan:
             m = self.model
             n = f"{m.total_params():,} parameters" if m.counted else "parameters not counted for this architecture"
             lines.append(f"model        {m.model_type}, hidden {m.hidden_size}, {m.num_layers} layers, {n}")
+        if self.trainable_params is not None:
+            lines.append(f"trainable    {self.trainable_params:,} parameters ({self.method})")
+        else:
+            lines.append(f"trainable    not counted for this model ({self.method}); the training log gives the count")
         return lines
 
 
@@ -110,4 +116,20 @@ def make_plan(spec: RunSpec) -> Plan:
         seq_len=seq,
         max_steps=o.max_steps,
         model=model,
+        method=spec.method.name,
+        trainable_params=_trainable(model, spec),
     )
+
+
+def _trainable(model: ModelInfo | None, spec: RunSpec) -> int | None:
+    """The trainable-parameter count of spec.method (estimate.count_params, the numbers peft itself
+    reports); None where config.json alone cannot tell (another architecture, unknown target modules:
+    pre-flight says why)."""
+    from launcher import estimate  # estimate imports this module
+
+    if model is None or not model.counted:
+        return None
+    try:
+        return estimate.count_params(model, spec).trainable
+    except UserError:
+        return None

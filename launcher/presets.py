@@ -25,10 +25,8 @@ PRESETS["zero3_offload_nvme_bf16"] = {
 
 
 def render_preset(name: str) -> dict[str, Any]:
-    cfg = ds_render.render(validate(PRESETS[name]), None, preset=True)
-    # A preset serves any script and trainer: the schedule belongs to the training arguments.
-    cfg.pop("scheduler")
-    return cfg
+    # A preset serves any script and trainer; the schedule belongs to the training arguments (render has none).
+    return ds_render.render(validate(PRESETS[name]), None, preset=True)
 
 
 def dumps(cfg: dict[str, Any]) -> str:

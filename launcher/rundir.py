@@ -197,12 +197,27 @@ def summary(run_dir: Path) -> dict[str, Any]:
             if "loss" in rec:
                 last = rec
     jobs = rd.jobs()
+    # a completed run's numbers come from the manifest (rank 0 wrote them at the end); a run still going
+    # or stopped (also one started again after it completed), from its metrics log
+    attempts = [a for a in manifest.get("attempts") or [] if isinstance(a, dict)]
+    final = manifest.get("final") or {}
+    if attempts and attempts[-1].get("exit_reason") != "completed":
+        final = {}
+    if final:
+        step, loss, tokens = final.get("steps"), final.get("loss"), final.get("tokens")
+    else:
+        from launcher.train.records import tokens_in_model
+
+        step, loss = last.get("step"), last.get("loss")
+        tokens = tokens_in_model(attempts) if attempts else None
     return {
         "run_dir": str(rd.path), "name": spec.get("name"), "task": spec.get("task"),
         "method": (spec.get("method") or {}).get("name"), "model": (spec.get("model") or {}).get("name"),
         "world_size": (manifest.get("plan") or {}).get("world_size"),
-        "step": last.get("step"), "max_steps": (spec.get("optim") or {}).get("max_steps"),
-        "loss": last.get("loss"), "jobs": len(jobs), "last_job": jobs[-1]["job_id"] if jobs else None,
+        "step": step, "max_steps": (spec.get("optim") or {}).get("max_steps"),
+        "loss": loss, "tokens": tokens, "eval_loss": final.get("eval_loss"),
+        "attempts": len(attempts), "last_exit": attempts[-1].get("exit_reason") if attempts else None,
+        "jobs": len(jobs), "last_job": jobs[-1]["job_id"] if jobs else None,
         "created": manifest.get("created"), "final": rd.final.is_dir(),
     }
 
@@ -238,13 +253,36 @@ def launch_manifest(spec: RunSpec, plan: Plan) -> dict[str, Any]:
     }
 
 
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 def update_manifest(run_dir: str | Path, **fields: Any) -> None:
-    """Merge fields into RUN_DIR/manifest.json (rank 0 records devices, times, job ids, final metrics)."""
+    """Merge fields into RUN_DIR/manifest.json (rank 0 records the run's final numbers)."""
     path = Path(run_dir) / "manifest.json"
     current = json.loads(path.read_text()) if path.exists() else {}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(deep_merge(current, fields), indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    _write_manifest(path, deep_merge(current, fields))
+
+
+def record_attempt(run_dir: str | Path, job_id: str, attempt: int, **fields: Any) -> dict[str, Any]:
+    """Add or update one attempt in RUN_DIR/manifest.json's "attempts", keyed by job id and attempt number:
+    a requeued or retried job appends its own entry, an earlier attempt is never overwritten. Global rank
+    0 of the training ranks writes (start, devices, end); returns the entry."""
+    path = Path(run_dir) / "manifest.json"
+    current = json.loads(path.read_text()) if path.exists() else {}
+    attempts = [a for a in current.get("attempts") or [] if isinstance(a, dict)]
+    for entry in attempts:
+        if entry.get("job_id") == str(job_id) and entry.get("attempt") == attempt:
+            entry.update(deep_merge(entry, fields))
+            break
+    else:
+        entry = {"job_id": str(job_id), "attempt": attempt, **fields}
+        attempts.append(entry)
+    current["attempts"] = attempts
+    _write_manifest(path, current)
+    return entry
 
 
 def open_run_dir(path: str | Path) -> RunDir:

@@ -13,7 +13,8 @@ import click
 @click.argument("root", required=False, default="runs", type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON lines.")
 def runs(root: str, as_json: bool) -> None:
-    """List the run dirs under ROOT (default ./runs): name, task/method, model, ranks, step, loss, jobs."""
+    """List the run dirs under ROOT (default ./runs): name, task/method, model, ranks, step, loss, tokens
+    trained, jobs. A completed run's step, loss and tokens come from its manifest.json."""
     from launcher.errors import UserError
     from launcher.rundir import find_run_dirs, summary
 
@@ -28,10 +29,11 @@ def runs(root: str, as_json: bool) -> None:
     if not rows:
         click.echo(f"no run dirs under {base}")
         return
-    head = ("run dir", "name", "task/method", "model", "ranks", "step", "loss", "jobs", "created")
+    head = ("run dir", "name", "task/method", "model", "ranks", "step", "loss", "tokens", "jobs", "created")
     table = [head] + [(
         r["run_dir"], str(r["name"]), f"{r['task']}/{r['method']}", str(r["model"]), str(r["world_size"] or "-"),
-        f"{r['step'] or 0}/{r['max_steps']}", "-" if r["loss"] is None else f"{r['loss']:.4f}", str(r["jobs"]),
+        f"{r['step'] or 0}/{r['max_steps']}", "-" if r["loss"] is None else f"{r['loss']:.4f}",
+        "-" if r["tokens"] is None else f"{r['tokens']:,}", str(r["jobs"]),
         time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r["created"] else "-",
     ) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]

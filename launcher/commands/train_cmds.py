@@ -47,9 +47,9 @@ def train(spec: RunSpec) -> None:
 
 
 @click.command()
-@spec_options()
+@spec_options(allow_from=True)
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
-              help="Run dir to create (default: the spec's output.dir).")
+              help="Run dir to create (default: the spec's output.dir; required with --from).")
 @click.option("--force", is_flag=True, help="Write into a non-empty run dir (generated files are replaced).")
 @click.option("--ignore-fit", is_flag=True, help="Start even when the memory estimate exceeds the GPU's memory.")
 def run(spec: RunSpec, out: str | None, force: bool, ignore_fit: bool) -> None:
@@ -59,10 +59,15 @@ def run(spec: RunSpec, out: str | None, force: bool, ignore_fit: bool) -> None:
     before any rank starts), then the data is tokenized, the run dir written (spec.yaml,
     ds_config.json, plan.txt) and --nproc ranks run `launcher train`. USR1 or TERM to this command:
     the ranks save a checkpoint and stop, exit 3; resume with
-    `launcher run RUN_DIR/spec.yaml --out RUN_DIR --force`.
+    `launcher run RUN_DIR/spec.yaml --out RUN_DIR --force`. `--from RUN_DIR --out NEW_DIR` runs
+    RUN_DIR's resolved spec again in a new run dir (flags still apply on top).
     """
     from launcher import launch
 
+    from_run = click.get_current_context().params.get("from_run")
+    if from_run and out is None:
+        raise UserError("--from RUN_DIR makes a new run dir: give it with --out NEW_DIR "
+                        "(to resume RUN_DIR itself: launcher run RUN_DIR/spec.yaml --out RUN_DIR --force)")
     rd = launch.run(spec, out or spec.output.dir, force=force, ignore_fit=ignore_fit)
     click.echo(f"done         {rd.path}")
 
@@ -148,22 +153,42 @@ def _empty_or_forced(path: Path, force: bool) -> None:
 @click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Folder for the merged model.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out.")
 def merge(run_dir: str, out: str, force: bool) -> None:
-    """Merge RUN_DIR's LoRA adapter into its base model and save a plain model + tokenizer to --out.
+    """Merge RUN_DIR's adapter (lora, qlora, dora, ia3) into its base model; save a plain model + tokenizer to --out.
 
     For QLoRA the 4-bit base is dequantized to the compute dtype first (the weights the adapter was
-    trained against), then the adapter is added.
+    trained against), then the adapter is added. Prefix and prompt tuning are refused: they add virtual
+    tokens in front of every input, not a change of weights, so there is nothing to merge.
     """
     from launcher.rundir import open_run_dir
 
     rd = open_run_dir(run_dir)
     adapter = rd.final
     if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"{adapter} holds no LoRA adapter (no adapter_config.json); merge is for runs with "
-                        f"--method lora or qlora that finished training")
+        raise UserError(f"{adapter} holds no adapter (no adapter_config.json); merge is for runs with "
+                        f"--method lora, qlora, dora or ia3 that finished training")
+    refusal = unmergeable(json.loads((adapter / "adapter_config.json").read_text()))
+    if refusal:
+        raise UserError(f"{adapter}: {refusal}")
     dest = Path(out).expanduser().resolve()
     _empty_or_forced(dest, force)
     path = merge_adapter(rd.path, rd.load_spec(), dest)
     click.echo(f"merged model + tokenizer in {path}")
+
+
+# peft types that add virtual tokens (a learned key/value prefix, or input embeddings) instead of changing weights
+_VIRTUAL_TOKENS = {"PREFIX_TUNING": "prefix tuning", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "p-tuning",
+                   "MULTITASK_PROMPT_TUNING": "multitask prompt tuning"}
+
+
+def unmergeable(adapter_cfg: dict[str, Any]) -> str | None:
+    """Why an adapter cannot be merged into its base model's weights; None when it can."""
+    kind = str(adapter_cfg.get("peft_type", ""))
+    if kind in _VIRTUAL_TOKENS:
+        n = adapter_cfg.get("num_virtual_tokens")
+        return (f"a {_VIRTUAL_TOKENS[kind]} adapter cannot be merged: it puts {n or 'its'} learned virtual tokens "
+                f"in front of every input instead of changing any weight, so there is no weight to fold it into. "
+                f"Use it as it is: peft.AutoPeftModelForCausalLM.from_pretrained(FINAL_DIR) loads the base with it")
+    return None
 
 
 def merge_adapter(run_dir: Path, spec: RunSpec, dest: Path) -> Path:

@@ -1,7 +1,8 @@
 """RunSpec + Plan -> DeepSpeed config dict. Pure: the same inputs give the same dict.
 
 Every number is explicit (no "auto"), so the file works with the plain `deepspeed` CLI as well as
-with transformers' Trainer, and the batch numbers come from the Plan only.
+with transformers' Trainer, and the batch numbers come from the Plan only. The LR schedule is not in
+it: it belongs to the training arguments (transformers' scheduler, see train/loop.py).
 """
 
 from __future__ import annotations
@@ -78,23 +79,6 @@ def optimizer_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
     return {"type": "AdamW", "params": params}
 
 
-def scheduler_section(spec: RunSpec) -> dict[str, Any]:
-    o = spec.optim
-    # DeepSpeed refuses warmup_num_steps=0 (transformers fills max(1, warmup) for the same reason).
-    # With no warmup asked for, one "warmup" step that starts at the peak lr is no warmup at all.
-    warmup = max(1, o.warmup_steps)
-    start_ratio = 0.0 if o.warmup_steps else 1.0
-    if o.scheduler == "cosine":
-        return {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": o.max_steps, "warmup_num_steps": warmup,
-            "warmup_min_ratio": start_ratio, "cos_min_ratio": o.min_lr_ratio, "warmup_type": "linear"}}
-    params = {"warmup_num_steps": warmup, "warmup_min_lr": o.lr * start_ratio, "warmup_max_lr": o.lr,
-              "warmup_type": "linear"}
-    if o.scheduler == "linear":
-        return {"type": "WarmupDecayLR", "params": {"total_num_steps": o.max_steps, **params}}
-    return {"type": "WarmupLR", "params": params}
-
-
 def precision_sections(spec: RunSpec) -> dict[str, Any]:
     p = spec.precision
     fp16: dict[str, Any] = {"enabled": p.dtype == "fp16"}
@@ -119,7 +103,9 @@ def render(spec: RunSpec, plan: Plan | None, *, preset: bool = False) -> dict[st
     cfg.update(precision_sections(spec))
     cfg["zero_optimization"] = zero_section(spec, None if preset else plan)
     cfg["optimizer"] = optimizer_section(spec, None if preset else plan)
-    cfg["scheduler"] = scheduler_section(spec)
+    # No "scheduler": the LR schedule is transformers' (train/loop.py, HF_SCHEDULERS), exactly its lr at every
+    # step; DeepSpeed's schedulers lag it by one step and have no equivalent of its cosine. zero.extra can
+    # still add a DeepSpeed "scheduler" section, which then runs instead.
     if spec.zero.comm_dtype:
         cfg["communication_data_type"] = _DTYPE_NAMES[spec.zero.comm_dtype]
     if spec.model.grad_ckpt:

@@ -22,10 +22,19 @@ from launcher.errors import UserError
 from launcher.plan import Plan, make_plan
 from launcher.spec import RunSpec
 
+# What each peft method's output is called, and which of them `launcher merge` folds into the weights
+# (prefix and prompt tuning add virtual tokens in front of the input: there is no weight to fold them into).
+ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA (LoRA on the 4-bit base)", "dora": "DoRA", "ia3": "IA3",
+                 "prefix": "prefix-tuning", "prompt": "prompt-tuning"}
+MERGEABLE = ("lora", "qlora", "dora", "ia3")
+
 # Test-only: when set, rank 0 writes the weights the run ended with (gathered from all ranks under
 # ZeRO-3, trainable parameters only for LoRA/QLoRA, everything for full) to this torch file, so a
 # test can compare the saved final model with them. Not for users.
 TEST_DUMP_ENV = "LAUNCHER_TEST_DUMP_FINAL_WEIGHTS"
+# Test-only, the same for the weights training starts from, after a resumed checkpoint was loaded (a resume
+# on another number of ranks must start from the weights the checkpoint holds). Not for users.
+TEST_DUMP_START_ENV = "LAUNCHER_TEST_DUMP_START_WEIGHTS"
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -38,7 +47,8 @@ def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, An
     """
     o, out = spec.optim, spec.output
     opt = ds_config.get("optimizer", {}).get("params", {})
-    sched = ds_config.get("scheduler", {}).get("params", {})
+    ds_sched = ds_config.get("scheduler")  # none as rendered: the schedule is transformers' own (below)
+    sched = (ds_sched or {}).get("params", {})
     betas = opt.get("betas", list(o.betas))
     bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     fp16 = bool(ds_config.get("fp16", {}).get("enabled", False))
@@ -52,7 +62,7 @@ def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, An
         per_device_eval_batch_size=plan.micro_batch,
         gradient_accumulation_steps=plan.grad_accum,
         max_steps=plan.max_steps,
-        # optimizer and schedule: DeepSpeed's optimizer and scheduler run; these only have to agree
+        # optimizer: DeepSpeed's runs; these only have to agree with it
         learning_rate=opt.get("lr", o.lr),
         adam_beta1=betas[0],
         adam_beta2=betas[1],
@@ -88,12 +98,28 @@ def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, An
         label_names=["labels"],
         dataloader_num_workers=0,
     )
+    if not ds_sched:
+        # The schedule is transformers' get_scheduler, built by the Trainer on DeepSpeed's optimizer and stepped
+        # by the engine once per optimizer step (saved and restored with its checkpoints). DeepSpeed's own
+        # WarmupLR / WarmupDecayLR / WarmupCosineLR lag it by one step (step 2 also runs at lr 0 after a warmup)
+        # and cannot express its cosine at all. A "scheduler" section in ds_config.json (zero.extra, or added
+        # by hand) makes DeepSpeed's own run instead, and the arguments above then agree with it.
+        kw["lr_scheduler_type"] = HF_SCHEDULERS[o.scheduler]
+        if o.scheduler == "cosine":
+            kw["lr_scheduler_kwargs"] = {"min_lr_rate": o.min_lr_ratio}
     return kw
 
 
+# optim.scheduler -> transformers' scheduler name (linear warmup from 0 over optim.warmup_steps, then ...)
+HF_SCHEDULERS = {"linear": "linear",  # ... linear decay to 0 at max_steps
+                 "cosine": "cosine_with_min_lr",  # ... half a cosine down to min_lr_ratio x lr at max_steps
+                 "constant": "constant_with_warmup"}  # ... constant
+
+
 def newest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint-N: launcher's completion marker (or, from a plain Trainer, its
-    trainer_state.json) is in it. Saves cut off midway are never newest (resilience.is_complete)."""
+    """The newest complete checkpoint-N: launcher's completion marker, written last, is in it. A folder
+    without it (cut off mid-save, even with the Trainer's trainer_state.json) is never newest
+    (resilience.is_complete)."""
     from launcher.train.resilience import complete_checkpoints
 
     found = complete_checkpoints(checkpoints)
@@ -106,13 +132,14 @@ def resume_point(spec: RunSpec) -> Path | None:
         return None
     if value == "auto":
         return newest_checkpoint(Path(spec.output.dir) / "checkpoints")
-    from launcher.train.resilience import is_complete
+    from launcher.train import resilience
 
     p = Path(value).expanduser()
-    if not p.is_dir() or not is_complete(p):
-        raise UserError(f"output.resume={value!r} is not a complete checkpoint (no completion marker or "
-                        f"trainer_state.json in it); give a checkpoint-N folder, 'auto' (the newest complete one "
-                        f"in the run dir) or 'never'", field="output.resume")
+    if not p.is_dir() or not resilience.is_complete(p):
+        raise UserError(f"output.resume={value!r} is not a complete checkpoint: no {resilience.COMPLETE_MARKER} in "
+                        f"it (launcher writes it last, once every rank saved; without it the save may have been cut "
+                        f"off). Give a checkpoint-N folder of a launcher run, 'auto' (the newest complete one in the "
+                        f"run dir) or 'never'", field="output.resume")
     return p
 
 
@@ -261,12 +288,12 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _dump_final_weights(trainer: Any, path: str) -> None:
-    """Test-only (TEST_DUMP_ENV): the weights the run ended with, gathered under ZeRO-3, to a torch file."""
+def _dump_weights(model: Any, path: str) -> None:
+    """Test-only (TEST_DUMP_ENV, TEST_DUMP_START_ENV): the model's weights, gathered under ZeRO-3, to a
+    torch file on rank 0. Every rank calls it."""
     import deepspeed
     import torch
 
-    model = trainer.model
     named = [(n, p) for n, p in model.named_parameters()]
     peft = hasattr(model, "peft_config")
     if peft:
@@ -278,6 +305,17 @@ def _dump_final_weights(trainer: Any, path: str) -> None:
                 out[n] = p.detach().to("cpu", copy=True)
     if _rank() == 0:
         torch.save(out, path)
+
+
+def _start_dump_callback(path: str) -> Any:
+    """Test-only (TEST_DUMP_START_ENV): on_train_begin runs after the Trainer loaded the checkpoint."""
+    from transformers import TrainerCallback
+
+    class DumpAtStart(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+            _dump_weights(model, path)
+
+    return DumpAtStart()
 
 
 @dataclass(frozen=True)
@@ -299,9 +337,25 @@ def collective_timeout_s(spec: RunSpec) -> int:
 
 def train(spec: RunSpec) -> TrainResult:
     """Train on this rank. Every rank calls it. Returns the final output folder, or the step it stopped
-    at after a signal (the checkpoint is complete and the requeue marker written)."""
+    at after a signal (the checkpoint is complete and the requeue marker written). Global rank 0 records
+    this attempt in manifest.json: at its start, and at its end however it ends (but SIGKILL)."""
+    from launcher.train.records import Attempt, exit_reason
+
+    plan = make_plan(spec)
+    record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
+                     max_steps=plan.max_steps, device=plan.device)
+    try:
+        result = _train(spec, record)
+    except BaseException as exc:
+        record.end(exit_reason(exc), message=f"{type(exc).__name__}: {exc}")
+        raise
+    record.end("completed" if result.final is not None else "requeue")
+    return result
+
+
+def _train(spec: RunSpec, record: Any) -> TrainResult:
     from launcher.rundir import RunDir
-    from launcher.train import resilience
+    from launcher.train import resilience, watchdog
 
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
@@ -310,7 +364,13 @@ def train(spec: RunSpec) -> TrainResult:
                         f"`launcher slurm --out` and train from its spec.yaml")
     ds_config = json.loads(run_dir.ds_config_path.read_text())
     check_world_size(plan)
+    # Ranks only read the tokenized data (`launcher run` or the Slurm prep job made it): a missing cache
+    # ends every rank here with exit 2, before the heavy imports and the process group.
+    from launcher.train.data import require_prepared
+
+    require_prepared(spec)
     resume = resume_point(spec)
+    record.start(resume, resilience.checkpoint_step(resume) if resume is not None else None)
     # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
     universal_note = resilience.prepare_resume(resume, ds_config) if resume is not None else None
@@ -342,6 +402,7 @@ def train(spec: RunSpec) -> TrainResult:
                                timeout=timedelta(seconds=kwargs["ddp_timeout"]))
     args = TrainingArguments(**kwargs)
     _ = args.device  # accelerate's state over the group joined above
+    record.devices()  # every rank's node and device, into the manifest (a collective)
     tokenizer = model_mod.load_tokenizer(spec)
     train_ds = data_mod.load_prepared(spec)
     eval_ds = data_mod.load_prepared(spec, split="eval") if spec.data.eval_fraction > 0 else None
@@ -364,12 +425,17 @@ def train(spec: RunSpec) -> TrainResult:
         eval_dataset=eval_ds,
         data_collator=data_mod.make_collator(spec, tokenizer),
         processing_class=tokenizer,
-        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl"), stop],
+        # the hang watchdog after the stop callback, so that it sees a save the stop asks for
+        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl"), stop,
+                   watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path)],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.launcher_keep_last = spec.output.keep_last
     stop.trainer = trainer
+    record.trainer = trainer  # the end record reads its step and logged metrics
+    if os.environ.get(TEST_DUMP_START_ENV):
+        trainer.add_callback(_start_dump_callback(os.environ[TEST_DUMP_START_ENV]))
 
     if _rank() == 0:
         for note in resilience.resume_notes(run_dir.checkpoints):
@@ -395,7 +461,7 @@ def train(spec: RunSpec) -> TrainResult:
 
     dump = os.environ.get(TEST_DUMP_ENV)
     if dump:
-        _dump_final_weights(trainer, dump)
+        _dump_weights(trainer.model, dump)
 
     # Full weights are gathered from all ranks under ZeRO-3 (stage3_gather_16bit_weights_on_model_save);
     # for a PeftModel only the adapter is written.
@@ -405,8 +471,10 @@ def train(spec: RunSpec) -> TrainResult:
         tokenizer.save_pretrained(str(final))
     trainer.accelerator.wait_for_everyone()
     if hasattr(model, "peft_config"):
-        say(f"output       LoRA adapter + tokenizer in {final} (peft.AutoPeftModelForCausalLM.from_pretrained; "
-            f"`launcher merge {run_dir.path} --out DIR` writes a merged model)")
+        merge = (f"`launcher merge {run_dir.path} --out DIR` writes a merged model" if spec.method.name in MERGEABLE
+                 else "virtual tokens, not weights: it cannot be merged into the model")
+        say(f"output       {ADAPTER_NAMES[spec.method.name]} adapter + tokenizer in {final} "
+            f"(peft.AutoPeftModelForCausalLM.from_pretrained; {merge})")
     else:
         say(f"output       model + tokenizer in {final} (AutoModelForCausalLM.from_pretrained)")
     sys.stdout.flush()

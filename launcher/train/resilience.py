@@ -195,7 +195,7 @@ def barrier() -> None:
 # --------------------------------------------------------------------------- test-only faults
 
 FAULT_ENV = "LAUNCHER_TEST_FAULT"
-FAULT_KINDS = ("kill", "oom", "hang", "kill-in-save", "signal")
+FAULT_KINDS = ("kill", "oom", "hang", "kill-in-save", "signal", "stall")
 
 
 @dataclass(frozen=True)
@@ -209,6 +209,8 @@ class Fault:
       kill-in-save  SIGKILL of the rank in the checkpoint save at step S, after the data, before the
                     completion marker (a checkpoint cut off mid-save)
       signal        the rank sends itself sig (default USR1) at the end of step S (a preemption)
+      stall         the rank sleeps in Python at the end of step S, for ever (its threads still run:
+                    the hang watchdog's case, exit 4, with `_stall_forever` in the stack it writes)
     attempt (default 0) is the attempt it fires on, so that a requeued job does not meet it again.
     Never set it outside tests."""
 
@@ -267,6 +269,10 @@ def inject_step_faults(step: int) -> None:
         _fault_marker(f, step)
         _say(f"launcher: test fault: rank {rank()} stops (SIGSTOP) at step {step}")
         os.kill(os.getpid(), signal.SIGSTOP)
+    for f in _faults_here("stall", step):
+        _fault_marker(f, step)
+        _say(f"launcher: test fault: rank {rank()} on {node_name()} stalls (sleeps in Python) at step {step}")
+        _stall_forever()
     for f in _faults_here("kill", step):
         _fault_marker(f, step)
         _say(f"launcher: test fault: rank {rank()} on {node_name()} kills itself (SIGKILL) at step {step}")
@@ -280,6 +286,12 @@ def inject_save_faults(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _stall_forever() -> None:
+    """Test fault "stall": no progress, threads alive (the watchdog ends the rank); named for its stack."""
+    while True:
+        time.sleep(1)
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 def checkpoint_step(path: Path) -> int | None:
@@ -288,11 +300,12 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def is_complete(path: Path) -> bool:
-    """A checkpoint-N folder is complete when it carries launcher's completion marker (written after
-    every rank saved its part, before the rename), or, made by a plain Trainer elsewhere, its
-    trainer_state.json (the Trainer writes it last). launcher's own saves only ever appear under
-    checkpoint-N complete: a save cut off midway stays in its staging folder."""
-    return (path / COMPLETE_MARKER).is_file() or (path / "trainer_state.json").is_file()
+    """A checkpoint-N folder is complete when, and only when, it carries launcher's completion marker:
+    written last, after every rank saved its part, before the rename. Nothing else counts: the Trainer
+    writes trainer_state.json on rank 0 while other ranks may still be writing their shards, so a folder
+    with it but no marker may be cut off mid-save (a save stopped midway normally stays in its staging
+    folder; a checkpoint-N without the marker came from elsewhere or was moved by hand)."""
+    return (path / COMPLETE_MARKER).is_file()
 
 
 def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:

@@ -14,56 +14,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 CHANCE = math.log(4096)
 SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank."
 FAST = ["precision.dtype=fp32", "cluster.nproc_per_node=1", "data.seq_len=64", "optim.micro_batch=8",
         "output.log_every=5", "output.tensorboard=false", "optim.lr=3e-3"]
 
-# The three trainings run one after another in one process through the per-rank entry point
-# (`loop.train` on a run dir made by `launch.prepare_run`, as `launcher run` makes it): the imports are
-# paid once. `launcher run` itself is covered by tests/integration/test_training.py.
-_TRAIN = r"""
-import json, os, sys
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                  MASTER_PORT=sys.argv[1])
-from launcher import launch
-from launcher.spec import validate
-from launcher.train import loop
-for tree in json.loads(sys.argv[2]):
-    spec = launch.prepare_run(validate(tree), tree["output"]["dir"])[1]
-    loop.train(spec)
-"""
-
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["LAUNCHER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
-    e["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    return e
-
-
-def launcher(args, env, timeout=600):
-    proc = subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-    assert proc.returncode == 0, \
-        f"launcher {args[:2]} exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, env):
+def runs(tmp_path_factory, env, train_cases):
+    """The three trainings, one after another in one process through the per-rank entry point (the
+    imports paid once); `launcher run` itself is covered by tests/integration/test_training.py."""
     from launcher.spec import resolve
 
     root = tmp_path_factory.mktemp("eval")
@@ -82,13 +47,10 @@ def runs(tmp_path_factory, env):
          "data.eval_fraction=0.1",
          "output.eval_every=10", f"output.dir={root / 'normal'}"],
     ]
-    trees = [resolve(sets=[*FAST, *t]).to_dict() for t in trees]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-c", _TRAIN, str(port), json.dumps(trees)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    cases = [(name, resolve(sets=[*FAST, *t]).to_dict()) for name, t in zip(("base", "over", "normal"), trees)]
+    out, proc = train_cases(cases, env, prepare="each")  # runs 2 and 3 start from run 1's model
+    for name, _ in cases:
+        assert f"@@ ok {name}" in out.get(name, ""), out.get(name, "")[-4000:] + proc.stderr[-4000:]
     assert (root / "over" / "final").is_dir() and (root / "normal" / "final" / "adapter_config.json").is_file()
     return root
 
@@ -102,12 +64,7 @@ def in_process(env, monkeypatch):
     return evaluate.evaluate
 
 
-def by_kind(res, kind):
-    (entry,) = [e for e in res["sets"] if e["kind"] == kind]
-    return entry
-
-
-def test_base_knows_the_reference_set(runs, in_process):
+def test_base_knows_the_reference_set(runs, in_process, by_kind):
     res = in_process(runs / "base", max_rows=48)
     ref = by_kind(res, "reference")
     assert ref["base"]["loss"] > CHANCE - 0.3  # the untrained initialisation: chance
@@ -117,8 +74,8 @@ def test_base_knows_the_reference_set(runs, in_process):
     assert ind["held_out"] is False and "seen in training" in ind["note"]
 
 
-def test_overtrained_run_shows_forgetting(runs, env):
-    proc = launcher(["eval", runs / "over", "--max-rows", 48, "--out", runs / "over.json"], env)
+def test_overtrained_run_shows_forgetting(runs, env, launcher, by_kind):
+    proc = launcher(["eval", runs / "over", "--max-rows", 48, "--out", runs / "over.json"], env, expect=0)
     res = json.loads((runs / "over" / "eval.json").read_text())
     assert json.loads((runs / "over.json").read_text()) == res
     assert Path(res["base"]) == runs / "base" / "final"  # the base is the model this run started from
@@ -133,9 +90,9 @@ def test_overtrained_run_shows_forgetting(runs, env):
     assert "FORGETTING" in proc.stdout and "held-out split" in proc.stdout and "embedded corpus" in proc.stdout
 
 
-def test_normal_run_improves_in_distribution_and_reports_exact_match(runs, env, tmp_path):
+def test_normal_run_improves_in_distribution_and_reports_exact_match(runs, env, tmp_path, launcher, by_kind):
     png = tmp_path / "loss.png"
-    proc = launcher(["eval", runs / "normal", "--max-rows", 48, "--samples", 6, "--plot", png], env)
+    proc = launcher(["eval", runs / "normal", "--max-rows", 48, "--samples", 6, "--plot", png], env, expect=0)
     res = json.loads((runs / "normal" / "eval.json").read_text())
     over = json.loads((runs / "over" / "eval.json").read_text()) if (runs / "over" / "eval.json").exists() else None
     assert res["adapter"] is True and res["method"] == "lora"
@@ -167,7 +124,6 @@ def test_eval_of_a_model_dir_with_reference_files(runs, in_process):
     assert txt["delta_loss"] < -1.0  # the over-trained model knows its sentence
 
 
-def test_eval_refuses_what_it_cannot_read(tmp_path, env):
-    bad = subprocess.run([sys.executable, "-m", "launcher", "eval", tmp_path], cwd=ROOT, capture_output=True,
-                         text=True, env=env, timeout=120)
+def test_eval_refuses_what_it_cannot_read(tmp_path, env, launcher):
+    bad = launcher(["eval", tmp_path], env, timeout=120)
     assert bad.returncode == 2 and "neither a run dir" in bad.stderr and "Traceback" not in bad.stderr

@@ -7,6 +7,10 @@
 - Each method trains a few steps on 1 rank through the per-rank entry point (`loop.train`, every
   run in one process to pay the imports once) at a ZeRO stage it supports: the loss is finite and
   moves, and the training log reports the estimator's trainable count.
+- The run's plan.txt and its training log give the same trainable count; the log names the adapter.
+- ia3 and dora merge (`launcher merge`): the merged plain model's logits equal the adapter model's
+  (fp32, 1e-4 absolute; measured ~1e-6) while the adapter moves them by far more. Prefix and prompt
+  tuning are refused with exit 2 and the reason (virtual tokens, no weight to fold them into).
 - One method trains on 2 ranks under ZeRO-3 through `launcher run`, as a user runs it.
 - Refused combinations exit 2 with the reason before any run dir or rank exists.
 """
@@ -15,18 +19,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[2]
 
 COMMON = ["model.name=tiny", "precision.dtype=fp32", "data.seq_len=64", "optim.micro_batch=4", "optim.lr=1e-2",
           "optim.max_steps=6", "output.log_every=1", "output.tensorboard=false", "cluster.nproc_per_node=1",
@@ -40,26 +38,6 @@ RUNS = [
     ("prompt", 2, ["task=sft", "method.prompt.init_text='Answer the question:'", "model.grad_ckpt=true"]),
     ("freeze", 0, ["method.freeze.top_layers=1", "method.freeze.train_modules=[norm]", "model.grad_ckpt=true"]),
 ]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["LAUNCHER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
-    e["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
-    return e
-
-
-def launcher(args, env, timeout=600):
-    return subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env=env)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spec_for(name, stage, extra, out):
@@ -139,37 +117,13 @@ def test_freeze_trains_exactly_the_named_parameters(tmp_path):
 
 # --------------------------------------------------------------------------- training, 1 rank
 
-_TRAIN_ALL = r"""
-import json, os, sys, traceback
-os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                  MASTER_PORT=sys.argv[1])
-from launcher import launch
-from launcher.spec import validate
-from launcher.train import loop
-cases = json.loads(sys.argv[2])
-# Every run dir (and its tiny base) first: a base written after a ZeRO-3 run in this process would be
-# created under that run's zero.Init and saved as empty shards.
-specs = {name: launch.prepare_run(validate(tree), tree["output"]["dir"])[1] for name, tree in cases}
-for name, _ in cases:
-    print(f"@@ begin {name}", flush=True)
-    try:
-        loop.train(specs[name])
-        print(f"@@ ok {name}", flush=True)
-    except BaseException as exc:
-        traceback.print_exc(file=sys.stdout)
-        print(f"@@ failed {name}: {type(exc).__name__}: {exc}", flush=True)
-"""
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, env):
+def trained(tmp_path_factory, env, train_cases):
+    """Every method of RUNS trained in one process through the per-rank entry point."""
     root = tmp_path_factory.mktemp("methods")
     cases = [(name, spec_for(name, stage, extra, root / name).to_dict()) for name, stage, extra in RUNS]
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", _TRAIN_ALL, str(free_port()), json.dumps(cases)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900, env=env)
-    sections = re.split(r"^@@ begin (\w+)\n", proc.stdout, flags=re.M)
-    out = {sections[k]: sections[k + 1] for k in range(1, len(sections) - 1, 2)}
+    out, proc = train_cases(cases, env)
     return root, out, proc, time.monotonic() - t0
 
 
@@ -184,6 +138,7 @@ def test_method_trains_one_rank(trained, name, stage, extra):
     spec = spec_for(name, stage, extra, root / name)
     n = estimate.count_params(modelinfo.load("tiny"), spec).trainable
     assert re.search(rf"model\s+tiny \({name}\): {n:,} trainable of", text), text[:3000]
+    assert f"trainable    {n:,} parameters ({name})" in (root / name / "plan.txt").read_text()
     assert f"ZeRO-{stage}" in text
     losses = [s["loss"] for s in parse_step_lines(text)]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses), losses
@@ -195,6 +150,9 @@ def test_method_trains_one_rank(trained, name, stage, extra):
         cfg = json.loads((final / "adapter_config.json").read_text())
         kind = {"dora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING"}[name]
         assert cfg["peft_type"] == kind and cfg.get("use_dora", False) == (name == "dora")
+        adapter = {"dora": "DoRA", "ia3": "IA3", "prefix": "prefix-tuning", "prompt": "prompt-tuning"}[name]
+        assert re.search(rf"^output\s+{adapter} adapter \+ tokenizer in {re.escape(str(final))}", text, re.M), text[-2000:]
+        assert ("launcher merge" in text) is (name in ("dora", "ia3"))
 
 
 def test_trained_adapters_reload_and_generate(trained):
@@ -217,7 +175,7 @@ def test_trained_adapters_reload_and_generate(trained):
         assert gen.shape[1] >= ids["input_ids"].shape[1] + 1, name
 
 
-def test_eval_reads_every_method(trained, env, monkeypatch):
+def test_eval_reads_every_method(trained, env, monkeypatch, by_kind):
     """`launcher eval`'s library path loads each kind of result beside its base and measures both."""
     from launcher import evaluate
 
@@ -235,14 +193,39 @@ def test_eval_reads_every_method(trained, env, monkeypatch):
             assert by_kind(res, "in-distribution")["exact_match"]["samples"] == 2
 
 
-def by_kind(res, kind):
-    (entry,) = [e for e in res["sets"] if e["kind"] == kind]
-    return entry
+# --------------------------------------------------------------------------- merge
+
+@pytest.mark.parametrize("name", ["ia3", "dora"])
+def test_merged_model_gives_the_adapter_models_logits(trained, env, launcher, merge_errors, tmp_path, name):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    root, out, _, _ = trained
+    assert f"@@ ok {name}" in out.get(name, ""), "the run failed: see test_method_trains_one_rank"
+    merged_dir = tmp_path / "merged"
+    proc = launcher(["merge", root / name, "--out", merged_dir], env, expect=0)
+    assert str(merged_dir) in proc.stdout
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()  # plain transformers, no peft
+    assert not (merged_dir / "adapter_config.json").exists() and merged.dtype == torch.float32
+    adapted = AutoPeftModelForCausalLM.from_pretrained(root / name / "final").eval()
+    err, effect = merge_errors(adapted, merged)
+    assert err.max() < 1e-4, float(err.max())
+    assert effect.max() > 1e-2, float(effect.max())  # the adapter was trained: the comparison means something
+
+
+@pytest.mark.parametrize("name", ["prefix", "prompt"])
+def test_merge_refuses_virtual_token_adapters_with_the_reason(trained, env, launcher, tmp_path, name):
+    root, out, _, _ = trained
+    assert f"@@ ok {name}" in out.get(name, ""), "the run failed: see test_method_trains_one_rank"
+    proc = launcher(["merge", root / name, "--out", tmp_path / "merged"], env, timeout=120, expect=2)
+    assert "cannot be merged" in proc.stderr and "virtual tokens" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "merged").exists()
 
 
 # --------------------------------------------------------------------------- 2 ranks, launcher run
 
-def test_dora_zero3_two_ranks_through_launcher_run(tmp_path, env):
+def test_dora_zero3_two_ranks_through_launcher_run(tmp_path, env, launcher):
     from launcher.train.loop import parse_step_lines
 
     out = tmp_path / "run"
@@ -268,7 +251,7 @@ def test_dora_zero3_two_ranks_through_launcher_run(tmp_path, env):
     (["--method", "prefix", "--zero", "3"], "method prefix cannot use ZeRO stage 3"),
     (["--method", "prompt", "--zero", "3"], "method prompt cannot use ZeRO stage 3"),
 ])
-def test_refused_combinations_exit_2_before_anything_runs(tmp_path, env, args, fragment):
+def test_refused_combinations_exit_2_before_anything_runs(tmp_path, env, launcher, args, fragment):
     out = tmp_path / "run"
     proc = launcher(["run", *args, "--precision", "fp32", "--out", out], env, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr

@@ -13,7 +13,8 @@ LAUNCHER_TEST_DUMP_FINAL_WEIGHTS (every trainable parameter, gathered under ZeRO
 Dropout: the model is the embedded tiny Llama saved with attention_dropout=0.1, and LoRA's own
 dropout is 0.05, so a resume that did not restore the RNG states would differ.
 
-A last test resumes a one-rank checkpoint on two ranks (DeepSpeed's universal checkpoint).
+Further tests resume a one-rank checkpoint on two ranks (DeepSpeed's universal checkpoint) at ZeRO-2
+and ZeRO-3, and each keeps its attempts in manifest.json.
 """
 
 from __future__ import annotations
@@ -29,23 +30,14 @@ from pathlib import Path
 
 import pytest
 
-from launcher.train.loop import TEST_DUMP_ENV, parse_step_lines
+from launcher.train.loop import TEST_DUMP_ENV, TEST_DUMP_START_ENV, parse_step_lines
 from launcher.train.resilience import COMPLETE_MARKER
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 10
+LR, WARMUP = 3e-3, 3
 SIGNAL_AFTER = 2  # send USR1 once this step's line is printed
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["LAUNCHER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
-    for k in (TEST_DUMP_ENV, "LAUNCHER_TEST_FAULT"):
-        e.pop(k, None)
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -67,22 +59,8 @@ def dropout_model(tmp_path_factory):
 
 def flags(model, method, zero, nproc=1):
     return ["--model", model, "--task", "pretrain", "--method", method, "--zero", zero, "--nproc", nproc,
-            "--precision", "fp32", "--max-steps", MAX_STEPS, "--seq-len", 64, "--micro-batch", 2, "--lr", 3e-3,
-            "--set", "optim.warmup_steps=3", "--set", "optim.scheduler=cosine", "--set", "output.log_every=1"]
-
-
-def launcher(args, env, timeout=900, **extra):
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**env, **extra})
-    proc.seconds = time.monotonic() - t0
-    return proc
-
-
-def ok(proc, code=0):
-    assert proc.returncode == code, (f"exit {proc.returncode} (wanted {code})\n--- stdout\n{proc.stdout[-6000:]}\n"
-                                     f"--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+            "--precision", "fp32", "--max-steps", MAX_STEPS, "--seq-len", 64, "--micro-batch", 2, "--lr", LR,
+            "--set", f"optim.warmup_steps={WARMUP}", "--set", "optim.scheduler=cosine", "--set", "output.log_every=1"]
 
 
 def interrupted_run(args, env, after=SIGNAL_AFTER, timeout=900, **extra):
@@ -124,15 +102,33 @@ def assert_same_weights(a, b, tol=1e-6):
     return bitwise, worst
 
 
+def assert_lr_is_transformers_schedule(run):
+    """The lr a real run logged after each step (DeepSpeed stepping the scheduler) is what transformers'
+    get_scheduler gives for the same warmup, cosine and length: lr x lambda(step), full precision."""
+    import torch
+    from transformers import get_scheduler
+
+    logged = [json.loads(x) for x in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in logged if "loss" in r}
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    hf = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=WARMUP, num_training_steps=MAX_STEPS,
+                       scheduler_specific_kwargs={"min_lr_rate": 0.1})  # the spec's default optim.min_lr_ratio
+    for step in range(1, MAX_STEPS + 1):
+        opt.step()
+        hf.step()
+        assert logged[step] == pytest.approx(hf.get_last_lr()[0], rel=1e-9), (step, logged[step], hf.get_last_lr())
+
+
 RESULTS = Path(os.environ.get("LAUNCHER_RESUME_RESULTS", "")) if os.environ.get("LAUNCHER_RESUME_RESULTS") else None
 
 
 @pytest.mark.parametrize("method,zero", [("full", 2), ("full", 3), ("lora", 2), ("lora", 3)])
-def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, env, dropout_model, method, zero):
+def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, env, launcher, dropout_model, method, zero):
     base = flags(dropout_model, method, zero)
-    ref = ok(launcher(["run", *base, "--out", tmp_path / "ref"], env, **{TEST_DUMP_ENV: str(tmp_path / "ref.pt")}))
+    ref = launcher(["run", *base, "--out", tmp_path / "ref"], env, expect=0, **{TEST_DUMP_ENV: str(tmp_path / "ref.pt")})
     ref_steps = {s["step"]: s for s in parse_step_lines(ref.stdout)}
     assert sorted(ref_steps) == list(range(1, MAX_STEPS + 1))
+    assert_lr_is_transformers_schedule(tmp_path / "ref")
 
     run = tmp_path / "run"
     code, out, err = interrupted_run(["run", *base, "--out", run], env)
@@ -153,7 +149,7 @@ def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, 
     assert not (run / "final").exists()  # stopped, not finished
 
     # the resume command launcher printed, as a user would paste it
-    resumed = ok(launcher(hint.group(1).split(), env, **{TEST_DUMP_ENV: str(tmp_path / "run.pt")}))
+    resumed = launcher(hint.group(1).split(), env, expect=0, **{TEST_DUMP_ENV: str(tmp_path / "run.pt")})
     assert f"resuming from {ckpt}" in resumed.stdout
     steps = parse_step_lines(resumed.stdout)
     # nothing seen twice, nothing skipped: exactly the remaining steps, each with the reference's loss
@@ -161,6 +157,11 @@ def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, 
     for s in steps:
         assert s["loss"] == ref_steps[s["step"]]["loss"] and s["lr"] == ref_steps[s["step"]]["lr"], (s, ref_steps[s["step"]])
     bitwise, worst = assert_same_weights(load(tmp_path / "ref.pt"), load(tmp_path / "run.pt"))
+    # the manifest keeps both attempts: the one stopped for a requeue, and the one that completed
+    first, second = json.loads((run / "manifest.json").read_text())["attempts"]
+    assert (first["exit_reason"], first["end_step"], second["start_step"]) == ("requeue", stopped, stopped)
+    assert second["exit_reason"] == "completed" and second["resumed_from"] == str(ckpt)
+    assert json.loads((run / "manifest.json").read_text())["final"]["tokens"] == MAX_STEPS * 2 * 64
     if RESULTS is not None:
         with RESULTS.open("a") as f:
             f.write(json.dumps({"case": f"{method}-zero{zero}", "stopped_at": stopped, "max_steps": MAX_STEPS,
@@ -168,7 +169,7 @@ def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, 
                                 "seconds": {"reference": round(ref.seconds, 1), "resume": round(resumed.seconds, 1)}}) + "\n")
 
 
-def test_checkpoint_cut_off_mid_save_is_skipped_on_resume(tmp_path, env):
+def test_checkpoint_cut_off_mid_save_is_skipped_on_resume(tmp_path, env, launcher):
     """A rank SIGKILLed inside the save at step 4 (after its data, before the completion marker): the
     run fails, the half-written checkpoint stays in its staging folder, and the next start resumes from
     checkpoint-2 (saved every 2 steps), saying what it skipped, and completes."""
@@ -180,33 +181,57 @@ def test_checkpoint_cut_off_mid_save_is_skipped_on_resume(tmp_path, env):
     cps = run / "checkpoints"
     assert (cps / "checkpoint-2" / COMPLETE_MARKER).is_file()
     assert not (cps / "checkpoint-4").exists() and (cps / ".staging-checkpoint-4").is_dir()
-    resumed = ok(launcher(["run", run / "spec.yaml", "--out", run, "--force"], env))
+    resumed = launcher(["run", run / "spec.yaml", "--out", run, "--force"], env, expect=0)
     assert "skipping .staging-checkpoint-4: cut off mid-save" in resumed.stdout
     assert f"resuming from {cps / 'checkpoint-2'}" in resumed.stdout
     assert [s["step"] for s in parse_step_lines(resumed.stdout)] == [3, 4, 5, 6]
     assert not (cps / ".staging-checkpoint-4").exists()  # cleaned once a complete checkpoint exists
     # keep_last=2: the newest two complete checkpoints remain
     assert sorted(p.name for p in cps.iterdir()) == ["checkpoint-4", "checkpoint-6"]
+    # the killed attempt has a start and no end; the final model holds steps 1-2 of it and 3-6 of the next
+    killed, done = json.loads((run / "manifest.json").read_text())["attempts"]
+    assert killed["start"] and killed["end"] is None and killed["exit_reason"] is None
+    assert (done["start_step"], done["end_step"], done["exit_reason"]) == (2, 6, "completed")
+    assert json.loads((run / "manifest.json").read_text())["final"]["tokens"] == 6 * 2 * 64
 
 
-def test_one_rank_checkpoint_resumes_on_two_ranks_through_a_universal_checkpoint(tmp_path, env):
+@pytest.mark.parametrize("zero", [2, 3])
+def test_one_rank_checkpoint_resumes_on_two_ranks_through_a_universal_checkpoint(tmp_path, env, launcher, zero):
     """The run dir re-made for 2 ranks after a 1-rank run stopped: the checkpoint is converted with
-    ds_to_universal --inject_missing_state and loaded with checkpoint.load_universal; training continues
-    from the saved step to max_steps (data order differs: samples are sharded over the new world)."""
+    ds_to_universal --inject_missing_state and loaded with checkpoint.load_universal, at ZeRO-2 and at
+    ZeRO-3. Both ranks start from exactly the weights the checkpoint holds (test-only dump after the
+    load) and training continues from the saved step to max_steps (data order differs: samples are
+    sharded over the new world). Measured by hand once at ZeRO-3: the Adam moments are restored too (the
+    sum of squares of exp_avg over the 2 ranks' partitions equals the 1-rank checkpoint's)."""
     run = tmp_path / "run"
-    base = flags("tiny", "full", 2)
+    base = flags("tiny", "full", zero)
     code, out, err = interrupted_run(["run", *base, "--out", run], env)
     assert code == 3, out[-3000:] + err[-3000:]
     stopped = int(re.search(r"ranks agreed to stop at step (\d+)/", out).group(1))
-    resumed = ok(launcher(["run", *base, "--nproc", 2, "--out", run, "--force"], env))
-    assert "through DeepSpeed's universal checkpoint" in resumed.stdout
+    start = tmp_path / "start.pt"
+    resumed = launcher(["run", *base, "--nproc", 2, "--out", run, "--force"], env, expect=0,
+                       **{TEST_DUMP_START_ENV: str(start)})
+    assert "through DeepSpeed's universal checkpoint" in resumed.stdout and f"ZeRO-{zero}" in resumed.stdout
     ckpt = run / "checkpoints" / f"checkpoint-{stopped}"
     assert (ckpt / "latest_universal").read_text().strip().endswith("_universal")
+    import torch
+    from safetensors.torch import load_file
+
+    saved = load_file(ckpt / "model.safetensors")  # the 1-rank checkpoint's full weights
+    loaded = load(start)  # every parameter once: the tied lm_head is the embedding
+    assert set(saved) - set(loaded) <= {"lm_head.weight"} and set(loaded) <= set(saved)
+    assert all(torch.equal(saved[k], loaded[k]) for k in loaded)
     assert [s["step"] for s in parse_step_lines(resumed.stdout)] == list(range(stopped + 1, MAX_STEPS + 1))
     assert "world size 2" in resumed.stdout and (run / "final" / "config.json").is_file()
+    assert_lr_is_transformers_schedule(run)  # both attempts: the schedule's position came through the conversion
+    # tokens in the final model: the first attempt's steps at 1 rank, the rest at 2
+    first, second = json.loads((run / "manifest.json").read_text())["attempts"]
+    assert (first["world_size"], second["world_size"], second["devices"][0]["ranks"]) == (1, 2, [0, 1])
+    tokens = json.loads((run / "manifest.json").read_text())["final"]["tokens"]
+    assert tokens == stopped * 2 * 64 + (MAX_STEPS - stopped) * 4 * 64
 
 
-def test_hung_rank_makes_the_other_leave_within_the_collective_timeout(tmp_path, env):
+def test_hung_rank_makes_the_other_leave_within_the_collective_timeout(tmp_path, env, launcher):
     """Rank 1 stops (SIGSTOP) after step 2; rank 0 waits in the next collective for cluster.nccl.timeout_s,
     then leaves with a message naming itself, its node and the cause; launcher run exits non-zero and names
     the silent rank."""
@@ -225,7 +250,7 @@ def test_hung_rank_makes_the_other_leave_within_the_collective_timeout(tmp_path,
     assert not list(markers.glob("exit-*-rank1.json"))
 
 
-def test_out_of_memory_on_a_rank_exits_5_and_is_recorded(tmp_path, env):
+def test_out_of_memory_on_a_rank_exits_5_and_is_recorded(tmp_path, env, launcher):
     run = tmp_path / "run"
     proc = launcher(["run", *flags("tiny", "full", 2), "--max-steps", 4, "--out", run], env,
                     LAUNCHER_TEST_FAULT="oom:rank=0:step=2")

@@ -85,12 +85,14 @@ def test_zero_extra_is_merged_last():
     assert cfg["flops_profiler"] == {"enabled": False}
 
 
-def test_no_warmup_starts_at_peak_lr():
+def test_the_schedule_is_left_to_the_training_arguments():
+    """No DeepSpeed "scheduler": the lr schedule is transformers' own (tests/unit/test_train_args.py pins its
+    lr at every step); zero.extra can still add a DeepSpeed scheduler, which the Trainer then uses."""
     for sched in ("cosine", "linear", "constant"):
-        spec = resolve(sets=[f"optim.scheduler={sched}", "optim.lr=0.001"])
-        p = render(spec, make_plan(spec))["scheduler"]["params"]
-        assert p["warmup_num_steps"] == 1  # DeepSpeed refuses 0
-        assert p.get("warmup_min_ratio", 1.0) == 1.0 and p.get("warmup_min_lr", 0.001) == 0.001
+        spec = resolve(sets=[f"optim.scheduler={sched}", "optim.warmup_steps=3"])
+        assert "scheduler" not in render(spec, make_plan(spec))
+    spec = resolve(sets=["zero.extra={scheduler: {type: WarmupLR, params: {warmup_num_steps: 5}}}"])
+    assert render(spec, make_plan(spec))["scheduler"] == {"type": "WarmupLR", "params": {"warmup_num_steps": 5}}
 
 
 def test_presets_are_what_launcher_config_generates(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 
@@ -67,3 +68,101 @@ def test_runs_lists_run_dirs_with_key_numbers(cli, tmp_path):
     assert by_name["beta"]["method"] == "lora"
     table = cli("runs", str(root), check=True).stdout
     assert "alpha" in table and "2.5000" in table
+
+
+# --------------------------------------------------------------------------- what the ranks add (issue 7)
+
+def test_each_attempt_is_appended_never_overwritten(tmp_path):
+    from launcher.rundir import record_attempt
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "r", "plan": {"world_size": 1}}))
+    record_attempt(tmp_path, "77", 0, start=1.0, nodes="node[1-2]", slurm_job_id="77")
+    record_attempt(tmp_path, "77", 0, end=2.0, exit_reason="requeue", end_step=4)
+    record_attempt(tmp_path, "77", 1, start=3.0, start_step=4)  # the requeued job: same id, next attempt
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    assert m["name"] == "r" and m["plan"] == {"world_size": 1}  # the launch record stays
+    first, second = m["attempts"]
+    assert first == {"job_id": "77", "attempt": 0, "start": 1.0, "nodes": "node[1-2]", "slurm_job_id": "77",
+                     "end": 2.0, "exit_reason": "requeue", "end_step": 4}
+    assert (second["attempt"], second["start_step"]) == (1, 4)
+
+
+def test_tokens_in_the_final_model_count_only_the_steps_it_kept():
+    from launcher.train.records import tokens_in_model
+
+    # 1 rank to step 6 (checkpoint at 4, killed: no end), 2 ranks from 4 to 7 (stopped, checkpoint at 7),
+    # a bad-input attempt that never trained, then 2 ranks from 7 to 10
+    attempts = [{"start_step": 0, "end_step": None, "tokens_per_step": 100},
+                {"start_step": 4, "end_step": 7, "tokens_per_step": 200},
+                {"start_step": 7, "end_step": 7, "tokens_per_step": 200},
+                {"start_step": 7, "end_step": 10, "tokens_per_step": 200}]
+    assert tokens_in_model(attempts) == 4 * 100 + 3 * 200 + 3 * 200
+    # a failed attempt whose steps after its last checkpoint were redone counts only up to that checkpoint
+    assert tokens_in_model([{"start_step": 0, "end_step": 9, "tokens_per_step": 10},
+                            {"start_step": 6, "end_step": 12, "tokens_per_step": 10}]) == 120
+    assert tokens_in_model([]) == 0
+
+
+def test_last_metrics_and_slurm_fields():
+    import math
+
+    from launcher.train.records import exit_reason, last_metrics, slurm_fields
+
+    hist = [{"loss": 3.0, "step": 1}, {"eval_loss": 2.5, "step": 2}, {"loss": 2.0, "step": 2}, {"train_runtime": 9}]
+    m = last_metrics(hist)
+    assert (m["loss"], m["loss_step"], m["eval_loss"], m["eval_step"]) == (2.0, 2, 2.5, 2)
+    assert math.isclose(m["perplexity"], math.exp(2.5))
+    assert slurm_fields({"SLURM_JOB_ID": "12", "SLURM_JOB_NODELIST": "gpu[01-02]"}) == {
+        "slurm_job_id": "12", "slurm_array_task_id": None, "nodes": "gpu[01-02]"}
+    assert slurm_fields({}) == {"slurm_job_id": None, "slurm_array_task_id": None, "nodes": None}
+    from launcher.errors import UserError
+
+    assert exit_reason(UserError("x")) == "bad_input" and exit_reason(MemoryError()) == "oom"
+    assert exit_reason(ValueError("x")) == "failed"
+
+
+def test_runs_prefers_the_manifest_final_numbers(cli, tmp_path):
+    root = tmp_path / "runs"
+    cli("slurm", "--name", "done", "--out", str(root / "a"), check=True)
+    m = json.loads((root / "a" / "manifest.json").read_text())
+    m["attempts"] = [{"job_id": "5", "attempt": 0, "start_step": 0, "end_step": 100, "tokens_per_step": 4096,
+                      "exit_reason": "completed"}]
+    m["final"] = {"steps": 100, "loss": 1.25, "tokens": 409_600, "eval_loss": 1.5}
+    (root / "a" / "manifest.json").write_text(json.dumps(m))
+    (root / "a" / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 9.0}) + "\n")
+    [row] = [json.loads(x) for x in cli("runs", str(root), "--json", check=True).stdout.splitlines()]
+    assert (row["step"], row["loss"], row["tokens"], row["eval_loss"]) == (100, 1.25, 409_600, 1.5)
+    assert row["last_exit"] == "completed" and row["attempts"] == 1
+    table = cli("runs", str(root), check=True).stdout
+    assert "tokens" in table.splitlines()[0] and "409,600" in table and "1.2500" in table
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"])
+def test_plan_txt_names_the_trainable_count_of_every_method(cli, tmp_path, method):
+    from launcher import estimate, modelinfo
+    from launcher.spec import resolve
+
+    sets = ["method.freeze.top_layers=1"] if method == "freeze" else []
+    args = [x for s in sets for x in ("--set", s)]
+    cli("slurm", "--method", method, *args, "--out", str(tmp_path / "run"), check=True)
+    n = estimate.count_params(modelinfo.load("tiny"), resolve(sets=[f"method.name={method}", *sets])).trainable
+    assert f"trainable    {n:,} parameters ({method})" in (tmp_path / "run" / "plan.txt").read_text()
+
+
+def test_run_from_needs_a_new_out(cli, tmp_path):
+    cli("slurm", "--out", str(tmp_path / "a"), check=True)
+    proc = cli("run", "--from", str(tmp_path / "a"))
+    assert proc.returncode == 2 and "--out NEW_DIR" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("peft_type", ["PREFIX_TUNING", "PROMPT_TUNING"])
+def test_merge_refuses_virtual_token_adapters(cli, tmp_path, peft_type):
+    cli("slurm", "--method", "prefix" if peft_type == "PREFIX_TUNING" else "prompt", "--out", str(tmp_path / "a"),
+        check=True)
+    (tmp_path / "a" / "final").mkdir()
+    (tmp_path / "a" / "final" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": peft_type, "num_virtual_tokens": 8}))
+    proc = cli("merge", str(tmp_path / "a"), "--out", str(tmp_path / "m"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "cannot be merged" in proc.stderr and "8 learned virtual tokens" in proc.stderr
+    assert "AutoPeftModelForCausalLM" in proc.stderr and not (tmp_path / "m").exists()

@@ -19,7 +19,7 @@ from launcher.launch import launch_command
 from launcher.plan import make_plan
 from launcher.render.deepspeed import render
 from launcher.spec import resolve
-from launcher.train.loop import (check_world_size, format_step, newest_checkpoint, parse_step_lines,
+from launcher.train.loop import (check_world_size, format_step, newest_checkpoint, parse_step_lines, resume_point,
                                  training_arguments_kwargs)
 
 CASES = [
@@ -103,6 +103,50 @@ def test_a_mismatch_is_caught_by_the_same_check(tmp_path):
     assert any("train_micro_batch_size_per_gpu" in m for m in hf.mismatches)
 
 
+def _expected_lr(sched: str, lr: float, warmup: int, total: int, floor: float, step: int) -> float:
+    """The lr optimizer step `step` (1-based) runs at, written out from the schedule's definition: a linear
+    warmup from 0 over `warmup` steps (step 1 at 0), then linear decay to 0, half a cosine down to floor x lr,
+    or constant, reaching the end at step `total` + 1."""
+    import math
+
+    s = step - 1  # optimizer steps taken before this one
+    if s < warmup:
+        return lr * s / warmup
+    progress = (s - warmup) / (total - warmup)
+    if sched == "linear":
+        return lr * (1 - progress)
+    if sched == "cosine":
+        return lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return lr
+
+
+@pytest.mark.parametrize("sched", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_lr_at_every_step_is_the_schedules_own(tmp_path, sched, warmup):
+    """The Trainer builds the schedule from these arguments (get_scheduler, as Trainer.create_scheduler does),
+    DeepSpeed steps it once per optimizer step: the lr of every step is the schedule's, step 1 included (0
+    after a warmup, the peak without one). DeepSpeed's own WarmupCosineLR, as rendered before, ran steps
+    1 and 2 at 0 and lagged one step behind (0, 0, .33, .67, .91 for 0, .33, .67, 1, .91 here)."""
+    import torch
+    from transformers import TrainingArguments, get_scheduler
+
+    spec = _spec({"precision": "fp32"}, [f"optim.scheduler={sched}", f"optim.warmup_steps={warmup}",
+                                          "optim.max_steps=8", "optim.lr=0.5", "optim.min_lr_ratio=0.1"], tmp_path)
+    plan = make_plan(spec)
+    ds = render(spec, plan)
+    assert "scheduler" not in ds
+    args = TrainingArguments(**{**training_arguments_kwargs(spec, plan, ds), "deepspeed": None, "report_to": "none"})
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=args.learning_rate)
+    schedule = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(plan.max_steps),
+                             num_training_steps=plan.max_steps, scheduler_specific_kwargs=args.lr_scheduler_kwargs)
+    for step in range(1, plan.max_steps + 1):
+        want = _expected_lr(sched, 0.5, warmup, 8, 0.1, step)
+        assert opt.param_groups[0]["lr"] == pytest.approx(want, rel=1e-12, abs=1e-15), (step, want)
+        opt.step()
+        schedule.step()
+
+
 def test_logging_checkpoints_and_tensorboard(tmp_path):
     spec = _spec({"precision": "fp32", "save_every": 5}, ["output.keep_last=3", "output.log_every=7"], tmp_path)
     plan = make_plan(spec)
@@ -154,14 +198,39 @@ def test_world_size_check(tmp_path):
 
 
 def test_newest_complete_checkpoint(tmp_path):
+    from launcher.train.resilience import COMPLETE_MARKER
+
     assert newest_checkpoint(tmp_path / "none") is None
     for n, complete in ((5, True), (20, True), (100, False), (9, True)):
         d = tmp_path / f"checkpoint-{n}"
         d.mkdir()
+        (d / "trainer_state.json").write_text("{}")  # every one has it, even the one cut off
         if complete:
-            (d / "trainer_state.json").write_text("{}")
+            (d / COMPLETE_MARKER).write_text("{}")
     (tmp_path / "checkpoint-x").mkdir()
     assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-20"
+
+
+def test_trainer_state_without_the_completion_marker_is_not_a_complete_checkpoint(tmp_path):
+    """rank 0 writes trainer_state.json while other ranks may still write their shards: only the marker,
+    written last after a barrier, makes a checkpoint complete, for auto resume and for an explicit path."""
+    from launcher.train.resilience import COMPLETE_MARKER, incomplete_checkpoints, is_complete, prune
+
+    cps = tmp_path / "run" / "checkpoints"
+    good, cut = cps / "checkpoint-2", cps / "checkpoint-4"
+    for d in (good, cut):
+        d.mkdir(parents=True)
+        (d / "trainer_state.json").write_text('{"global_step": 0}')
+    (good / COMPLETE_MARKER).write_text('{"step": 2}')
+    assert is_complete(good) and not is_complete(cut)
+    assert newest_checkpoint(cps) == good
+    assert incomplete_checkpoints(cps) == [cut]
+    spec = _spec({"precision": "fp32"}, ["output.resume=" + str(cut)], tmp_path)
+    with pytest.raises(UserError, match=f"no {COMPLETE_MARKER} in it"):
+        resume_point(spec)
+    assert resume_point(_spec({"precision": "fp32"}, ["output.resume=" + str(good)], tmp_path)) == good
+    prune(cps, keep_last=2)
+    assert sorted(p.name for p in cps.iterdir()) == ["checkpoint-2"]
 
 
 def test_step_line_round_trip():
