@@ -220,6 +220,16 @@ def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.t_last = time.perf_counter()
             self.step_last = state.global_step
+            self.lr_used: float | None = None
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # The lr this optimizer step runs at. The Trainer's own "learning_rate" is read after the
+            # scheduler has stepped: the next step's lr, one step ahead of the loss it is logged with.
+            sched, opt = kw.get("lr_scheduler"), kw.get("optimizer")
+            try:
+                self.lr_used = float(sched.get_last_lr()[0]) if sched is not None else float(opt.param_groups[0]["lr"])
+            except (AttributeError, IndexError, KeyError, TypeError):
+                self.lr_used = None
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
             logs = logs or {}
@@ -229,7 +239,7 @@ def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
                 steps = state.global_step - self.step_last
                 tps = steps * plan.tokens_per_step / max(now - self.t_last, 1e-9)
                 self.t_last, self.step_last = now, state.global_step
-                lr = float(logs.get("learning_rate", 0.0))
+                lr = self.lr_used if self.lr_used is not None else float(logs.get("learning_rate", 0.0))
                 self._emit(state, format_step(state.global_step, state.max_steps, float(logs["loss"]), lr, tps),
                            {"step": state.global_step, "loss": float(logs["loss"]), "lr": lr, "tokens_per_s": tps,
                             "grad_norm": _num(logs.get("grad_norm")), "time": time.time()})
@@ -241,6 +251,24 @@ def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
                 self.t_last = time.perf_counter()  # evaluation time is not training throughput
 
     return StepLog()
+
+
+def _unlink_shm_buffer() -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer from /dev/shm.
+
+    With CPU ranks that all share one node, DeepSpeed's shm op creates a 66 MB shared-memory file per
+    rank (deepspeed_allreduce_buffer_UID_MASTERADDR_MASTERPORT_RANK, see its csrc/cpu/comm/shm.cpp) and
+    never removes it: every run leaves them behind until /dev/shm, that is RAM, is full. Once every rank
+    has opened every other's (the group's set-up does that before returning), the names are no longer
+    needed; the mappings stay valid until the processes end, and then the memory is freed."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return
+    path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{_rank()}"
+    try:
+        path.unlink()
+    except OSError:  # not created (GPU ranks, ranks on several nodes) or already gone
+        pass
 
 
 def _num(x: Any) -> float | None:
@@ -403,6 +431,7 @@ def _train(spec: RunSpec, record: Any) -> TrainResult:
     args = TrainingArguments(**kwargs)
     _ = args.device  # accelerate's state over the group joined above
     record.devices()  # every rank's node and device, into the manifest (a collective)
+    _unlink_shm_buffer()  # after that collective every rank has mapped every other's buffer
     tokenizer = model_mod.load_tokenizer(spec)
     train_ds = data_mod.load_prepared(spec)
     eval_ds = data_mod.load_prepared(spec, split="eval") if spec.data.eval_fraction > 0 else None

@@ -103,8 +103,9 @@ def assert_same_weights(a, b, tol=1e-6):
 
 
 def assert_lr_is_transformers_schedule(run):
-    """The lr a real run logged after each step (DeepSpeed stepping the scheduler) is what transformers'
-    get_scheduler gives for the same warmup, cosine and length: lr x lambda(step), full precision."""
+    """The lr a real run logged with each step, the one that step ran at (DeepSpeed stepping the scheduler),
+    is what transformers' get_scheduler gives for the same warmup, cosine and length: lr x lambda(step - 1),
+    full precision."""
     import torch
     from transformers import get_scheduler
 
@@ -114,9 +115,9 @@ def assert_lr_is_transformers_schedule(run):
     hf = get_scheduler("cosine_with_min_lr", opt, num_warmup_steps=WARMUP, num_training_steps=MAX_STEPS,
                        scheduler_specific_kwargs={"min_lr_rate": 0.1})  # the spec's default optim.min_lr_ratio
     for step in range(1, MAX_STEPS + 1):
+        assert logged[step] == pytest.approx(hf.get_last_lr()[0], rel=1e-9), (step, logged[step], hf.get_last_lr())
         opt.step()
         hf.step()
-        assert logged[step] == pytest.approx(hf.get_last_lr()[0], rel=1e-9), (step, logged[step], hf.get_last_lr())
 
 
 RESULTS = Path(os.environ.get("LAUNCHER_RESUME_RESULTS", "")) if os.environ.get("LAUNCHER_RESUME_RESULTS") else None

@@ -21,6 +21,7 @@ mean 0.004 on logits up to 2.4, while the adapter moves the logits by 0.16 on av
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,21 @@ def run_training(env, launcher):
 @pytest.fixture(scope="module")
 def pretrain_z2(tmp_path_factory, run_training):
     out = tmp_path_factory.mktemp("pretrain_z2") / "run"
+    shm_before = set(SHM.glob(SHM_BUFFERS))
     proc = run_training(out, "--nproc", 2, "--zero", 2, "--task", "pretrain", "--method", "full",
                         "--precision", "fp32", "--max-steps", 12, "--lr", 2e-3)
-    return proc, out
+    pretrain_z2_shm_left = set(SHM.glob(SHM_BUFFERS)) - shm_before
+    return proc, out, pretrain_z2_shm_left
+
+
+SHM, SHM_BUFFERS = Path("/dev/shm"), f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+
+
+def test_two_cpu_ranks_leave_no_shared_memory_behind(pretrain_z2):
+    """DeepSpeed's CPU all-reduce maps a 66 MB /dev/shm file per rank and never removes it; the ranks
+    unlink their names once the group is set up, so a finished run leaves none (RAM, not disk)."""
+    proc, out, left = pretrain_z2
+    assert not left, sorted(map(str, left))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +120,7 @@ def test_pretrain_full_zero2_two_ranks(pretrain_z2):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    proc, out = pretrain_z2
+    proc, out, _ = pretrain_z2
     assert "world size 2" in proc.stdout and "ZeRO-2" in proc.stdout
     assert_loss_falls(proc, 12)
     ds = json.loads((out / "ds_config.json").read_text())
@@ -126,7 +139,7 @@ def test_pretrain_full_zero2_two_ranks(pretrain_z2):
 
 def test_rank_zero_records_the_attempt_in_the_manifest(pretrain_z2):
     """Devices of every rank, versions seen on the node, start and end, why it ended, and the final numbers."""
-    proc, out = pretrain_z2
+    proc, out, _ = pretrain_z2
     m = json.loads((out / "manifest.json").read_text())
     [a] = m["attempts"]
     assert a["exit_reason"] == "completed" and a["start"] < a["end"] and a["attempt"] == 0
