@@ -24,13 +24,12 @@ import click
 from launcher import yamlio
 from launcher.commands.common import spec_options
 from launcher.errors import RunFailed, SpecError, UserError
-from launcher.spec import RunSpec
+from launcher.spec import MERGEABLE_METHODS, RunSpec
 
 _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 THEN_KINDS = ("merge", "eval")
 # Methods whose adapter adds into the base weights (peft's merge_and_unload): the LoRA family and IA3.
 # prefix/prompt tuning keep virtual tokens apart from the weights; full and freeze train the weights.
-MERGEABLE_METHODS = ("lora", "qlora", "dora", "ia3")
 
 
 @click.command()

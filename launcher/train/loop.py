@@ -20,13 +20,12 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.plan import Plan, make_plan
-from launcher.spec import RunSpec
+from launcher.spec import MERGEABLE_METHODS, RunSpec
 
 # What each peft method's output is called, and which of them `launcher merge` folds into the weights
 # (prefix and prompt tuning add virtual tokens in front of the input: there is no weight to fold them into).
 ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA (LoRA on the 4-bit base)", "dora": "DoRA", "ia3": "IA3",
                  "prefix": "prefix-tuning", "prompt": "prompt-tuning"}
-MERGEABLE = ("lora", "qlora", "dora", "ia3")
 
 # Test-only: when set, rank 0 writes the weights the run ended with (gathered from all ranks under
 # ZeRO-3, trainable parameters only for LoRA/QLoRA, everything for full) to this torch file, so a
@@ -500,7 +499,7 @@ def _train(spec: RunSpec, record: Any) -> TrainResult:
         tokenizer.save_pretrained(str(final))
     trainer.accelerator.wait_for_everyone()
     if hasattr(model, "peft_config"):
-        merge = (f"`launcher merge {run_dir.path} --out DIR` writes a merged model" if spec.method.name in MERGEABLE
+        merge = (f"`launcher merge {run_dir.path} --out DIR` writes a merged model" if spec.method.name in MERGEABLE_METHODS
                  else "virtual tokens, not weights: it cannot be merged into the model")
         say(f"output       {ADAPTER_NAMES[spec.method.name]} adapter + tokenizer in {final} "
             f"(peft.AutoPeftModelForCausalLM.from_pretrained; {merge})")

@@ -237,7 +237,6 @@ def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device
     registers it; build those first. Given `ds_config` and no live registration, one is made here and
     kept alive on the returned model.
     """
-    import torch
     from transformers import AutoModelForCausalLM
     from transformers.integrations import is_deepspeed_zero3_enabled
 

@@ -209,7 +209,7 @@ def test_then_merge_and_eval_follow_training_in_order(tmp_path, fake_bin):
     assert files == [str(out / f) for f in ("prepare.sbatch", "job.sbatch", "merge.sbatch", "eval.sbatch")]
     assert [c["argv"][2:-1] for c in fake_bin.calls()][1:] == [
         [f"--dependency=afterok:{j}", "--kill-on-invalid-dep=yes"] for j in ("4242", "4243", "4244")]
-    assert f'-m launcher merge "$RUN_DIR" --out "$RUN_DIR/merged"' in (out / "merge.sbatch").read_text()
+    assert '-m launcher merge "$RUN_DIR" --out "$RUN_DIR/merged"' in (out / "merge.sbatch").read_text()
     assert '-m launcher eval "$RUN_DIR"' in (out / "eval.sbatch").read_text()
 
 
