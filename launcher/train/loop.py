@@ -455,7 +455,8 @@ def _train(spec: RunSpec, record: Any) -> TrainResult:
         processing_class=tokenizer,
         # the hang watchdog after the stop callback, so that it sees a save the stop asks for
         callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl"), stop,
-                   watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path)],
+                   watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
+                                              on_fire=lambda why: record.end("hang", message=why))],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

@@ -30,7 +30,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from launcher.errors import EXIT_HANG
 
@@ -44,9 +44,11 @@ class Watchdog:
 
     `timeout_s` <= 0 turns it off (every method is then a no-op)."""
 
-    def __init__(self, timeout_s: float, out_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, timeout_s: float, out_dir: str | os.PathLike[str] | None = None,
+                 on_fire: Callable[[str], None] | None = None) -> None:
         self.timeout_s = float(timeout_s)
         self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.on_fire = on_fire  # told why, just before the exit (the run record ends the attempt with it)
         self.step: int | None = None  # the last finished optimizer step seen
         self._warm = False  # a step finished since arm(): the first-step allowance is over
         self._collective: str | None = None  # at expiry: the collective the main thread waits in ("" none)
@@ -127,11 +129,15 @@ class Watchdog:
                 f"(cluster.hang_timeout_s={self.timeout_s:g})")
         _flush_quietly()
         _write_stderr(f"{head}\n{_stacks()}{tail}\n")
+        why = (f"rank {resilience.rank()} on {resilience.node_name()} made no progress for {idle:.0f} s ({where}, "
+               f"cluster.hang_timeout_s={self.timeout_s:g}); the watchdog wrote every thread's stack to the log")
         if self.out_dir is not None:
-            resilience.mark_exit(self.out_dir, "hang", EXIT_HANG,
-                                 f"rank {resilience.rank()} on {resilience.node_name()} made no progress for "
-                                 f"{idle:.0f} s ({where}, cluster.hang_timeout_s={self.timeout_s:g}); the watchdog "
-                                 f"wrote every thread's stack to the log", step=step, watchdog=True)
+            resilience.mark_exit(self.out_dir, "hang", EXIT_HANG, why, step=step, watchdog=True)
+        if self.on_fire is not None:
+            try:
+                self.on_fire(why)
+            except Exception as exc:  # the exit must happen whatever the record does
+                _write_stderr(f"launcher: the watchdog could not record the hang: {type(exc).__name__}: {exc}\n")
         os._exit(EXIT_HANG)
 
 
@@ -188,14 +194,15 @@ def _flush_quietly(wait_s: float = 1.0) -> None:
     t.join(wait_s)
 
 
-def watchdog_callback(timeout_s: float, out_dir: str | os.PathLike[str] | None) -> Any:
+def watchdog_callback(timeout_s: float, out_dir: str | os.PathLike[str] | None,
+                      on_fire: Callable[[str], None] | None = None) -> Any:
     """A transformers TrainerCallback driving a Watchdog (see the module docstring for when it counts).
     Put it after the stop callback, so that it sees a save the stop asked for."""
     from transformers import TrainerCallback
 
     class HangWatchdog(TrainerCallback):
         def __init__(self) -> None:
-            self.watchdog = Watchdog(timeout_s, out_dir)
+            self.watchdog = Watchdog(timeout_s, out_dir, on_fire)
 
         def on_init_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.watchdog.arm(None)  # engine set-up (op builds, checkpoint load) happens inside train()

@@ -18,29 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from launcher.train.loop import TEST_DUMP_ENV, parse_step_lines
+from launcher.train.loop import parse_step_lines
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 HANG_S = 15
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e["LAUNCHER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    e["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), e.get("PYTHONPATH", "")) if x)
-    for k in (TEST_DUMP_ENV, "LAUNCHER_TEST_FAULT"):
-        e.pop(k, None)
-    return e
-
-
-def launcher(args, env, timeout=600, **extra):
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "launcher", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**env, **extra})
-    proc.seconds = time.monotonic() - t0
-    return proc
 
 
 def flags(nproc, max_steps):
@@ -49,7 +31,7 @@ def flags(nproc, max_steps):
             "--set", "output.log_every=1", "--set", f"cluster.hang_timeout_s={HANG_S}"]
 
 
-def test_stalled_rank_dumps_every_stack_and_launcher_run_exits_4(tmp_path, env):
+def test_stalled_rank_dumps_every_stack_and_launcher_run_exits_4(tmp_path, env, launcher):
     """Rank 1 of 2 sleeps in Python after step 2: its watchdog writes the line and every thread's stack
     (the stall site among them), records an exit marker (reason hang, exit 4) and exits 4 within the
     limit; `launcher run` exits 4 and its failure note names the rank and the cause."""
@@ -75,9 +57,25 @@ def test_stalled_rank_dumps_every_stack_and_launcher_run_exits_4(tmp_path, env):
     assert "no progress for cluster.hang_timeout_s" in proc.stderr, proc.stderr[-3000:]
     assert "launcher: rank 1 on" in proc.stderr and ": hang: " in proc.stderr, proc.stderr[-3000:]
     assert "exit 4" in (run / "jobs.jsonl").read_text()
+    # rank 0 writes the run record; here it left on the collective that rank 1's exit broke
+    [attempt] = json.loads((run / "manifest.json").read_text())["attempts"]
+    assert attempt["end"] is not None and attempt["exit_reason"] in ("collective_timeout", "failed"), attempt
 
 
-def test_healthy_run_with_the_watchdog_on_finishes_untouched(tmp_path, env):
+def test_a_hang_on_rank_zero_ends_the_attempt_in_the_run_record(tmp_path, env, launcher):
+    """The watchdog exits through os._exit, past the loop's own end-of-attempt record: it tells the record
+    first, so the manifest says the attempt ended in a hang, with when and why."""
+    run = tmp_path / "run"
+    proc = launcher(["run", *flags(1, 6), "--out", run], env, LAUNCHER_TEST_FAULT="stall:rank=0:step=2")
+    assert proc.returncode == 4, (proc.stdout + proc.stderr)[-6000:]
+    [attempt] = json.loads((run / "manifest.json").read_text())["attempts"]
+    assert attempt["exit_reason"] == "hang" and attempt["end"] is not None, attempt
+    # the stall sits in step 2's end-of-step callbacks: its update is done (the Trainer counts it), the
+    # watchdog had not yet seen it finish ("last step 1" in its message)
+    assert "made no progress for" in attempt["message"] and attempt["end_step"] == 2, attempt
+
+
+def test_healthy_run_with_the_watchdog_on_finishes_untouched(tmp_path, env, launcher):
     """A run with the watchdog on (15 s) and checkpoint saves finishes every step with exit 0: neither the
     first step nor a save nor the end of training trips it."""
     run = tmp_path / "run"
