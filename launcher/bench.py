@@ -624,19 +624,19 @@ def rank_command(run_dir: Path, plan: Any) -> tuple[list[str], dict[str, str]]:
 
 def baseline_command(spec: RunSpec, plan: Any, run_dir: Path, opts: Options) -> list[str]:
     """argv of benchmarks/baseline_hf.py for this setup: same model, data, batch, precision, steps."""
-    from launcher.train.data import _data_files, _loader
+    from launcher.train.data import data_files, datasets_builder
     from launcher.train.model import model_source
 
     if not BASELINE_SCRIPT.is_file():
         raise UserError(f"--baseline runs {BASELINE_SCRIPT}, which this installation lacks; run the bench from "
                         f"the source tree")
-    fmt, files = _data_files(spec)
+    fmt, files = data_files(spec)
     lo, q = spec.method.lora, spec.method.quant
     targets = lo.target_modules if isinstance(lo.target_modules, str) else ",".join(lo.target_modules)
     argv = [sys.executable, str(BASELINE_SCRIPT),
             "--model", model_source(spec), "--out", str(run_dir / "bench" / "baseline.json"),
             "--output-dir", str(run_dir / "baseline"),
-            "--data-format", "hub" if fmt == "hub" else str(_loader(fmt)),
+            "--data-format", "hub" if fmt == "hub" else str(datasets_builder(fmt)),
             "--text-field", spec.data.text_field, "--seq-len", str(plan.seq_len),
             "--micro-batch", str(plan.micro_batch), "--grad-accum", str(plan.grad_accum),
             "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--method", spec.method.name,

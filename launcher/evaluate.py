@@ -132,7 +132,7 @@ def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
         raise UserError(f"--data {file}: no such file or folder")
     probe = with_overrides(spec, {"task": "pretrain", "data": {"path": str(file), "eval_fraction": 0.0,
                                                                "packing": False, "format": "auto"}})
-    fmt, files = data_mod._data_files(probe)
+    fmt, files = data_mod.data_files(probe)
     task = "pretrain"
     if fmt != "txt":
         for _, record in data_mod._sample(files[0], fmt, probe):

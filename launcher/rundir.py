@@ -153,9 +153,9 @@ def data_fingerprints(spec: RunSpec) -> list[dict[str, Any]]:
     """Path, size, mtime and a content hash of each data file (hub data: its name and revision)."""
     import hashlib
 
-    from launcher.train.data import _data_files
+    from launcher.train.data import data_files
 
-    fmt, files = _data_files(spec)
+    fmt, files = data_files(spec)
     if fmt == "hub":
         return [{"hub": spec.data.path, "split": spec.data.split}]
     out = []

@@ -58,9 +58,9 @@ def hub_items(spec: RunSpec) -> list[HubItem]:
         raise UserError(f"model.name={name!r}: no such local model directory (and not a hub id 'org/name'); "
                         f"give a folder with config.json, 'tiny', or a hub id", field="model.name")
     if spec.data.path is not None:
-        from launcher.train.data import _data_files  # stdlib only; UserError for a missing local path
+        from launcher.train.data import data_files  # stdlib only; UserError for a missing local path
 
-        fmt, _ = _data_files(spec)
+        fmt, _ = data_files(spec)
         if fmt == "hub":
             items.append(HubItem("dataset", spec.data.path, None, "data.path"))
     return items
@@ -132,9 +132,9 @@ def staged_dataset(spec: RunSpec) -> Path | None:
     default), or None when it is not a hub dataset or was not staged."""
     if spec.data.path is None:
         return None
-    from launcher.train.data import _data_files
+    from launcher.train.data import data_files
 
-    if _data_files(spec)[0] != "hub":
+    if data_files(spec)[0] != "hub":
         return None
     home, _ = hf_home(spec)
     return cached_snapshot(home, HubItem("dataset", spec.data.path, None, "data.path"))

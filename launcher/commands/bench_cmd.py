@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from launcher.commands.common import _SPEC_FLAGS, CLUSTER_FLAGS
+from launcher.commands.common import SPEC_FLAGS, CLUSTER_FLAGS
 from launcher.errors import RunFailed, UserError
 
 # The six matrix axes take comma lists here (they belong to bench); every other shared flag
@@ -30,7 +30,7 @@ def _name(decls: tuple[str, ...], kw: dict[str, Any]) -> str:
     return click.Option(list(decls), **kw).name or ""
 
 
-_SHARED = [(d, kw) for d, kw in _SPEC_FLAGS + CLUSTER_FLAGS if _name(d, kw) not in _NOT_SHARED]
+_SHARED = [(d, kw) for d, kw in SPEC_FLAGS + CLUSTER_FLAGS if _name(d, kw) not in _NOT_SHARED]
 _SHARED_NAMES = {_name(d, kw) for d, kw in _SHARED}
 _BENCH_NAMES = {"matrix", "out", "steps", "warmup", "baseline", "usd_per_device_hour", "device_tflops", "gpu",
                 "slurm", "submit", "force", *_AXIS_FLAGS}

@@ -13,7 +13,7 @@ def _opt(decls: list[str], *extra: str, **kw: Any) -> tuple[tuple[str, ...], dic
     return (*decls, *extra), kw
 
 
-_SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+SPEC_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     _opt(["--model"], help="'tiny', a local model directory, or a hub id."),
     _opt(["--task"], type=click.Choice(["pretrain", "sft"]), help="Continued pretraining or fine-tuning."),
     _opt(["--method"], type=click.Choice(["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]), help="Which weights train."),
@@ -52,7 +52,7 @@ CLUSTER_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     _opt(["--net-ifname"], help="Network interface for NCCL/gloo (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME)."),
     _opt(["--launcher"], type=click.Choice(["torchrun", "srun"]), help="torchrun per node, or one srun task per rank."),
 ]
-_FLAG_NAMES = {click.Option(list(d), **kw).name for d, kw in _SPEC_FLAGS + CLUSTER_FLAGS}
+_FLAG_NAMES = {click.Option(list(d), **kw).name for d, kw in SPEC_FLAGS + CLUSTER_FLAGS}
 _NOT_FIELDS = {"sets", "cluster", "clusters"}
 assert _FLAG_NAMES - _NOT_FIELDS <= set(FLAG_FIELDS), _FLAG_NAMES - set(FLAG_FIELDS)
 
@@ -71,7 +71,7 @@ def spec_options(*, spec_required: bool = False, cluster_flags: bool = False,
             kwargs["spec"] = resolve_from_cli(picked)
             return fn(**kwargs)
 
-        for decls, kw in reversed(_SPEC_FLAGS + (CLUSTER_FLAGS if cluster_flags else [])):
+        for decls, kw in reversed(SPEC_FLAGS + (CLUSTER_FLAGS if cluster_flags else [])):
             wrapper = click.option(*decls, **kw)(wrapper)
         if allow_from:
             wrapper = click.option("--from", "from_run", type=click.Path(file_okay=False), metavar="RUN_DIR",

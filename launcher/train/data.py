@@ -47,7 +47,7 @@ _ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\
 
 # =========================================================================== where the data is
 
-def _data_files(spec: RunSpec) -> tuple[str, list[Path]]:
+def data_files(spec: RunSpec) -> tuple[str, list[Path]]:
     """(format, files) of the run's data; ("hub", []) for a datasets hub name. Stdlib only."""
     d = spec.data
     if d.path is None:
@@ -66,12 +66,12 @@ def _data_files(spec: RunSpec) -> tuple[str, list[Path]]:
         files = sorted(f for f in p.rglob("*") if f.is_file() and _format_of(f) is not None
                        and not any(part.startswith(".") for part in f.relative_to(p).parts))
         if d.format != "auto":
-            files = [f for f in files if _loader(_format_of(f)) == _loader(d.format)]
+            files = [f for f in files if datasets_builder(_format_of(f)) == datasets_builder(d.format)]
         if not files:
             want = f"{d.format} files" if d.format != "auto" else "data files (.jsonl, .json, .parquet, .csv, .txt)"
             raise UserError(f"data folder {p} has no {want}; put the data there or point data.path at a file",
                             field="data.path")
-        kinds = sorted({_loader(_format_of(f)) for f in files})
+        kinds = sorted({datasets_builder(_format_of(f)) for f in files})
         if len(kinds) > 1:
             raise UserError(f"data folder {p} mixes formats ({', '.join(kinds)}); keep one format per folder or "
                             f"choose one with data.format", field="data.format")
@@ -90,7 +90,7 @@ def _format_of(path: Path) -> str | None:
     return _EXT_FORMAT.get(suffixes[-1]) if suffixes else None
 
 
-def _loader(fmt: str | None) -> str | None:
+def datasets_builder(fmt: str | None) -> str | None:
     """The datasets builder that reads a format (json reads both .json and .jsonl)."""
     return {"jsonl": "json", "txt": "text"}.get(fmt, fmt) if fmt else None
 
@@ -109,7 +109,7 @@ def check_data(spec: RunSpec, tokenizer_has_chat_template: bool | None = None) -
     Needs no torch, transformers or datasets (pyarrow only for parquet). Pass whether the model's
     tokenizer has a chat template to check chat-shaped SFT data against it; None skips that check.
     """
-    fmt, files = _data_files(spec)
+    fmt, files = data_files(spec)
     if fmt == "hub":
         return  # nothing on this machine to look at; the load in `prepare` reports problems
     shape: list[str | None] = [None]  # the SFT shape the first record fixed, shared across files
@@ -360,7 +360,7 @@ def _tokenizer_fingerprint(tokenizer_dir: str | os.PathLike[str], revision: str 
 
 def _key_inputs(spec: RunSpec, tokenizer_dir: str | os.PathLike[str]) -> dict[str, Any]:
     d = spec.data
-    fmt, files = _data_files(spec)
+    fmt, files = data_files(spec)
     data: dict[str, Any] = {"format": fmt}
     if fmt == "hub":
         data.update(name=d.path, split=d.split)
@@ -503,7 +503,7 @@ def _num_proc(spec: RunSpec, files: list[Path], rows: int) -> int | None:
 def _load_raw(spec: RunSpec, hf_cache: Path) -> tuple[Any, list[Path]]:
     import datasets
 
-    fmt, files = _data_files(spec)
+    fmt, files = data_files(spec)
     kw: dict[str, Any] = {"cache_dir": str(hf_cache)}
     try:
         if fmt == "hub":
@@ -514,7 +514,7 @@ def _load_raw(spec: RunSpec, hf_cache: Path) -> tuple[Any, list[Path]]:
             staged = staged_dataset(spec)
             ds = datasets.load_dataset(str(staged) if staged else spec.data.path, split=spec.data.split, **kw)
         else:
-            builder = _loader(fmt)
+            builder = datasets_builder(fmt)
             if builder == "text":
                 kw.update(sample_by="paragraph")  # a blank line separates documents
             ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **kw)
