@@ -1031,22 +1031,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def _install_probe(probe: Any) -> None:
-    """Make the Trainer that launcher.train.loop builds carry the probe: the loop imports Trainer from
-    transformers when it runs, so this process's transformers.Trainer becomes a subclass that adds it."""
-    import transformers
-
-    base = transformers.Trainer
-
-    class ProbedTrainer(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *a: Any, **kw: Any) -> None:
-            super().__init__(*a, **kw)
-            probe.trainer = self
-            self.add_callback(probe)
-
-    transformers.Trainer = ProbedTrainer
-
-
 def rank_main(spec_path: str) -> int:
     """`python -m launcher.bench rank SPEC`: on each rank, train SPEC's run dir through the launcher's
     loop with the probe, and write RUN_DIR/bench/rank<R>.json (or run the baseline for a baseline task)."""
@@ -1064,10 +1048,9 @@ def rank_main(spec_path: str) -> int:
     from launcher.train.loop import train
 
     probe = make_probe()
-    _install_probe(probe)
     out = run_dir / "bench" / f"rank{rank}.json"
     try:
-        train(spec)
+        train(spec, callbacks=[probe])
     except BaseException as exc:
         import torch
 

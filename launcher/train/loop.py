@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from launcher.errors import UserError
 from launcher.plan import Plan, make_plan
@@ -362,17 +362,20 @@ def collective_timeout_s(spec: RunSpec) -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else spec.cluster.nccl.timeout_s
 
 
-def train(spec: RunSpec) -> TrainResult:
+def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
     """Train on this rank. Every rank calls it. Returns the final output folder, or the step it stopped
     at after a signal (the checkpoint is complete and the requeue marker written). Global rank 0 records
-    this attempt in manifest.json: at its start, and at its end however it ends (but SIGKILL)."""
+    this attempt in manifest.json: at its start, and at its end however it ends (but SIGKILL).
+
+    `callbacks`: extra transformers TrainerCallbacks (`launcher bench` measures through one); a callback
+    with a `trainer` attribute is given the Trainer once it exists."""
     from launcher.train.records import Attempt, exit_reason
 
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
                      max_steps=plan.max_steps, device=plan.device)
     try:
-        result = _train(spec, record)
+        result = _train(spec, record, callbacks)
     except BaseException as exc:
         record.end(exit_reason(exc), message=f"{type(exc).__name__}: {exc}")
         raise
@@ -380,7 +383,7 @@ def train(spec: RunSpec) -> TrainResult:
     return result
 
 
-def _train(spec: RunSpec, record: Any) -> TrainResult:
+def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainResult:
     from launcher.rundir import RunDir
     from launcher.train import resilience, watchdog
 
@@ -462,6 +465,10 @@ def _train(spec: RunSpec, record: Any) -> TrainResult:
     trainer.remove_callback(ProgressCallback)
     trainer.launcher_keep_last = spec.output.keep_last
     stop.trainer = trainer
+    for cb in callbacks:
+        trainer.add_callback(cb)
+        if hasattr(cb, "trainer"):
+            cb.trainer = trainer
     record.trainer = trainer  # the end record reads its step and logged metrics
     if os.environ.get(TEST_DUMP_START_ENV):
         trainer.add_callback(_start_dump_callback(os.environ[TEST_DUMP_START_ENV]))
