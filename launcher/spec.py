@@ -20,7 +20,9 @@ Task = Literal["pretrain", "sft"]
 MethodName = Literal["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]
 PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")  # trained through peft (final/ is an adapter)
 PROMPT_METHODS = ("prefix", "prompt")  # virtual tokens before the input (peft prompt learning)
-MERGEABLE_METHODS = tuple(m for m in PEFT_METHODS if m not in PROMPT_METHODS)  # `launcher merge` folds them in
+# Adapters that add into the base weights (peft's merge_and_unload): the LoRA family and IA3; prefix/prompt
+# tuning keep virtual tokens apart from the weights, full and freeze train the weights themselves.
+MERGEABLE_METHODS = tuple(m for m in PEFT_METHODS if m not in PROMPT_METHODS)
 Dtype = Literal["bf16", "fp16", "fp32"]
 Attn = Literal["auto", "flash2", "sdpa", "eager"]
 Offload = Literal["none", "cpu", "nvme"]

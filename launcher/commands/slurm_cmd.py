@@ -28,8 +28,6 @@ from launcher.spec import MERGEABLE_METHODS, RunSpec
 
 _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 THEN_KINDS = ("merge", "eval")
-# Methods whose adapter adds into the base weights (peft's merge_and_unload): the LoRA family and IA3.
-# prefix/prompt tuning keep virtual tokens apart from the weights; full and freeze train the weights.
 
 
 @click.command()
