@@ -1,6 +1,7 @@
 """Generated batch scripts on the real lab Slurm cluster: sbatch accepts them, the tiny model trains
-over two nodes and over two ranks of one node, a sweep runs as a job array, and hostile values
-travel verbatim without running anything."""
+over two ranks of one node (srun per rank), a sweep runs as a job array, and hostile values travel
+verbatim without running anything. Two nodes with one torchrun each: test_chains.py (after its
+preparation job)."""
 
 from __future__ import annotations
 
@@ -83,19 +84,6 @@ def test_sbatch_test_only_accepts_the_directives(slurm_lab, tmp_path, args):
 
 
 # --------------------------------------------------------------------------- real training
-
-def test_two_nodes_one_rank_each_train_zero2_to_completion(slurm_lab, tmp_path):
-    run_dir = tmp_path / "run"
-    job = write_prepare_submit(slurm_lab, run_dir, str(tiny_spec(tmp_path)), "--nodes", "2", "--nproc", "1", "--net-ifname", "eth0",
-                 "--name", "tiny-2x1")
-    state = slurm_lab.wait_job(job, timeout=600)
-    log = logs(run_dir)
-    assert state == "COMPLETED", log[-3000:]
-    assert_trained(run_dir, log)
-    [step] = [r for r in slurm_lab.sacct(job, ["JobID", "NodeList", "NTasks"], steps=True) if r["JobID"] == f"{job}.0"]
-    assert step["NodeList"] == "node[1-2]" and step["NTasks"] == "2", step  # one torchrun per node
-    assert (run_dir / "logs" / f"tiny-2x1-{job}.out").is_file()  # %x-%j
-
 
 def test_one_node_two_ranks_train_zero2_to_completion(slurm_lab, tmp_path):
     run_dir = tmp_path / "run"
