@@ -1088,10 +1088,34 @@ class SlurmLab:
             self._ip("-n", ns, "link", "set", self.IFNAME, "up")
             if "default" not in self._ip("-n", ns, "route", "show").stdout:
                 self._ip("-n", ns, "route", "add", "default", "via", self.BRIDGE_ADDR)
+            self._write_netns_resolv(ns)
+
+    # `ip netns exec NS` bind-mounts /etc/netns/NS/resolv.conf over /etc/resolv.conf for what it starts
+    # (slurmd, and so every job step). The machine's nameserver is not reachable from the namespaces: a
+    # name that /etc/hosts lacks took 10 s to fail there, about 10 s lost in every rendezvous. A nameserver
+    # on the namespace's own loopback, where nothing listens, makes such lookups fail at once.
+    RESOLV_MARK = "# written by tests/cluster/slurmlab.py"
+
+    def _write_netns_resolv(self, ns: str) -> None:
+        path = Path("/etc/netns") / ns / "resolv.conf"
+        if path.exists() and self.RESOLV_MARK not in path.read_text(errors="replace"):
+            return  # the machine's own: left alone
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{self.RESOLV_MARK}\nnameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+
+    def _remove_netns_resolv(self, ns: str) -> None:
+        path = Path("/etc/netns") / ns / "resolv.conf"
+        try:
+            if self.RESOLV_MARK in path.read_text(errors="replace"):
+                path.unlink()
+                path.parent.rmdir()
+        except OSError:
+            pass
 
     def _teardown_network(self) -> None:
         for ns in self.NETNS.values():
             self._ip("netns", "del", ns, check=False)
+            self._remove_netns_resolv(ns)
         for veth in self.VETH.values():
             self._ip("link", "del", veth, check=False)
         self._ip("link", "del", self.BRIDGE, check=False)
