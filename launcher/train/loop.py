@@ -22,8 +22,7 @@ from launcher.errors import UserError
 from launcher.plan import Plan, make_plan
 from launcher.spec import MERGEABLE_METHODS, RunSpec
 
-# What each peft method's output is called, and which of them `launcher merge` folds into the weights
-# (prefix and prompt tuning add virtual tokens in front of the input: there is no weight to fold them into).
+# What each peft method's output is called (spec.MERGEABLE_METHODS: which of them `launcher merge` folds in).
 ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA (LoRA on the 4-bit base)", "dora": "DoRA", "ia3": "IA3",
                  "prefix": "prefix-tuning", "prompt": "prompt-tuning"}
 
