@@ -120,16 +120,18 @@ PACKAGES = ("torch", "deepspeed", "transformers", "peft", "bitsandbytes", "datas
             "flash-attn", "tokenizers", "pydantic", "click")
 
 
-def package_versions() -> dict[str, str]:
-    """Installed versions, read from package metadata (nothing is imported)."""
+def package_versions(names: tuple[str, ...] = PACKAGES, *, missing: bool = False) -> dict[str, str | None]:
+    """Installed versions, read from package metadata (nothing is imported); `missing`: keep a package that
+    is not installed, as None (doctor compares nodes by it)."""
     from importlib import metadata
 
-    out = {}
-    for name in PACKAGES:
+    out: dict[str, str | None] = {}
+    for name in names:
         try:
             out[name.replace("-", "_")] = metadata.version(name)
         except metadata.PackageNotFoundError:
-            continue
+            if missing:
+                out[name.replace("-", "_")] = None
     return out
 
 

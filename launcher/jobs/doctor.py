@@ -44,14 +44,9 @@ def node_name() -> str:
 
 
 def package_versions() -> dict[str, str | None]:
-    from importlib import metadata
+    from launcher import rundir
 
-    out: dict[str, str | None] = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
+    out = rundir.package_versions(PACKAGES, missing=True)
     import launcher
 
     out["launcher"] = launcher.__version__  # the code the node runs, installed or not
