@@ -51,8 +51,10 @@ def status(run_dirs: tuple[str, ...], as_json: bool) -> None:
 @click.option("--node", default=None, metavar="NAME", help="Only the lines from this node.")
 def logs(run_dir: str, follow: bool, rank: int | None, node: str | None) -> None:
     """Print RUN_DIR's logs (one file per Slurm job), or follow them (-f) until every job of the run
-    has ended. Unlabelled lines (the batch shell's, and rank 0's progress) count as rank 0 and the
-    first node; torch's "[rankN]:" and srun's "N: " labels attribute the others.
+    has ended. The batch script labels every line a rank writes: "[rankN]:" (torchrun) or "N: "
+    (`launcher: srun`); --rank and --node select by it. Unlabelled lines (the batch shell's and
+    torchrun's own, or any line of a local run's launch.log) count as rank 0 and the first node.
+    Each rank's own stdout and stderr are also kept under RUN_DIR/logs/ranks/ (torchrun).
     """
     from launcher.jobs import logs as logs_mod
     from launcher.rundir import open_run_dir

@@ -2,11 +2,12 @@
 job appends to; launch.log of a local run), optionally only one rank's or one node's lines.
 
 Which rank or node a line comes from, by its label:
-  "[rankN]: ..."     torch's prefix on rank N's errors and tracebacks          -> rank N
-  "[defaultL]: ..."  torchrun's --tee prefix (local rank L)                    -> rank L of a 1-node job
+  "[rankN]:..."      the batch script's torchrun prefix (--tee 3, global rank N) on every line a rank
+                     writes; also torch's own prefix on rank N's errors           -> rank N
+  "[defaultL]: ..."  torchrun's default --tee prefix (local rank L)               -> rank L of a 1-node job
   "T: ..."           srun --label (task T): with `launcher: srun` the rank,
                      with torchrun (one task per node) the node index
-  no label           the batch shell and rank 0, which alone prints progress   -> rank 0, first node
+  no label           the batch shell and torchrun itself; rank 0 of a local run -> rank 0, first node
 A rank's node is rank // ranks per node (torchrun's node rank is SLURM_NODEID; srun places tasks in
 blocks); node names come from the job's node list (sacct / scontrol).
 
@@ -31,8 +32,24 @@ _LABELS = (
     (re.compile(r"^\[default(\d+)\]:\s?"), "local"),
     (re.compile(r"^\s*(\d+): "), "task"),
 )
+# Any run of those labels at the start of a line ("0: [rank0]:[rank0]: Traceback ...").
+_LABEL_RUN = re.compile(r"^(?:\s*\d+: |\[(?:rank|default)\d+\]:\s?)+")
 _JOB_OF_FILE = re.compile(r"-(\d+(?:_\d+)?)\.out$")
 _LOG_SUFFIXES = (".out", ".log", ".err")
+
+
+def strip_labels(line: str) -> str:
+    """The line as its rank wrote it: without the labels above."""
+    return _LABEL_RUN.sub("", line, count=1)
+
+
+def one_label(line: str) -> str:
+    """The line with its labels cut to the first ("[rank1]:[rank1]: X" -> "[rank1]: X")."""
+    m = _LABEL_RUN.match(line)
+    if not m:
+        return line
+    first = next(p.match(line) for p, _ in _LABELS if p.match(line)).group(0).strip()
+    return f"{first} {line[m.end():]}"
 
 
 def log_files(run_dir: Path) -> list[Path]:

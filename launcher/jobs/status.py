@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.jobs.logs import one_label, strip_labels
 from launcher.jobs import slurmtools as st
 from launcher.jobs.slurmtools import Attempt
 
@@ -71,11 +72,11 @@ _LOG_SIGNS: list[tuple[str, re.Pattern[str]]] = [
     (PREEMPTED_REQUEUED, re.compile(r"DUE TO JOB REQUEUE")),
 ]
 # Exception lines of a Python traceback; wrappers that only say "a child failed" come last.
-_EXCEPTION = re.compile(r"^(?:\[(?:rank|default)?\d+\]:\s*)?((?:[A-Za-z_][\w]*\.)*[A-Z][\w]*(?:Error|Exception|Exit|"
+_EXCEPTION = re.compile(r"^((?:[A-Za-z_][\w]*\.)*[A-Z][\w]*(?:Error|Exception|Exit|"
                         r"Interrupt|Failure|Warning)\b(?::.*)?)$")
 _WRAPPERS = re.compile(r"ChildFailedError|SignalException|CalledProcessError|SystemExit|UserWarning|FutureWarning|"
                        r"DeprecationWarning|RuntimeWarning")
-_ERROR_LINE = re.compile(r"^(?:\[(?:rank|default)?\d+\]:\s*)?(?:error|fatal|ERROR|FATAL)\b[:\s].*|"
+_ERROR_LINE = re.compile(r"^(?:error|fatal|ERROR|FATAL)\b[:\s].*|"
                          r"^(?:srun|slurmstepd)(?:-\S+)?: error: .*", re.I)
 _NOISE = re.compile(r"bitsandbytes.*kernels|kernels-community|kernels.*not installed|launcher: batch shell got|"
                     r"launcher: job step ended|^\s*$|^\s*warnings\.warn", re.I)
@@ -93,32 +94,38 @@ def _clip(line: str, n: int = 300) -> str:
     return line if len(line) <= n else line[: n - 3] + "..."
 
 
+def _unlabeled(text: str) -> list[tuple[str, str]]:
+    """The log's lines without the known noise, each as (the line without its rank labels ("[rank1]:",
+    "1: "), for matching; the line with its first label only, to show)."""
+    pairs = ((strip_labels(raw.rstrip()), one_label(raw.strip())) for raw in text.splitlines())
+    return [(bare, shown) for bare, shown in pairs if not _NOISE.search(bare)]
+
+
 def why_line(text: str) -> str | None:
     """The log line that best says why a job ended: a known sign (out of memory, collective
     timeout, ...), else the last real exception of a traceback, else the last error line."""
-    lines = [ln.rstrip() for ln in text.splitlines() if not _NOISE.search(ln)]
+    lines = _unlabeled(text)
     for _, pattern in _LOG_SIGNS:
-        for ln in reversed(lines):
-            if pattern.search(ln) and not ln.lstrip().startswith(("File ", "raise ", "^")):
-                return _clip(ln)
-    ranks = [ln for ln in lines if _RANK_SUMMARY.match(ln.strip())]
+        for bare, shown in reversed(lines):
+            if pattern.search(bare) and not bare.lstrip().startswith(("File ", "raise ", "^")):
+                return _clip(shown)
+    ranks = [shown for bare, shown in lines if _RANK_SUMMARY.match(bare.strip())]
     if ranks:
         return _clip(ranks[0])
-    exc = [ln for ln in lines if _EXCEPTION.match(ln.strip())]
-    real = [ln for ln in exc if not _WRAPPERS.search(ln)]
+    exc = [(bare, shown) for bare, shown in lines if _EXCEPTION.match(bare.strip())]
+    real = [shown for bare, shown in exc if not _WRAPPERS.search(bare)]
     if real or exc:
-        return _clip((real or exc)[-1])
-    errors = [ln for ln in lines if _ERROR_LINE.match(ln.strip())]
+        return _clip((real or [shown for _, shown in exc])[-1])
+    errors = [(bare, shown) for bare, shown in lines if _ERROR_LINE.match(bare.strip())]
     if errors:
-        specific = [ln for ln in errors if not re.match(r"^(srun|slurmstepd)", ln.strip())]
-        return _clip((specific or errors)[-1])
+        specific = [shown for bare, shown in errors if not re.match(r"^(srun|slurmstepd)", bare.strip())]
+        return _clip((specific or [shown for _, shown in errors])[-1])
     return None
 
 
 def log_signs(text: str) -> str | None:
     """The most specific reason a log shows, if any."""
-    lines = [ln for ln in text.splitlines() if not _NOISE.search(ln)]
-    body = "\n".join(ln for ln in lines if not ln.lstrip().startswith(("File ", "raise ")))
+    body = "\n".join(bare for bare, _ in _unlabeled(text) if not bare.lstrip().startswith(("File ", "raise ")))
     for reason, pattern in _LOG_SIGNS:
         if pattern.search(body):
             return reason
@@ -262,7 +269,7 @@ def last_step(text: str) -> tuple[int | None, int | None, float | None]:
     step = max_steps = None
     loss = None
     for line in text.splitlines():
-        s = line.strip()
+        s = strip_labels(line.strip())
         if s.lower().startswith("eval"):
             continue
         m = _STEP.search(s)

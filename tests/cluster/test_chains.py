@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {"data": {"seq_len": 64}, "optim": {"max_steps": 2, "micro_batch": 2}, "precision": "fp32",
         "zero": {"stage": 2}, "cluster": {"gpus_per_node": 0, "time": "10", "partition": "debug", "net_ifname": "eth0",
                                           "prep": {"cpus": 1, "time": "10"}}}
-STEP = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+) ", re.M)
+STEP = re.compile(r"^(?:\[rank0\]:|\s*0: )?step (\d+)/(\d+) loss ([0-9.]+) ", re.M)  # rank 0's step lines
 # What `launcher prepare` prints while it tokenizes (datasets' progress bar, on stderr), and on a cache hit.
 TOKENIZING = "tokenizing:"
 
@@ -75,6 +75,18 @@ def test_prep_job_tokenizes_before_a_two_node_job_whose_ranks_only_read_the_cach
     assert TOKENIZING not in train_log and "prepared " not in train_log, train_log[-3000:]
     assert [int(s) for s, _, _ in STEP.findall(train_log)] == [1, 2], train_log[-3000:]
     assert (run_dir / "final" / "config.json").is_file()
+    # every line a rank wrote carries its rank: `launcher logs --rank/--node` pick them, and each rank's
+    # own stdout is kept apart as well (torchrun --tee, RUN_DIR/logs/ranks/<job>/node<N>/)
+    by_rank = {r: launcher(slurm_lab, "logs", str(run_dir), "--rank", str(r), cache=tmp_path / "cache") for r in (0, 1)}
+    node2 = launcher(slurm_lab, "logs", str(run_dir), "--node", "node2", cache=tmp_path / "cache")
+    assert all(cp.returncode == 0 for cp in (*by_rank.values(), node2)), [cp.stderr for cp in by_rank.values()]
+    assert [int(s) for s, _, _ in STEP.findall(by_rank[0].stdout)] == [1, 2], by_rank[0].stdout[-3000:]
+    rank1 = [ln for ln in by_rank[1].stdout.splitlines() if not ln.startswith("==> ")]
+    assert rank1 and all(ln.startswith("[rank1]:") for ln in rank1), by_rank[1].stdout[-3000:]
+    assert node2.stdout == by_rank[1].stdout  # one rank per node
+    [out0] = (run_dir / "logs" / "ranks" / train / "node0").glob("*/attempt_0/0/stdout.log")
+    assert [int(s) for s, _, _ in STEP.findall(out0.read_text())] == [1, 2]
+    assert list((run_dir / "logs" / "ranks" / train / "node1").glob("*/attempt_0/0/stderr.log"))
     # the training job has one step, the ranks (one torchrun per node): no preparation step inside it
     steps = [r for r in slurm_lab.sacct(train, ["JobID", "NodeList", "NTasks"], steps=True)
              if re.fullmatch(rf"{train}\.\d+", r["JobID"])]

@@ -41,7 +41,7 @@ SPEC = {"data": {"seq_len": 64}, "optim": {"max_steps": MAX_STEPS, "micro_batch"
         "cluster": {"gpus_per_node": 0, "time": "15", "partition": "debug", "nodes": 2, "nproc_per_node": 1,
                     "prep": {"cpus": 1},  # the preparation job fits the lab's 2-CPU nodes
                     "net_ifname": "eth0", "max_requeues": 2}}
-STEP = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+) ", re.M)
+STEP = re.compile(r"^(?:\[rank0\]:|\s*0: )?step (\d+)/(\d+) loss ([0-9.]+) ", re.M)  # rank 0's step lines
 
 
 def submit(lab, tmp: Path, name: str, spec: dict, **env: str) -> tuple[str, Path]:

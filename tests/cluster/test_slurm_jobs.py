@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {"data": {"seq_len": 64}, "optim": {"max_steps": 3, "micro_batch": 2}, "precision": "fp32",
         "zero": {"stage": 2}, "cluster": {"gpus_per_node": 0, "time": "10", "partition": "debug",
                                           "prep": {"cpus": 1}}}
-STEP = re.compile(r"^step (\d+)/(\d+) loss ([0-9.]+) ", re.M)
+STEP = re.compile(r"^(?:\[rank0\]:|\s*0: )?step (\d+)/(\d+) loss ([0-9.]+) ", re.M)  # rank 0's step lines
 
 
 def launcher_slurm(lab, *args: str, cwd: Path = ROOT, cache: Path | None = None) -> subprocess.CompletedProcess:
@@ -123,6 +123,7 @@ HOSTILE_ENV = {"H_QUOTE": f"x'; touch {MARK} #", "H_SUBST": f"$(touch {MARK})", 
 
 @pytest.mark.parametrize("launch", ["torchrun", "srun"])
 def test_hostile_values_are_submitted_verbatim_and_run_nothing(slurm_lab, tmp_path, launch):
+    from launcher.jobs.logs import strip_labels
     from launcher.plan import make_plan
     from launcher.render.slurm import render_sbatch
     from launcher.spec import validate
@@ -158,7 +159,8 @@ def test_hostile_values_are_submitted_verbatim_and_run_nothing(slurm_lab, tmp_pa
     log = log_file.read_text(errors="replace")
     assert state == "COMPLETED", log
     assert log_file.name == f"{HOSTILE_NAME}-{job}.out"
-    reports = [json.loads(line[5:]) for line in log.splitlines() if line.startswith("STUB ")]
+    lines = [strip_labels(line) for line in log.splitlines()]  # srun --label: "0: STUB ..." (launcher: srun)
+    reports = [json.loads(line[5:]) for line in lines if line.startswith("STUB ")]
     prep = [r for r in reports if r["argv"][:3] == ["-m", "launcher", "prepare"]]
     assert len(prep) == 1 and len(reports) == 3, log  # the preparation step, then one per node
     for r in reports:

@@ -444,6 +444,24 @@ def test_lines_are_attributed_to_ranks_and_nodes():
     f = logs.LineFilter(node="a2", layout=torchrun)
     path = Path("/r/logs/run-5.out")
     assert [ln for ln in ("[rank5]: boom", "[rank1]: fine", "step 1/3") if f.keep(ln, path)] == ["[rank5]: boom"]
+    # the batch script's torchrun prefix (no space), and torch's own prefix after it
+    assert torchrun.attribute("[rank7]:step 2/3 loss 1.0", single_node=False) == (7, 1)
+    assert torchrun.attribute("[rank7]:[rank7]: Traceback", single_node=False) == (7, 1)
+
+
+def test_labels_come_off_for_reading_and_one_stays_for_showing():
+    assert logs.strip_labels("[rank1]:[rank1]: ValueError: x") == "ValueError: x"
+    assert logs.strip_labels(" 3: [rank3]:step 1/2 loss 1.0") == "step 1/2 loss 1.0"
+    assert logs.strip_labels("step 1/2 loss 1.0") == "step 1/2 loss 1.0"
+    assert logs.one_label("[rank1]:[rank1]: ValueError: x") == "[rank1]: ValueError: x"
+    assert logs.one_label(" 3: x") == "3: x"
+    assert logs.one_label("plain") == "plain"
+    log = ("launcher: job 7 on n[1-2], rendezvous n1:15007, spec /r/spec.yaml\n[rank0]:step 3/10 loss 2.5000 lr 1e-3\n"
+           "[rank1]:[rank1]: Traceback (most recent call last):\n[rank1]:[rank1]:   File \"/x.py\", line 1, in f\n"
+           "[rank1]:[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n")
+    assert status.classify("FAILED", 5, 0, log) == (status.OUT_OF_MEMORY, "[rank1]: torch.OutOfMemoryError: CUDA out of memory. "
+                                                          "Tried to allocate 2 GiB")
+    assert status.last_step(log) == (3, 10, 2.5)
 
 
 def test_follow_prints_new_lines_and_returns_when_the_jobs_end(tmp_path):
