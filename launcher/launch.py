@@ -138,6 +138,9 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
     rd.logs.mkdir(parents=True, exist_ok=True)
     log_path = rd.logs / "launch.log"
     started = time.time()
+    from launcher.train.watchdog import BACKSTOP_DUMP
+
+    backstop = False  # a rank's watchdog backstop dumped its stacks (a hang holding the GIL: it leaves no marker)
     with log_path.open("a") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
@@ -168,6 +171,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
+                backstop = backstop or bool(BACKSTOP_DUMP.match(line))
                 log.write(line)
                 log.flush()
                 if echo:
@@ -185,10 +189,10 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         code = EXIT_REQUEUE
     hung = [p for p in resilience.markers_dir(rd.path).glob(f"exit-{job}-a0-rank*.json")
             if (resilience.read_marker(rd.path, p.stem) or {}).get("exit_code") == EXIT_HANG]
-    if hung and code not in _KNOWN_EXITS | {0}:
+    if (hung or backstop) and code not in _KNOWN_EXITS | {0}:
         code = EXIT_HANG  # a rank's watchdog fired; the others' failed collectives (exit 1) are its echo
     rd.record_job(job, "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
-    rd_note = _failure_note(rd, job) if code not in (0, EXIT_REQUEUE) else ""
+    rd_note = _failure_note(rd, job, backstop) if code not in (0, EXIT_REQUEUE) else ""
     if rd_note:
         sys.stderr.write(rd_note + "\n")
         with log_path.open("a") as log:
@@ -196,14 +200,16 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
     return code
 
 
-def _failure_note(rd: RunDir, job: str) -> str:
-    """Which rank failed and where, from the markers the ranks wrote (a rank that wrote none was killed)."""
+def _failure_note(rd: RunDir, job: str, backstop: bool = False) -> str:
+    """Which rank failed and where, from the markers the ranks wrote (a rank that wrote none was killed, or
+    ended by its watchdog's backstop when `backstop`: the log has its dump)."""
     from launcher.train import resilience
 
     lines = []
     for s in resilience.silent_ranks(rd.path, job, 0):
-        lines.append(f"launcher: rank {s['rank']} on {s['node']} ended without an exit record: killed (SIGKILL, the "
-                     f"out-of-memory killer) or its node failed")
+        lines.append(f"launcher: rank {s['rank']} on {s['node']} ended without an exit record: " +
+                     ("its watchdog's backstop ended a hang in code holding the GIL (\"Timeout (...)!\" and every "
+                      "thread's stack in the log)" if backstop else "killed (SIGKILL, the out-of-memory killer) or its node failed"))
     for p in sorted(resilience.markers_dir(rd.path).glob(f"exit-{job}-a0-rank*.json")):
         rec = resilience.read_marker(rd.path, p.name[:-5]) or {}
         if rec.get("exit_code") not in (0, EXIT_REQUEUE, None):

@@ -27,6 +27,7 @@ from typing import Any
 from launcher.jobs.logs import one_label, strip_labels
 from launcher.jobs import slurmtools as st
 from launcher.jobs.slurmtools import Attempt
+from launcher.train.watchdog import BACKSTOP_DUMP
 
 # --------------------------------------------------------------------------- reasons
 
@@ -62,7 +63,8 @@ _LOG_SIGNS: list[tuple[str, re.Pattern[str]]] = [
                                r"DefaultCPUAllocator: can't allocate memory|oom[-_]kill|"
                                r"Killed process \d+ .*out of memory|Detected \d+ oom[-_]kill|"
                                r"MemoryError\b", re.I)),
-    (HANG, re.compile(r"launcher: (?:watchdog|hang)|hang detected|no progress for \d+", re.I)),
+    # the watchdog's line, or the first line of its faulthandler backstop's dump (a hang holding the GIL)
+    (HANG, re.compile(r"launcher: (?:watchdog|hang)|hang detected|no progress for \d+|" + BACKSTOP_DUMP.pattern, re.I)),
     (COLLECTIVE_TIMEOUT, re.compile(r"Watchdog caught collective operation timeout|collective operation timeout|"
                                     r"(?:NCCL|gloo|c10d|ProcessGroup\w*|DistBackendError).{0,200}?timed out|"
                                     r"Timed out waiting \d+ ?ms for (?:recv|send)|Timeout\(ms\)=\d+\) ran for", re.I)),
@@ -143,6 +145,8 @@ def classify(state: str, exit_code: int | None = None, signal: int | None = None
         reason = MARKER_REASONS.get(str(marker["reason"]), str(marker["reason"]))
         if reason == PREEMPTED and requeued_after:
             reason = PREEMPTED_REQUEUED
+        if reason == COLLECTIVE_TIMEOUT and log and log_signs(log) in (OUT_OF_MEMORY, HANG):
+            return log_signs(log), line  # the marker's failed collective echoes a rank that died without one
         return reason, marker.get("message") or line
     if state == "COMPLETED" and not exit_code:
         return COMPLETED, None

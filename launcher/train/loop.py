@@ -430,6 +430,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
 
     kwargs = training_arguments_kwargs(spec, plan, ds_config)
     kwargs["ddp_timeout"] = collective_timeout_s(spec)
+    os.environ["LAUNCHER_COLLECTIVE_TIMEOUT_S"] = str(kwargs["ddp_timeout"])  # named when a collective fails
     # Join the process group first, with the collective timeout: a rank that died or hangs makes the
     # others fail within it (accelerate passes no timeout for CPU ranks, whose gloo default is 30 min).
     # zero.Init (ZeRO-3 loading) also needs the group: it takes a world of 1 before the group exists.

@@ -195,7 +195,7 @@ def barrier() -> None:
 # --------------------------------------------------------------------------- test-only faults
 
 FAULT_ENV = "LAUNCHER_TEST_FAULT"
-FAULT_KINDS = ("kill", "oom", "hang", "kill-in-save", "signal", "stall")
+FAULT_KINDS = ("kill", "oom", "hang", "kill-in-save", "signal", "stall", "gil")
 
 
 @dataclass(frozen=True)
@@ -211,6 +211,8 @@ class Fault:
       signal        the rank sends itself sig (default USR1) at the end of step S (a preemption)
       stall         the rank sleeps in Python at the end of step S, for ever (its threads still run:
                     the hang watchdog's case, exit 4, with `_stall_forever` in the stack it writes)
+      gil           the rank sleeps in C at the end of step S, for ever, holding the GIL (no Python thread
+                    runs: the watchdog's faulthandler backstop, exit 1, `_hold_gil_forever` in its stack)
     attempt (default 0) is the attempt it fires on, so that a requeued job does not meet it again.
     Never set it outside tests."""
 
@@ -273,6 +275,10 @@ def inject_step_faults(step: int) -> None:
         _fault_marker(f, step)
         _say(f"launcher: test fault: rank {rank()} on {node_name()} stalls (sleeps in Python) at step {step}")
         _stall_forever()
+    for f in _faults_here("gil", step):
+        _fault_marker(f, step)
+        _say(f"launcher: test fault: rank {rank()} on {node_name()} stalls in C holding the GIL at step {step}")
+        _hold_gil_forever()
     for f in _faults_here("kill", step):
         _fault_marker(f, step)
         _say(f"launcher: test fault: rank {rank()} on {node_name()} kills itself (SIGKILL) at step {step}")
@@ -290,6 +296,14 @@ def _stall_forever() -> None:
     """Test fault "stall": no progress, threads alive (the watchdog ends the rank); named for its stack."""
     while True:
         time.sleep(1)
+
+
+def _hold_gil_forever() -> None:
+    """Test fault "gil": libc's sleep called through ctypes.PyDLL, which keeps the GIL for the call."""
+    import ctypes
+
+    while True:
+        ctypes.PyDLL(None).sleep(3600)
 
 
 # --------------------------------------------------------------------------- checkpoints

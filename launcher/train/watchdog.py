@@ -15,16 +15,21 @@ When it counts (decided here, so that slow but healthy work is never taken for a
   (COLLECTIVE_GRACE_S, once): it is most likely waiting for the stuck rank, which then fires first, so
   that the first stack and marker are the culprit's; its line says which collective it waited in.
 
-What it cannot see: a thread stuck in C code that holds the GIL stops this thread too (the collective
-timeout or the job's time limit ends that case), and SIGSTOP freezes the whole process (the other ranks
-leave through the collective timeout: the test fault "hang"). The test fault "stall" sleeps in Python
-inside a step, which is what this watchdog is for.
+A thread stuck in C code that holds the GIL stops this thread too. For that case a backstop runs beside
+it: faulthandler's own timer thread (dump_traceback_later, which needs no GIL), re-armed with every
+deadline to fire BACKSTOP_SLACK later (and, for a rank given the collective grace, after that grace).
+It writes "Timeout (H:MM:SS)!" and every thread's stack to stderr and exits 1, without a marker: Python
+cannot run any more there (`launcher status` still reads it as a hang, from the log line). When this
+thread can run, it fires first and cancels the backstop. SIGSTOP freezes the whole process (the other
+ranks leave through the collective timeout: the test fault "hang"). The test faults "stall" (sleeps in
+Python) and "gil" (sleeps in C holding the GIL) are the two cases.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import sys
 import tempfile
 import threading
@@ -37,6 +42,9 @@ from launcher.errors import EXIT_HANG
 FIRST_STEP_FACTOR = 3  # the first step: compilation, autotuning, first collectives
 SAVE_FACTOR = 3  # a checkpoint save after the step
 COLLECTIVE_GRACE_S = 60.0  # extra wait of a rank blocked in a collective (at most the limit itself)
+BACKSTOP_SLACK_S = 5.0  # the C-level backstop fires this long (plus two polls) after the watchdog's deadline
+# The first line of the backstop's dump (faulthandler's own words), as a log shows it.
+BACKSTOP_DUMP = re.compile(r"(?:^|\n)Timeout \(\d+:\d\d:\d\d(?:\.\d+)?\)!")
 
 
 class Watchdog:
@@ -61,6 +69,14 @@ class Watchdog:
     @property
     def enabled(self) -> bool:
         return self.timeout_s > 0
+
+    @property
+    def _poll(self) -> float:
+        return max(0.2, min(5.0, self.timeout_s / 20))
+
+    def _arm_backstop(self, seconds: float) -> None:
+        """(Re-)arm faulthandler's timer: `seconds` plus the slack that lets this thread fire first."""
+        faulthandler.dump_traceback_later(seconds + 2 * self._poll + BACKSTOP_SLACK_S, exit=True, file=2)
 
     def arm(self, step: int | None = None) -> None:
         """Start watching from `step` (the resumed global step, or None); until the next step finishes
@@ -89,15 +105,17 @@ class Watchdog:
             self._last = now
             self._deadline = now + self.timeout_s * factor
             self._collective = None
+            self._arm_backstop(self.timeout_s * factor)
 
     def disarm(self) -> None:
         self._stop.set()
         with self._lock:
             self._deadline = float("inf")
+        if self.enabled:
+            faulthandler.cancel_dump_traceback_later()
 
     def _watch(self) -> None:
-        poll = max(0.2, min(5.0, self.timeout_s / 20))
-        while not self._stop.wait(poll):
+        while not self._stop.wait(self._poll):
             with self._lock:
                 now = time.monotonic()
                 expired = now >= self._deadline
@@ -107,7 +125,9 @@ class Watchdog:
                 if expired and self._collective is None:
                     self._collective = _collective_of_main_thread() or ""
                     if self._collective:
-                        self._deadline = now + min(self.timeout_s, COLLECTIVE_GRACE_S)
+                        grace = min(self.timeout_s, COLLECTIVE_GRACE_S)
+                        self._deadline = now + grace
+                        self._arm_backstop(grace)
                         continue
             if expired and not self._stop.is_set():
                 self.fire()
@@ -116,6 +136,7 @@ class Watchdog:
         """Write the line and every thread's stack to stderr, the exit marker, then exit 4."""
         from launcher.train import resilience
 
+        faulthandler.cancel_dump_traceback_later()  # this report, marker and record take over (may be slow)
         with self._lock:
             idle = time.monotonic() - self._last
             step = self.step

@@ -3,7 +3,8 @@ cluster.hang_timeout_s writes every thread's stack to its log and exits 4, and `
 naming it; a healthy run with the watchdog on is not disturbed.
 
 The stall is the test-only fault `stall` (LAUNCHER_TEST_FAULT): the rank sleeps in Python inside the
-step, so its threads still run and the stack shows where it stalls (`_stall_forever`).
+step, so its threads still run and the stack shows where it stalls (`_stall_forever`). The fault `gil`
+sleeps in C holding the GIL, where only the watchdog's faulthandler backstop still runs.
 """
 
 from __future__ import annotations
@@ -75,6 +76,26 @@ def test_a_hang_on_rank_zero_ends_the_attempt_in_the_run_record(tmp_path, env, l
     assert "made no progress for" in attempt["message"] and attempt["end_step"] == 2, attempt
 
 
+def test_a_rank_stuck_in_c_holding_the_gil_is_ended_by_the_backstop(tmp_path, env, launcher):
+    """Rank 1 of 2 sleeps in C holding the GIL after step 2, so no Python thread of it runs, the watchdog's
+    included: faulthandler's backstop dumps every stack ("Timeout (...)!") and ends it, before the other
+    rank (blocked in the next collective, given the grace) fires; `launcher run` exits 4 and says so."""
+    run = tmp_path / "run"
+    proc = launcher(["run", *flags(2, 8), "--out", run], env, LAUNCHER_TEST_FAULT="gil:rank=1:step=2")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 4, out[-6000:]
+    assert "stalls in C holding the GIL at step 2" in out and "Timeout (0:00:" in out, out[-6000:]
+    assert "in _hold_gil_forever" in out and "in inject_step_faults" in out, out[-6000:]
+    # the culprit went first: rank 0 (in a collective, given the grace) did not fire its own watchdog
+    assert not [ln for ln in out.splitlines() if ln.startswith("launcher: rank 0") and "made no progress" in ln]
+    assert "a collective failed (collective timeout 1800 s)" in proc.stderr, proc.stderr[-3000:]  # its echo
+    markers = run / "markers"
+    [fault] = [json.loads(p.read_text()) for p in markers.glob("fault-*-rank1.json")]
+    assert fault["kind"] == "gil" and not list(markers.glob("exit-*-rank1.json"))  # Python never ran again
+    assert "rank 1 on" in proc.stderr and "watchdog's backstop ended a hang" in proc.stderr, proc.stderr[-3000:]
+    assert "no progress for cluster.hang_timeout_s" in proc.stderr
+
+
 def test_healthy_run_with_the_watchdog_on_finishes_untouched(tmp_path, env, launcher):
     """A run with the watchdog on (15 s) and checkpoint saves finishes every step with exit 0: neither the
     first step nor a save nor the end of training trips it."""
@@ -114,6 +135,28 @@ def test_watchdog_fires_after_the_limit_with_every_stack_and_a_marker(tmp_path):
     assert took < 20
     [rec] = [json.loads(p.read_text()) for p in (tmp_path / "markers").glob("exit-*-rank3.json")]
     assert rec["reason"] == "hang" and rec["exit_code"] == 4 and rec["step"] == 7 and rec["watchdog"] is True
+
+
+def test_backstop_ends_a_process_whose_gil_is_held(tmp_path):
+    """No Python thread runs while C code holds the GIL: faulthandler's timer thread, armed with the
+    deadline plus its slack, writes every stack and exits 1."""
+    t0 = time.monotonic()
+    proc = _python("""
+        import ctypes
+        from launcher.train.watchdog import Watchdog
+        w = Watchdog(1.0)
+        w.arm(None)
+        w.pet(7)
+
+        def stuck_in_c():
+            ctypes.PyDLL(None).sleep(60)  # libc's sleep, the GIL held throughout
+
+        stuck_in_c()
+        """, tmp_path)
+    took = time.monotonic() - t0
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("Timeout (0:00:06.400000)!") and "in stuck_in_c" in proc.stderr, proc.stderr
+    assert "made no progress" not in proc.stderr and 6 < took < 20, took
 
 
 def test_watchdog_kept_alive_by_progress_and_off_at_zero(tmp_path):
@@ -175,6 +218,12 @@ def test_a_rank_blocked_in_a_collective_waits_longer_and_says_so(tmp_path):
 
 def test_status_names_a_hang_as_the_watchdogs():
     from launcher.jobs import status
+
+    # the backstop's dump on one rank; the other's marker says its collective failed (an echo)
+    log = ("[rank1]:launcher: test fault\n[rank1]:Timeout (0:00:21.500000)!\n[rank1]:Thread 0x7f (most recent call "
+           "first):\n[rank1]:  File \"/x/resilience.py\", line 9 in _hold_gil_forever\n")
+    assert status.classify("FAILED", 1, None, log, {"reason": "collective_timeout", "message": "rank 0: a collective "
+                                                    "failed"}) == (status.HANG, "[rank1]: Timeout (0:00:21.500000)!")
 
     reason, line = status.classify("FAILED", 1, None, "", {"reason": "hang", "message": "rank 1 on node2 made no "
                                                                                         "progress for 15 s"})
