@@ -1060,6 +1060,9 @@ def rank_main(spec_path: str) -> int:
         out.write_text(json.dumps(record) + "\n")
         raise
     out.write_text(json.dumps({**probe.record(), "error": None}) + "\n")
+    from launcher.train.resilience import leave_process_group
+
+    leave_process_group()
     return 0
 
 

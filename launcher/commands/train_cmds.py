@@ -39,6 +39,7 @@ def train(spec: RunSpec) -> None:
     out_dir = Path(spec.output.dir)
     result = resilience.run_rank(out_dir, lambda: train_loop(spec))
     resilience.ignore_stop_signals()
+    resilience.leave_process_group()
     if result.stopped_at is not None:
         resilience.mark_exit(out_dir, "requeue", EXIT_REQUEUE, f"stopped at step {result.stopped_at} after a signal; "
                              f"checkpoint saved", step=result.stopped_at)

@@ -379,19 +379,7 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
         record.end(exit_reason(exc), message=f"{type(exc).__name__}: {exc}")
         raise
     record.end("completed" if result.final is not None else "requeue")
-    _leave_process_group()
     return result
-
-
-def _leave_process_group() -> None:
-    """Every rank got here (done, or stopped at the same step): leave the process group now. Left to the
-    interpreter's exit, gloo's worker threads can outlive it and abort the rank (SIGABRT, "terminate called
-    without an active exception") after a run that finished. Not on a failure: another rank may still be
-    inside a collective, and destroying the group there can block."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainResult:

@@ -689,6 +689,18 @@ def run_rank(out_dir: Path, body: Callable[[], Any]) -> Any:
     return result
 
 
+def leave_process_group() -> None:
+    """For a rank's entry point once training returned on every rank (done, or stopped at the same step):
+    leave the process group before the interpreter exits. Left to the exit, gloo's worker threads can
+    outlive it and abort the rank (SIGABRT, "terminate called without an active exception") after a run
+    that finished. Not after a failure: another rank may still be inside a collective, and destroying
+    the group there can block."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _exit_marker(out_dir: Path, reason: str, code: int, message: str, **extra: Any) -> None:
     try:
         write_marker(out_dir, exit_marker_name(), reason=reason, exit_code=code, message=message[:2000], **extra)
