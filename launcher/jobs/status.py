@@ -98,9 +98,14 @@ def _clip(line: str, n: int = 300) -> str:
 
 def _unlabeled(text: str) -> list[tuple[str, str]]:
     """The log's lines without the known noise, each as (the line without its rank labels ("[rank1]:",
-    "1: "), for matching; the line with its first label only, to show)."""
-    pairs = ((strip_labels(raw.rstrip()), one_label(raw.strip())) for raw in text.splitlines())
-    return [(bare, shown) for bare, shown in pairs if not _NOISE.search(bare)]
+    "1: "), for matching; the line as written)."""
+    pairs = ((strip_labels(raw.rstrip()), raw) for raw in text.splitlines())
+    return [(bare, raw) for bare, raw in pairs if not _NOISE.search(bare)]
+
+
+def _shown(line: str) -> str:
+    """A log line to show: its first label only ("[rank1]: ValueError: ..."), clipped."""
+    return _clip(one_label(line.strip()))
 
 
 def why_line(text: str) -> str | None:
@@ -108,20 +113,20 @@ def why_line(text: str) -> str | None:
     timeout, ...), else the last real exception of a traceback, else the last error line."""
     lines = _unlabeled(text)
     for _, pattern in _LOG_SIGNS:
-        for bare, shown in reversed(lines):
+        for bare, raw in reversed(lines):
             if pattern.search(bare) and not bare.lstrip().startswith(("File ", "raise ", "^")):
-                return _clip(shown)
-    ranks = [shown for bare, shown in lines if _RANK_SUMMARY.match(bare.strip())]
+                return _shown(raw)
+    ranks = [raw for bare, raw in lines if _RANK_SUMMARY.match(bare.strip())]
     if ranks:
-        return _clip(ranks[0])
-    exc = [(bare, shown) for bare, shown in lines if _EXCEPTION.match(bare.strip())]
-    real = [shown for bare, shown in exc if not _WRAPPERS.search(bare)]
+        return _shown(ranks[0])
+    exc = [(bare, raw) for bare, raw in lines if _EXCEPTION.match(bare.strip())]
+    real = [raw for bare, raw in exc if not _WRAPPERS.search(bare)]
     if real or exc:
-        return _clip((real or [shown for _, shown in exc])[-1])
-    errors = [(bare, shown) for bare, shown in lines if _ERROR_LINE.match(bare.strip())]
+        return _shown((real or [raw for _, raw in exc])[-1])
+    errors = [(bare, raw) for bare, raw in lines if _ERROR_LINE.match(bare.strip())]
     if errors:
-        specific = [shown for bare, shown in errors if not re.match(r"^(srun|slurmstepd)", bare.strip())]
-        return _clip((specific or [shown for _, shown in errors])[-1])
+        specific = [raw for bare, raw in errors if not re.match(r"^(srun|slurmstepd)", bare.strip())]
+        return _shown((specific or [raw for _, raw in errors])[-1])
     return None
 
 
@@ -145,8 +150,9 @@ def classify(state: str, exit_code: int | None = None, signal: int | None = None
         reason = MARKER_REASONS.get(str(marker["reason"]), str(marker["reason"]))
         if reason == PREEMPTED and requeued_after:
             reason = PREEMPTED_REQUEUED
-        if reason == COLLECTIVE_TIMEOUT and log and log_signs(log) in (OUT_OF_MEMORY, HANG):
-            return log_signs(log), line  # the marker's failed collective echoes a rank that died without one
+        seen = log_signs(log) if reason == COLLECTIVE_TIMEOUT and log else None
+        if seen in (OUT_OF_MEMORY, HANG):
+            return seen, line  # the marker's failed collective echoes a rank that died without one
         return reason, marker.get("message") or line
     if state == "COMPLETED" and not exit_code:
         return COMPLETED, None
