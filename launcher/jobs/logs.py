@@ -27,15 +27,26 @@ from pathlib import Path
 from launcher.errors import UserError
 from launcher.jobs import slurmtools as st
 
+# Each label as (kind, its pattern at the start of a line; group 1: its number).
 _LABELS = (
-    (re.compile(r"^\[rank(\d+)\]:\s?"), "rank"),
-    (re.compile(r"^\[default(\d+)\]:\s?"), "local"),
-    (re.compile(r"^\s*(\d+): "), "task"),
+    ("rank", r"\[rank(\d+)\]:\s?"),
+    ("local", r"\[default(\d+)\]:\s?"),
+    ("task", r"\s*(\d+): "),
 )
+_LABEL = [(kind, re.compile("^" + pattern)) for kind, pattern in _LABELS]
 # Any run of those labels at the start of a line ("0: [rank0]:[rank0]: Traceback ...").
-_LABEL_RUN = re.compile(r"^(?:\s*\d+: |\[(?:rank|default)\d+\]:\s?)+")
+_LABEL_RUN = re.compile("^(?:" + "|".join(pattern for _, pattern in _LABELS) + ")+")
 _JOB_OF_FILE = re.compile(r"-(\d+(?:_\d+)?)\.out$")
 _LOG_SUFFIXES = (".out", ".log", ".err")
+
+
+def _first_label(line: str) -> tuple[str, re.Match[str]] | None:
+    """(kind, match) of the label a line starts with, or None."""
+    for kind, pattern in _LABEL:
+        m = pattern.match(line)
+        if m:
+            return kind, m
+    return None
 
 
 def strip_labels(line: str) -> str:
@@ -45,11 +56,10 @@ def strip_labels(line: str) -> str:
 
 def one_label(line: str) -> str:
     """The line with its labels cut to the first ("[rank1]:[rank1]: X" -> "[rank1]: X")."""
-    m = _LABEL_RUN.match(line)
-    if not m:
+    run, first = _LABEL_RUN.match(line), _first_label(line)
+    if not run or not first:
         return line
-    first = next(p.match(line) for p, _ in _LABELS if p.match(line)).group(0).strip()
-    return f"{first} {line[m.end():]}"
+    return f"{first[1].group(0).strip()} {line[run.end():]}"
 
 
 def log_files(run_dir: Path) -> list[Path]:
@@ -113,19 +123,17 @@ class Layout:
 
     def attribute(self, line: str, single_node: bool) -> tuple[int | None, int | None]:
         """(rank, node index) of a line; None where the line does not say."""
-        for pattern, kind in _LABELS:
-            m = pattern.match(line)
-            if not m:
-                continue
-            n = int(m.group(1))
-            if kind == "rank":
-                return n, n // max(self.nproc_per_node, 1)
-            if kind == "local":
-                return (n, 0) if single_node else (None, None)
-            if self.launcher == "srun":  # srun --label: the task is the rank
-                return n, n // max(self.nproc_per_node, 1)
-            return None, n  # torchrun: one task per node
-        return 0, 0
+        first = _first_label(line)
+        if first is None:
+            return 0, 0
+        kind, n = first[0], int(first[1].group(1))
+        if kind == "rank":
+            return n, n // max(self.nproc_per_node, 1)
+        if kind == "local":
+            return (n, 0) if single_node else (None, None)
+        if self.launcher == "srun":  # srun --label: the task is the rank
+            return n, n // max(self.nproc_per_node, 1)
+        return None, n  # torchrun: one task per node
 
 
 @dataclass

@@ -17,7 +17,7 @@ When it counts (decided here, so that slow but healthy work is never taken for a
 
 A thread stuck in C code that holds the GIL stops this thread too. For that case a backstop runs beside
 it: faulthandler's own timer thread (dump_traceback_later, which needs no GIL), re-armed with every
-deadline to fire BACKSTOP_SLACK later (and, for a rank given the collective grace, after that grace).
+deadline to fire two polls + BACKSTOP_SLACK_S later (for a rank given the collective grace: after it).
 It writes "Timeout (H:MM:SS)!" and every thread's stack to stderr and exits 1, without a marker: Python
 cannot run any more there (`launcher status` still reads it as a hang, from the log line). When this
 thread can run, it fires first and cancels the backstop. SIGSTOP freezes the whole process (the other
