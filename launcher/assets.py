@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 _PKG = Path(__file__).resolve().parent
+# The folder that holds the launcher package: a checkout's root in an editable install, where ranks
+# started with PYTHONPATH set to it import this same source.
+PACKAGE_PARENT = _PKG.parent
 
 
 def _data_dir(name: str) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 FORGETTING_TOLERANCE = 0.01  # nats per token: a reference-set loss rise above this counts as forgetting
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
@@ -74,16 +74,16 @@ def _newest_checkpoint_with_weights(run_dir: Path) -> Path | None:
 def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int | None = None) -> Target:
     """RUN_DIR (its final model, else its newest checkpoint; base: the model it started from) or a
     model directory (full model or peft adapter; base: --base, else the adapter's own base)."""
-    from launcher import spec as spec_mod
-    from launcher.rundir import with_overrides
+    from launcher.config import spec as spec_mod
+    from launcher.rundir.layout import with_overrides
 
     path = Path(target).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"{target}: not a directory; give a run dir (made by `launcher run --out`) or a model "
                         f"directory (save_pretrained output or a peft adapter)")
     if (path / "spec.yaml").is_file():
-        from launcher.rundir import open_run_dir
-        from launcher.train import model as model_mod
+        from launcher.rundir.layout import open_run_dir
+        from launcher.model import load as model_mod
 
         rd = open_run_dir(path)
         spec = rd.load_spec()
@@ -125,8 +125,8 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
 
 def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
     """The run's spec reading `file` instead: same tokenizer and seq_len, no split, no packing."""
-    from launcher.rundir import with_overrides
-    from launcher.train import data as data_mod
+    from launcher.rundir.layout import with_overrides
+    from launcher.data import build as data_mod
 
     if not file.exists():
         raise UserError(f"--data {file}: no such file or folder")
@@ -164,7 +164,7 @@ def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet
 
 def load_rows(s: EvalSet, max_rows: int) -> None:
     """Tokenize (through the data cache) and pick at most max_rows rows, evenly spread over the set."""
-    from launcher.train import data as data_mod
+    from launcher.data import build as data_mod
 
     data_mod.prepare(s.spec)  # checks the data first; a no-op when the run's own data is cached
     split = "eval" if (s.kind == "in-distribution" and s.held_out) else "train"
@@ -198,7 +198,7 @@ def load_model(t: Target, which: str, device: str) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from launcher.train import model as model_mod
+    from launcher.model import load as model_mod
 
     hf_logging.disable_progress_bar()
     spec = t.spec
@@ -234,7 +234,7 @@ def loss_on(model: Any, s: EvalSet, tokenizer: Any, batch_size: int, device: str
     its predicted tokens) / all predicted tokens. Predicted tokens: labels != -100 after the shift."""
     import torch
 
-    from launcher.train import data as data_mod
+    from launcher.data import build as data_mod
 
     collate = data_mod.make_collator(s.spec, tokenizer)
     total, count = 0.0, 0
@@ -306,7 +306,7 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import datasets
 
-    from launcher.train import model as model_mod
+    from launcher.model import load as model_mod
 
     datasets.disable_progress_bars()
     dev = pick_device(device)

@@ -92,8 +92,8 @@ def bench(args: tuple[str, ...], **kw: Any) -> None:
 
 
 def _run(spec_path: str | None, kw: dict[str, Any]) -> None:
-    from launcher import bench as b
-    from launcher.estimate import DEVICES
+    from launcher.bench import run as b
+    from launcher.plan.estimate import DEVICES
 
     if not kw["out"]:
         raise UserError("--out DIR is required: the results (and, with --slurm, the job array) go there")
@@ -148,7 +148,7 @@ def _run(spec_path: str | None, kw: dict[str, Any]) -> None:
 
 def _slurm(b: Any, setups: list[Any], out: Path, opts: Any, kw: dict[str, Any]) -> None:
     from launcher.commands.slurm_cmd import check_cluster_tools, sbatch
-    from launcher.rundir import RunDir
+    from launcher.rundir.layout import RunDir
 
     first = next((s.spec for s in setups if s.spec is not None), None)
     if kw["submit"] and first is not None:
@@ -166,7 +166,7 @@ def _slurm(b: Any, setups: list[Any], out: Path, opts: Any, kw: dict[str, Any]) 
 
 
 def _collect(dirs: list[str], out: str | None) -> None:
-    from launcher import bench as b
+    from launcher.bench import run as b
 
     if not dirs:
         raise UserError("launcher bench collect DIR [DIR...]: give at least one bench results folder")

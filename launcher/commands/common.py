@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import click
 
-from launcher.spec import FLAG_FIELDS, RunSpec
+from launcher.config.spec import FLAG_FIELDS, RunSpec
 
 def _opt(decls: list[str], *extra: str, **kw: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
     return (*decls, *extra), kw
@@ -85,13 +85,13 @@ def spec_options(*, spec_required: bool = False, cluster_flags: bool = False,
 
 
 def resolve_from_cli(picked: dict[str, Any]) -> RunSpec:
-    from launcher import profiles
+    from launcher.config import profiles
 
     spec_path = picked.pop("spec_path", None)
     from_run = picked.pop("from_run", None)
     if from_run:
         from launcher.errors import UserError
-        from launcher.rundir import open_run_dir
+        from launcher.rundir.layout import open_run_dir
 
         if spec_path:
             raise UserError("give a SPEC or --from RUN_DIR, not both")

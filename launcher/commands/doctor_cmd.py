@@ -1,5 +1,5 @@
 """`launcher doctor`: the environment on each node of a partition, through one srun task per node
-(launcher/jobs/doctor.py). No heavy imports here: the nodes import torch, not this process."""
+(launcher/ops/doctor.py). No heavy imports here: the nodes import torch, not this process."""
 
 from __future__ import annotations
 
@@ -34,11 +34,11 @@ def doctor(cluster: str | None, clusters: str | None, partition: str | None, nod
     Exits 1 when a check fails: versions that differ between nodes, an output dir that is not shared,
     a node that did not answer, srun that failed. Without srun on the PATH it probes this machine once.
     """
-    from launcher.jobs.doctor import Target, collect, format_report
+    from launcher.ops.doctor import Target, collect, format_report
 
     target = Target(nodes=nodes, partition=partition, gpus_per_node=gpus_per_node or 0)
     if cluster:
-        from launcher import profiles
+        from launcher.config import profiles
 
         profile = profiles.load(cluster, clusters)
         name, part = profile.partition(partition)

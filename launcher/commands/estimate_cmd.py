@@ -9,7 +9,7 @@ import click
 
 from launcher.commands.common import spec_options
 from launcher.errors import UserError
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -44,9 +44,9 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     DeepSpeed's ZeRO estimators where those apply; activations, logits, LoRA/QLoRA and DeepSpeed's
     buffers are counted from tensor shapes.
     """
-    from launcher import estimate as est
-    from launcher.plan import make_plan
-    from launcher.spec import deep_merge, validate
+    from launcher.plan import estimate as est
+    from launcher.plan.plan import make_plan
+    from launcher.config.spec import deep_merge, validate
 
     plan = make_plan(spec)
     notes = []

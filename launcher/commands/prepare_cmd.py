@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 
 from launcher.commands.common import spec_options
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 
 @click.command()
@@ -19,7 +19,7 @@ def prepare(spec: RunSpec) -> None:
     """
     from pathlib import Path
 
-    from launcher.train import data
+    from launcher.data import build as data
 
     data.check_data(spec)
     path = data.prepare(spec)
@@ -27,6 +27,6 @@ def prepare(spec: RunSpec) -> None:
     click.echo(f"prepared {path}")
     click.echo("  " + ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))))
     if spec.model.name == "tiny" and (Path(spec.output.dir) / "spec.yaml").is_file():
-        from launcher.train.model import ensure_tiny_base
+        from launcher.model.load import ensure_tiny_base
 
         click.echo(f"base model {ensure_tiny_base(Path(spec.output.dir), spec.optim.seed)}")

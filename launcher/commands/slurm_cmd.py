@@ -24,7 +24,7 @@ import click
 from launcher import yamlio
 from launcher.commands.common import spec_options
 from launcher.errors import RunFailed, SpecError, UserError
-from launcher.spec import MERGEABLE_METHODS, RunSpec
+from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 
 _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 THEN_KINDS = ("merge", "eval")
@@ -58,8 +58,9 @@ def slurm(spec: RunSpec, out: str, force: bool, submit: bool, dry_run: bool, swe
     Secrets (HF_TOKEN, WANDB_API_KEY, ...) are never written: export them in the shell that submits
     and the jobs inherit them.
     """
-    from launcher import preflight, rundir
-    from launcher.plan import make_plan
+    from launcher.config import checks as preflight
+    from launcher.rundir import layout as rundir
+    from launcher.plan.plan import make_plan
     from launcher.render.slurm import CHAIN_FILES, render_sbatch
 
     if dry_run and submit:
@@ -201,7 +202,7 @@ def unprepared(specs: list[RunSpec]) -> list[Path]:
     hashes the tokenizer files (a hub model: its name and revision). Where the key cannot be computed
     here, the data counts as unprepared: the preparation job is then a cache hit of a few seconds.
     """
-    from launcher.train import data
+    from launcher.data import build as data
 
     missing: list[Path] = []
     for s in specs:
@@ -244,8 +245,8 @@ class SweepTask:
 
 def sweep_tasks(spec: RunSpec, sweeps: tuple[str, ...] | list[str]) -> list[SweepTask]:
     """One task per combination of --sweep values (first flag varies slowest), each validated."""
-    from launcher.rundir import with_overrides
-    from launcher.spec import parse_set
+    from launcher.rundir.layout import with_overrides
+    from launcher.config.spec import parse_set
 
     axes: list[tuple[str, list[str]]] = []
     for item in sweeps:

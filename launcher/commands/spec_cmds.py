@@ -8,7 +8,7 @@ import click
 
 from launcher.commands.common import spec_options
 from launcher.errors import UserError
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 
 @click.command()
@@ -30,8 +30,8 @@ def config(spec: RunSpec, output: str | None, force: bool, presets_dir: str | No
     Batch numbers (train_batch_size = micro x accumulation x world size) come from the same plan
     the trainer uses; every value is explicit, so the file also works with the plain deepspeed CLI.
     """
-    from launcher import presets
-    from launcher.plan import make_plan
+    from launcher.render import presets
+    from launcher.plan.plan import make_plan
     from launcher.render.deepspeed import render
 
     if presets_dir:

@@ -1,12 +1,12 @@
 """`launcher stage`: the hub model, tokenizer and dataset of a spec into a shared Hugging Face cache, where
-a hub is reachable, so that jobs run offline (launcher/stage.py)."""
+a hub is reachable, so that jobs run offline (launcher/submit/stage.py)."""
 
 from __future__ import annotations
 
 import click
 
 from launcher.commands.common import spec_options
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 
 @click.command()
@@ -22,6 +22,6 @@ def stage(spec: RunSpec, hf_home: str | None) -> None:
     Files already in the cache are not fetched again. 'tiny' and local paths: nothing to stage.
     No hub reachable: exit 1 with the cause; a repository or revision that does not exist: exit 2.
     """
-    from launcher.stage import stage as stage_items
+    from launcher.submit.stage import stage as stage_items
 
     stage_items(spec, hf_home, say=click.echo)

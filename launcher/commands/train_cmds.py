@@ -15,7 +15,7 @@ import click
 
 from launcher.commands.common import resolve_from_cli, spec_options
 from launcher.errors import UserError
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 QUICKSTART_PROMPT = "The function returns"
 
@@ -33,8 +33,8 @@ def train(spec: RunSpec) -> None:
     import sys
 
     from launcher.errors import EXIT_REQUEUE
-    from launcher.train import resilience
-    from launcher.train.loop import train as train_loop
+    from launcher.rank import resilience
+    from launcher.rank.loop import train as train_loop
 
     out_dir = Path(spec.output.dir)
     result = resilience.run_rank(out_dir, lambda: train_loop(spec))
@@ -63,7 +63,7 @@ def run(spec: RunSpec, out: str | None, force: bool, ignore_fit: bool) -> None:
     `launcher run RUN_DIR/spec.yaml --out RUN_DIR --force`. `--from RUN_DIR --out NEW_DIR` runs
     RUN_DIR's resolved spec again in a new run dir (flags still apply on top).
     """
-    from launcher import launch
+    from launcher.submit import local as launch
 
     from_run = click.get_current_context().params.get("from_run")
     if from_run and out is None:
@@ -128,7 +128,7 @@ def quickstart(out: str, force: bool) -> None:
 
     Prints the plan, the loss falling, tokens/s, where the output is, and a sample from the trained model.
     """
-    from launcher import launch
+    from launcher.submit import local as launch
 
     t0 = time.monotonic()
     root = Path(out).expanduser().resolve()
@@ -160,7 +160,7 @@ def merge(run_dir: str, out: str, force: bool) -> None:
     trained against), then the adapter is added. Prefix and prompt tuning are refused: they add virtual
     tokens in front of every input, not a change of weights, so there is nothing to merge.
     """
-    from launcher.rundir import open_run_dir
+    from launcher.rundir.layout import open_run_dir
 
     rd = open_run_dir(run_dir)
     adapter = rd.final
@@ -197,7 +197,7 @@ def merge_adapter(run_dir: Path, spec: RunSpec, dest: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from launcher.train import model as model_mod
+    from launcher.model import load as model_mod
 
     adapter = Path(run_dir) / "final"
     cfg: dict[str, Any] = json.loads((adapter / "adapter_config.json").read_text())
@@ -223,7 +223,7 @@ def merge_adapter(run_dir: Path, spec: RunSpec, dest: Path) -> Path:
 
 
 def _base_of(run_dir: Path, spec: RunSpec, adapter_cfg: dict[str, Any]) -> str:
-    from launcher.train import model as model_mod
+    from launcher.model import load as model_mod
 
     if spec.model.name == model_mod.TINY:
         return str(Path(run_dir) / model_mod.BASE_DIRNAME)  # the run dir's own base, even if moved

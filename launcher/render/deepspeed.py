@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.plan import Plan
-from launcher.spec import RunSpec, deep_merge
+from launcher.plan.plan import Plan
+from launcher.config.spec import RunSpec, deep_merge
 
 # DeepSpeed's own defaults, used when the model's hidden size is unknown (presets, hub ids).
 _DEFAULT_BUCKET = 500_000_000

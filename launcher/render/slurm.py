@@ -16,8 +16,8 @@ from pathlib import Path
 
 from launcher import assets
 from launcher.errors import SpecError
-from launcher.plan import Plan
-from launcher.spec import ClusterSpec, RunSpec
+from launcher.plan.plan import Plan
+from launcher.config.spec import ClusterSpec, RunSpec
 
 TEMPLATE = "job.sbatch.j2"
 CHAIN_TEMPLATE = "chain.sbatch.j2"

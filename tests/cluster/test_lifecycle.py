@@ -80,7 +80,7 @@ def hand_written_run(lab, base: Path, name: str, body: str, *directives: str) ->
              "#SBATCH --oversubscribe", *(f"#SBATCH {d}" for d in directives), textwrap.dedent(body)]
     script.write_text("\n".join(lines) + "\n")
     job = str(lab.sbatch(script, cwd=run_dir))
-    from launcher.rundir import RunDir
+    from launcher.rundir.layout import RunDir
 
     RunDir(run_dir).record_job(job, "train")
     return run_dir, job

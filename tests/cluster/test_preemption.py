@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.train.loop import TEST_DUMP_ENV
+from launcher.rank.loop import TEST_DUMP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 10

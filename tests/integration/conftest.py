@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from launcher.train.loop import TEST_DUMP_ENV, TEST_DUMP_START_ENV
-from launcher.train.resilience import FAULT_ENV
+from launcher.rank.loop import TEST_DUMP_ENV, TEST_DUMP_START_ENV
+from launcher.rank.resilience import FAULT_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_ONLY_ENV = (TEST_DUMP_ENV, TEST_DUMP_START_ENV, FAULT_ENV)
@@ -68,9 +68,9 @@ _TRAIN_ALL = r"""
 import json, os, sys, traceback
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=sys.argv[1])
-from launcher import launch
-from launcher.spec import validate
-from launcher.train import loop
+from launcher.submit import local as launch
+from launcher.config.spec import validate
+from launcher.rank import loop
 cases, each = json.loads(sys.argv[2]), sys.argv[3] == "each"
 prepare = lambda tree: launch.prepare_run(validate(tree), tree["output"]["dir"])[1]
 specs = {} if each else {name: prepare(tree) for name, tree in cases}

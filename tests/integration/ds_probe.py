@@ -20,9 +20,9 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
-from launcher.plan import make_plan  # noqa: E402
+from launcher.plan.plan import make_plan  # noqa: E402
 from launcher.render.deepspeed import render  # noqa: E402
-from launcher.spec import resolve  # noqa: E402
+from launcher.config.spec import resolve  # noqa: E402
 
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("none", "cpu", "nvme")
@@ -86,7 +86,7 @@ def accept():
         except Exception as exc:  # reported, asserted by the test
             case.update(ok=False, error=f"{type(exc).__name__}: {exc}")
         print(json.dumps(case), flush=True)
-    from launcher import presets
+    from launcher.render import presets
 
     for name, world in itertools.product(presets.PRESETS, (1, 8)):
         cfg = presets.render_preset(name)

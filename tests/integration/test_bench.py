@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import bench
+from launcher.bench import run as bench
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]

@@ -10,8 +10,8 @@ import pytest
 
 from launcher import assets
 from launcher.errors import UserError
-from launcher.spec import validate
-from launcher.train import data as D
+from launcher.config.spec import validate
+from launcher.data import build as D
 
 pytestmark = pytest.mark.integration
 

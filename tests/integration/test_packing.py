@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from launcher import assets
-from launcher.spec import validate
-from launcher.train import data as D
+from launcher.config.spec import validate
+from launcher.data import build as D
 
 pytestmark = pytest.mark.integration
 SEQ = 128

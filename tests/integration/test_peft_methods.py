@@ -41,7 +41,7 @@ RUNS = [
 
 
 def spec_for(name, stage, extra, out):
-    from launcher.spec import resolve
+    from launcher.config.spec import resolve
 
     return resolve(sets=[*COMMON, f"method.name={name}", f"zero.stage={stage}", *extra, f"output.dir={out}"])
 
@@ -69,9 +69,11 @@ def test_estimated_trainable_count_matches_peft_and_tensors(tmp_path, model, nam
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from launcher import assets, estimate, modelinfo
-    from launcher.spec import resolve
-    from launcher.train.model import apply_method
+    from launcher import assets
+    from launcher.plan import estimate
+    from launcher.plan import modelinfo
+    from launcher.config.spec import resolve
+    from launcher.model.load import apply_method
 
     if model == "tiny":
         src = assets.tiny_dir()
@@ -104,8 +106,8 @@ def test_freeze_trains_exactly_the_named_parameters(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher import assets
-    from launcher.spec import resolve
-    from launcher.train.model import apply_method
+    from launcher.config.spec import resolve
+    from launcher.model.load import apply_method
 
     spec = resolve(sets=["method.name=freeze", "method.freeze.top_layers=1", "method.freeze.train_modules=[norm]",
                          f"output.dir={tmp_path}"])
@@ -129,8 +131,9 @@ def trained(tmp_path_factory, env, train_cases):
 
 @pytest.mark.parametrize("name,stage,extra", RUNS, ids=[r[0] for r in RUNS])
 def test_method_trains_one_rank(trained, name, stage, extra):
-    from launcher import estimate, modelinfo
-    from launcher.train.loop import parse_step_lines
+    from launcher.plan import estimate
+    from launcher.plan import modelinfo
+    from launcher.rank.loop import parse_step_lines
 
     root, out, proc, _ = trained
     text = out.get(name, "")
@@ -226,7 +229,7 @@ def test_merge_refuses_virtual_token_adapters_with_the_reason(trained, env, laun
 # --------------------------------------------------------------------------- 2 ranks, launcher run
 
 def test_dora_zero3_two_ranks_through_launcher_run(tmp_path, env, launcher):
-    from launcher.train.loop import parse_step_lines
+    from launcher.rank.loop import parse_step_lines
 
     out = tmp_path / "run"
     proc = launcher(["run", "--method", "dora", "--zero", 3, "--nproc", 2, "--precision", "fp32", "--seq-len", 64,

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.train.loop import TEST_DUMP_ENV, TEST_DUMP_START_ENV, parse_step_lines
-from launcher.train.resilience import COMPLETE_MARKER
+from launcher.rank.loop import TEST_DUMP_ENV, TEST_DUMP_START_ENV, parse_step_lines
+from launcher.rank.resilience import COMPLETE_MARKER
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,7 +264,7 @@ def test_out_of_memory_on_a_rank_exits_5_and_is_recorded(tmp_path, env, launcher
 # --------------------------------------------------------------------------- checkpoint bookkeeping (no ranks)
 
 def test_only_complete_checkpoints_count_and_keep_last_prunes_the_rest(tmp_path):
-    from launcher.train.resilience import complete_checkpoints, incomplete_checkpoints, prune
+    from launcher.rank.resilience import complete_checkpoints, incomplete_checkpoints, prune
 
     for step, complete in ((2, True), (4, True), (6, True), (8, False)):
         d = tmp_path / f"checkpoint-{step}"
@@ -281,7 +281,7 @@ def test_only_complete_checkpoints_count_and_keep_last_prunes_the_rest(tmp_path)
 def test_free_disk_is_checked_against_the_checkpoint_size(tmp_path, monkeypatch):
     import shutil as sh
 
-    from launcher.train import resilience
+    from launcher.rank import resilience
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
@@ -296,7 +296,7 @@ def test_free_disk_is_checked_against_the_checkpoint_size(tmp_path, monkeypatch)
 
 
 def test_fault_spec_parses_and_refuses_unknown_kinds():
-    from launcher.train.resilience import Fault, parse_faults
+    from launcher.rank.resilience import Fault, parse_faults
 
     assert parse_faults("kill:rank=1:step=3,oom:step=2:attempt=1") == [Fault("kill", 1, 3), Fault("oom", 0, 2, 1)]
     with pytest.raises(ValueError, match="unknown fault"):

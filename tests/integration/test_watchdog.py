@@ -1,4 +1,4 @@
-"""The hang watchdog (launcher/train/watchdog.py): a rank that makes no progress for
+"""The hang watchdog (launcher/rank/watchdog.py): a rank that makes no progress for
 cluster.hang_timeout_s writes every thread's stack to its log and exits 4, and `launcher run` exits 4
 naming it; a healthy run with the watchdog on is not disturbed.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.train.loop import parse_step_lines
+from launcher.rank.loop import parse_step_lines
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +118,7 @@ def test_watchdog_fires_after_the_limit_with_every_stack_and_a_marker(tmp_path):
     t0 = time.monotonic()
     proc = _python(f"""
         import time
-        from launcher.train.watchdog import Watchdog
+        from launcher.rank.watchdog import Watchdog
         w = Watchdog(1.0, {str(tmp_path)!r})
         w.arm(None)
         w.pet(7)  # step 7 finished: the first-step allowance is over
@@ -143,7 +143,7 @@ def test_backstop_ends_a_process_whose_gil_is_held(tmp_path):
     t0 = time.monotonic()
     proc = _python("""
         import ctypes
-        from launcher.train.watchdog import Watchdog
+        from launcher.rank.watchdog import Watchdog
         w = Watchdog(1.0)
         w.arm(None)
         w.pet(7)
@@ -162,7 +162,7 @@ def test_backstop_ends_a_process_whose_gil_is_held(tmp_path):
 def test_watchdog_kept_alive_by_progress_and_off_at_zero(tmp_path):
     proc = _python("""
         import time
-        from launcher.train.watchdog import Watchdog
+        from launcher.rank.watchdog import Watchdog
         w = Watchdog(1.0)
         w.arm(0)
         for step in range(1, 12):  # 3.3 s of steps of 0.3 s each, over a 1 s limit
@@ -184,7 +184,7 @@ def test_watchdog_kept_alive_by_progress_and_off_at_zero(tmp_path):
 def test_first_step_gets_the_generous_limit(tmp_path):
     proc = _python("""
         import time
-        from launcher.train import watchdog
+        from launcher.rank import watchdog
         w = watchdog.Watchdog(1.0)
         w.arm(None)
         time.sleep(1.8)  # under FIRST_STEP_FACTOR x 1 s: compilation, first collectives
@@ -201,7 +201,7 @@ def test_a_rank_blocked_in_a_collective_waits_longer_and_says_so(tmp_path):
     t0 = time.monotonic()
     proc = _python("""
         import time
-        from launcher.train.watchdog import Watchdog
+        from launcher.rank.watchdog import Watchdog
         ns = {}
         exec(compile("import time\\ndef all_reduce():\\n    time.sleep(30)\\n",
                      "/site-packages/torch/distributed/distributed_c10d.py", "exec"), ns)
@@ -217,7 +217,7 @@ def test_a_rank_blocked_in_a_collective_waits_longer_and_says_so(tmp_path):
 
 
 def test_status_names_a_hang_as_the_watchdogs():
-    from launcher.jobs import status
+    from launcher.ops import status
 
     # the backstop's dump on one rank; the other's marker says its collective failed (an echo)
     log = ("[rank1]:launcher: test fault\n[rank1]:Timeout (0:00:21.500000)!\n[rank1]:Thread 0x7f (most recent call "

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher import bench
+from launcher.bench import run as bench
 from launcher.errors import UserError
-from launcher.spec import resolve
+from launcher.config.spec import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def test_bench_flags_replace_the_matrix_axes_and_shared_flags_apply_to_all(tmp_p
     spec = resolve(out / "tasks" / "0" / "spec.yaml")
     assert spec.optim.lr == 1e-3 and spec.precision.dtype == "fp32"  # the matrix base, under the flags
     script = (out / "job.sbatch").read_text()
-    assert '-m launcher.bench rank "$SPEC"' in script and "-m launcher train" not in script
+    assert '-m launcher.bench.run rank "$SPEC"' in script and "-m launcher train" not in script
     assert f"--array=0-{len(tasks) - 1}" in script
 
 

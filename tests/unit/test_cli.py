@@ -121,7 +121,7 @@ def test_unexpected_exception_is_a_bug_with_traceback(cli, tmp_path):
     """A catch-all that dresses bugs up as bad input would hide them: bugs exit 1 with a traceback."""
     code = ("import launcher.commands.spec_cmds as m\n"
             "def boom(*a, **k):\n    raise ZeroDivisionError('bug')\n"
-            "import launcher.plan\nlauncher.plan.make_plan = boom\n"
+            "import launcher.plan.plan\nlauncher.plan.plan.make_plan = boom\n"
             "from launcher.cli import main\nmain(['config'])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import UserError
-from launcher.spec import validate
-from launcher.train.data import check_data
+from launcher.config.spec import validate
+from launcher.data.build import check_data
 
 
 def spec(path, task="pretrain", **data):
@@ -191,8 +191,8 @@ def test_check_data_imports_no_heavy_library(tmp_path):
     (tmp_path / "d.csv").write_text("text\nx\n")
     code = f"""
 import sys
-from launcher.spec import validate
-from launcher.train.data import check_data
+from launcher.config.spec import validate
+from launcher.data.build import check_data
 check_data(validate({{"task": "pretrain"}}))
 check_data(validate({{"task": "sft"}}), tokenizer_has_chat_template=True)
 check_data(validate({{"task": "sft", "data": {{"path": {str(tmp_path / "chat.jsonl")!r}}}}}))

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from launcher.cli import main
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 SECTIONS = {name: sorted(f.annotation.model_fields) if hasattr(f.annotation, "model_fields") else None
             for name, f in RunSpec.model_fields.items()}

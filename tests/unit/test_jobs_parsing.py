@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 
 from launcher.errors import UserError
-from launcher.jobs import cluster_check, cost, logs, slurmtools as st, status
-from launcher.jobs.status import Sources
-from launcher.profiles import Partition, Profile
+from launcher.ops import cluster_check
+from launcher.ops import cost
+from launcher.ops import logs
+from launcher.ops import slurmtools as st
+from launcher.ops import status
+from launcher.ops.status import Sources
+from launcher.config.profiles import Partition, Profile
 
 # --------------------------------------------------------------------------- recorded tool output
 
@@ -247,8 +251,8 @@ def test_markers_round_trip(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- status of a run dir
 
 def _run_dir(tmp_path: Path, name: str = "run", **cluster) -> Path:
-    from launcher import rundir
-    from launcher.spec import validate
+    from launcher.rundir import layout as rundir
+    from launcher.config.spec import validate
 
     spec = validate({"name": name, "optim": {"max_steps": 4, "micro_batch": 2}, "data": {"seq_len": 64},
                      "cluster": {"partition": "debug", **cluster}})
@@ -257,7 +261,7 @@ def _run_dir(tmp_path: Path, name: str = "run", **cluster) -> Path:
 
 
 def status_rd(path: Path):
-    from launcher.rundir import RunDir
+    from launcher.rundir.layout import RunDir
 
     return RunDir(path)
 
@@ -305,7 +309,7 @@ def test_status_reads_markers_and_array_tasks(tmp_path, monkeypatch):
 
 
 def test_the_ranks_markers_name_the_cause_not_its_echoes(tmp_path):
-    # markers as launcher/train/resilience.py writes them (exit-JOB-aN-rankR), job 90 requeued once
+    # markers as launcher/rank/resilience.py writes them (exit-JOB-aN-rankR), job 90 requeued once
     run_dir = _run_dir(tmp_path)
     rd = status_rd(run_dir)
     rd.record_job("90", "train")

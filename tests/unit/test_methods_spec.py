@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from launcher import estimate, modelinfo
+from launcher.plan import estimate
+from launcher.plan import modelinfo
 from launcher.errors import SpecError, UserError
-from launcher.spec import MethodSpec, resolve
+from launcher.config.spec import MethodSpec, resolve
 
 METHODS = ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from launcher.errors import SpecError
-from launcher.plan import make_plan
-from launcher.spec import resolve
+from launcher.plan.plan import make_plan
+from launcher.config.spec import resolve
 
 
 def plan_for(*sets: str, model: str | None = None):
@@ -50,7 +50,7 @@ def test_seq_len_beyond_model_positions(llama8b_dir):
 
 
 def test_llama8b_count_matches_published_size(llama8b_dir):
-    from launcher import modelinfo
+    from launcher.plan import modelinfo
 
     assert modelinfo.load(str(llama8b_dir)).total_params() == 8_030_261_248
 
@@ -63,7 +63,7 @@ def test_param_count_matches_instantiated_model(tmp_path):
     import torch
     import transformers
 
-    from launcher import modelinfo
+    from launcher.plan import modelinfo
 
     shapes = {
         "llama": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,

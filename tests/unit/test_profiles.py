@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from launcher.errors import SpecError
-from launcher.profiles import resolve
+from launcher.config.profiles import resolve
 
 PROFILES = textwrap.dedent("""
     lab:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import presets
-from launcher.plan import make_plan
+from launcher.render import presets
+from launcher.plan.plan import make_plan
 from launcher.render.deepspeed import render
-from launcher.spec import resolve
+from launcher.config.spec import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "deepspeed"

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 
 from launcher.errors import SpecError
-from launcher.plan import make_plan
+from launcher.plan.plan import make_plan
 from launcher.render import slurm as render
 from launcher.render.slurm import render_chain_sbatch, render_sbatch, sbatch_quote
-from launcher.spec import RunSpec, validate
+from launcher.config.spec import RunSpec, validate
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "slurm"
 RECORD = os.environ.get("LAUNCHER_RECORD_GOLDEN") == "1"

@@ -73,7 +73,7 @@ def test_runs_lists_run_dirs_with_key_numbers(cli, tmp_path):
 # --------------------------------------------------------------------------- what the ranks add (issue 7)
 
 def test_each_attempt_is_appended_never_overwritten(tmp_path):
-    from launcher.rundir import record_attempt
+    from launcher.rundir.layout import record_attempt
 
     (tmp_path / "manifest.json").write_text(json.dumps({"name": "r", "plan": {"world_size": 1}}))
     record_attempt(tmp_path, "77", 0, start=1.0, nodes="node[1-2]", slurm_job_id="77")
@@ -88,7 +88,7 @@ def test_each_attempt_is_appended_never_overwritten(tmp_path):
 
 
 def test_tokens_in_the_final_model_count_only_the_steps_it_kept():
-    from launcher.train.records import tokens_in_model
+    from launcher.rank.records import tokens_in_model
 
     # 1 rank to step 6 (checkpoint at 4, killed: no end), 2 ranks from 4 to 7 (stopped, checkpoint at 7),
     # a bad-input attempt that never trained, then 2 ranks from 7 to 10
@@ -106,7 +106,7 @@ def test_tokens_in_the_final_model_count_only_the_steps_it_kept():
 def test_last_metrics_and_slurm_fields():
     import math
 
-    from launcher.train.records import exit_reason, last_metrics, slurm_fields
+    from launcher.rank.records import exit_reason, last_metrics, slurm_fields
 
     hist = [{"loss": 3.0, "step": 1}, {"eval_loss": 2.5, "step": 2}, {"loss": 2.0, "step": 2}, {"train_runtime": 9}]
     m = last_metrics(hist)
@@ -139,8 +139,9 @@ def test_runs_prefers_the_manifest_final_numbers(cli, tmp_path):
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"])
 def test_plan_txt_names_the_trainable_count_of_every_method(cli, tmp_path, method):
-    from launcher import estimate, modelinfo
-    from launcher.spec import resolve
+    from launcher.plan import estimate
+    from launcher.plan import modelinfo
+    from launcher.config.spec import resolve
 
     sets = ["method.freeze.top_layers=1"] if method == "freeze" else []
     args = [x for s in sets for x in ("--set", s)]

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from launcher.errors import SpecError
-from launcher.spec import RunSpec, resolve
+from launcher.config.spec import RunSpec, resolve
 
 
 def write(tmp_path, text: str):

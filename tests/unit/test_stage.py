@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import preflight
+from launcher.config import checks as preflight
 from launcher.errors import UserError
-from launcher.spec import resolve
-from launcher.stage import HubItem, cached_snapshot, check_cached, hub_items, is_hub_model
+from launcher.config.spec import resolve
+from launcher.submit.stage import HubItem, cached_snapshot, check_cached, hub_items, is_hub_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -15,11 +15,11 @@ from types import SimpleNamespace
 import pytest
 
 from launcher.errors import UserError
-from launcher.launch import launch_command
-from launcher.plan import make_plan
+from launcher.submit.local import launch_command
+from launcher.plan.plan import make_plan
 from launcher.render.deepspeed import render
-from launcher.spec import resolve
-from launcher.train.loop import (check_world_size, format_step, newest_checkpoint, parse_step_lines, resume_point,
+from launcher.config.spec import resolve
+from launcher.rank.loop import (check_world_size, format_step, newest_checkpoint, parse_step_lines, resume_point,
                                  training_arguments_kwargs)
 
 CASES = [
@@ -198,7 +198,7 @@ def test_world_size_check(tmp_path):
 
 
 def test_newest_complete_checkpoint(tmp_path):
-    from launcher.train.resilience import COMPLETE_MARKER
+    from launcher.rank.resilience import COMPLETE_MARKER
 
     assert newest_checkpoint(tmp_path / "none") is None
     for n, complete in ((5, True), (20, True), (100, False), (9, True)):
@@ -214,7 +214,7 @@ def test_newest_complete_checkpoint(tmp_path):
 def test_trainer_state_without_the_completion_marker_is_not_a_complete_checkpoint(tmp_path):
     """rank 0 writes trainer_state.json while other ranks may still write their shards: only the marker,
     written last after a barrier, makes a checkpoint complete, for auto resume and for an explicit path."""
-    from launcher.train.resilience import COMPLETE_MARKER, incomplete_checkpoints, is_complete, prune
+    from launcher.rank.resilience import COMPLETE_MARKER, incomplete_checkpoints, is_complete, prune
 
     cps = tmp_path / "run" / "checkpoints"
     good, cut = cps / "checkpoint-2", cps / "checkpoint-4"
@@ -242,7 +242,7 @@ def test_step_line_round_trip():
 
 def test_attention_choice_on_this_machine(tmp_path):
     torch = pytest.importorskip("torch")
-    from launcher.train.model import choose_attn
+    from launcher.model.load import choose_attn
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only expectations")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher import modelinfo
+from launcher.plan import modelinfo
 from launcher.errors import SpecError, UserError
-from launcher.modelinfo import ModelInfo
-from launcher.spec import RunSpec
+from launcher.plan.modelinfo import ModelInfo
+from launcher.config.spec import RunSpec
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def _trainable(model: ModelInfo | None, spec: RunSpec) -> int | None:
     """The trainable-parameter count of spec.method (estimate.count_params, the numbers peft itself
     reports); None where config.json alone cannot tell (another architecture, unknown target modules:
     pre-flight says why)."""
-    from launcher import estimate  # estimate imports this module
+    from launcher.plan import estimate  # estimate imports this module
 
     if model is None or not model.counted:
         return None

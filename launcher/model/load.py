@@ -16,7 +16,7 @@ from typing import Any
 
 from launcher import assets
 from launcher.errors import UserError
-from launcher.spec import PEFT_METHODS, RunSpec
+from launcher.config.spec import PEFT_METHODS, RunSpec
 
 ATTN_IMPL = {"flash2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
 TINY = "tiny"
@@ -218,7 +218,7 @@ def peft_config(spec: RunSpec) -> Any:
 def apply_freeze(spec: RunSpec, model: Any) -> int:
     """method freeze: only the parameters method.freeze names (and the top N layers) train. Returns
     how many parameters train. Names are matched as estimate.freeze_selection does for the plan."""
-    from launcher import estimate
+    from launcher.plan import estimate
 
     named = list(model.named_parameters(remove_duplicate=False))  # tied lm_head.weight is listed too
     layers = int(model.config.num_hidden_layers)

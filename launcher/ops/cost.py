@@ -12,7 +12,7 @@ tokens the run really trained, beside the estimate for its spec.
   global batch x seq_len); the step comes from RUN_DIR/logs/metrics.jsonl, which rank 0 writes at
   every logging step, else from the step lines of the train jobs' logs. Steps redone after a
   requeue are paid but not counted twice.
-- The estimate is `launcher.estimate.estimate` for the run's spec at the same price; its error is
+- The estimate is `launcher.plan.estimate.estimate` for the run's spec at the same price; its error is
   estimate / paid - 1.
 """
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.jobs import slurmtools as st
-from launcher.jobs.slurmtools import Attempt
+from launcher.ops import slurmtools as st
+from launcher.ops.slurmtools import Attempt
 
 # Profile gpu_type -> the estimator's device table.
 GPU_DEVICES = {"h100": "H100-80GB", "h200": "H200", "a100": "A100-80GB", "a100-80gb": "A100-80GB",
@@ -50,7 +50,7 @@ class Prices:
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, clusters_file: str | None = None) -> "Prices":
         from launcher.errors import UserError
-        from launcher.rundir import RunDir
+        from launcher.rundir.layout import RunDir
 
         p = cls()
         try:
@@ -61,7 +61,7 @@ class Prices:
         c = spec.cluster
         p.default = Rate(c.usd_per_gpu_hour, c.usd_per_node_hour, None)
         if c.profile:
-            from launcher import profiles
+            from launcher.config import profiles
 
             try:
                 prof = profiles.load(c.profile, clusters_file)
@@ -112,7 +112,7 @@ class Prices:
 
 def steps_trained(run_dir: Path) -> tuple[int | None, str]:
     """(last step reached, where it was read)."""
-    from launcher.jobs import status
+    from launcher.ops import status
 
     step, _ = status.metrics_progress(run_dir)
     if step is not None:
@@ -135,8 +135,8 @@ def steps_trained(run_dir: Path) -> tuple[int | None, str]:
 
 def tokens_trained(run_dir: Path) -> dict[str, Any]:
     """Tokens the run trained: last step x the plan's tokens per step (sweep tasks summed)."""
-    from launcher.plan import make_plan
-    from launcher.rundir import RunDir
+    from launcher.plan.plan import make_plan
+    from launcher.rundir.layout import RunDir
 
     tasks = sorted((run_dir / "tasks").glob("*/spec.yaml")) if (run_dir / "tasks").is_dir() else []
     dirs = [p.parent for p in tasks] or [run_dir]
@@ -160,10 +160,10 @@ def tokens_trained(run_dir: Path) -> dict[str, Any]:
 
 def estimate_for(run_dir: Path, prices: Prices) -> dict[str, Any]:
     """The estimator's $ per 1M tokens for the run's spec at the run's price (None where it has none)."""
-    from launcher import estimate as est
+    from launcher.plan import estimate as est
     from launcher.errors import UserError
-    from launcher.plan import make_plan
-    from launcher.rundir import RunDir
+    from launcher.plan.plan import make_plan
+    from launcher.rundir.layout import RunDir
 
     spec = RunDir(run_dir).load_spec()
     plan = make_plan(spec)
@@ -190,8 +190,8 @@ def run_cost(run_dir: str | os.PathLike, clusters_file: str | None = None,
              attempts: dict[str, list[Attempt]] | None = None) -> dict[str, Any]:
     """The cost report of one run dir (JSON-ready). `attempts` (job id -> sacct attempts) is read
     with `sacct -D -X` when not given."""
-    from launcher.jobs import status
-    from launcher.rundir import open_run_dir
+    from launcher.ops import status
+    from launcher.rundir.layout import open_run_dir
 
     rd = open_run_dir(run_dir)
     recorded = status.recorded_jobs(rd.path)

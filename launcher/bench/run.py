@@ -1,8 +1,8 @@
 """`launcher bench`: measured tokens/s, MFU, memory and $ per 1M tokens per setup, beside the estimate.
 
-Each setup trains through the product's own path: `launcher.train.loop.train` (the run dir's
+Each setup trains through the product's own path: `launcher.rank.loop.train` (the run dir's
 DeepSpeed JSON, the launcher's model, data and Trainer), started by the same deepspeed launcher as
-`launcher run`. The ranks run `python -m launcher.bench rank SPEC`, which adds one measuring
+`launcher run`. The ranks run `python -m launcher.bench.run rank SPEC`, which adds one measuring
 callback to that Trainer and nothing else. Timing: the device is synchronized at the end of every
 optimizer step; the first `warmup` steps are left out; throughput is the wall time of the next
 `steps` steps, everything the loop does in them included (data, logging). Heavy imports live
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from launcher.errors import SpecError, UserError
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_SCRIPT = ROOT / "benchmarks" / "baseline_hf.py"
@@ -138,8 +138,8 @@ def resolve_base(matrix_base: dict[str, Any], spec_path: str | None, flags: dict
                  cluster: str | None = None, clusters_file: str | None = None) -> RunSpec:
     """The spec every setup starts from: profile < matrix base < SPEC < flags < --set (as
     profiles.resolve, with the matrix's base one layer under the spec file)."""
-    from launcher import profiles
-    from launcher.spec import deep_merge, user_tree, validate
+    from launcher.config import profiles
+    from launcher.config.spec import deep_merge, user_tree, validate
 
     tree = deep_merge(matrix_base, user_tree(spec_path, flags, sets))
     if not cluster:
@@ -181,7 +181,7 @@ def baseline_key(v: dict[str, Any]) -> tuple[Any, ...]:
 
 def baseline_setups(setups: list[Setup]) -> list[Setup]:
     """The first runnable setup of each baseline key, on one device (the baseline is one process)."""
-    from launcher.plan import make_plan
+    from launcher.plan.plan import make_plan
 
     seen: set[tuple[Any, ...]] = set()
     out = []
@@ -203,7 +203,7 @@ def _axis_value(spec: RunSpec, axis: str) -> Any:
 def expand(spec: RunSpec, axes: dict[str, list[Any]]) -> list[Setup]:
     """One setup per combination (axes in AXES order, the first varying slowest); an axis not given
     keeps the spec's value. A combination the spec refuses is a Setup with its error, not a crash."""
-    from launcher.spec import deep_merge, validate
+    from launcher.config.spec import deep_merge, validate
 
     lists = [axes.get(a) or [_axis_value(spec, a)] for a in AXES]
     out = []
@@ -223,7 +223,7 @@ def expand(spec: RunSpec, axes: dict[str, list[Any]]) -> list[Setup]:
 def bench_spec(spec: RunSpec, out_dir: Path, steps: int, warmup: int, index: int) -> RunSpec:
     """The setup's spec as the bench runs it: warmup + steps optimizer steps and one more, untimed,
     in which the held tensors are counted; no checkpoints, no eval, no TensorBoard, never resumed."""
-    from launcher.spec import deep_merge, validate
+    from launcher.config.spec import deep_merge, validate
 
     total = warmup + steps + 1
     return validate(deep_merge(spec.to_dict(), {
@@ -260,7 +260,7 @@ def timed_window(t_begin: float, step_ends: list[float], warmup: int, steps: int
 
 def device_key(name: str | None) -> str | None:
     """The estimator's device-table key for a torch device name ('NVIDIA H100 80GB HBM3' -> H100-80GB)."""
-    from launcher.estimate import DEVICES
+    from launcher.plan.estimate import DEVICES
 
     if not name:
         return None
@@ -281,7 +281,7 @@ def device_key(name: str | None) -> str | None:
 
 def peak_tflops(spec: RunSpec, device: str | None, override: float | None) -> float | None:
     """Dense peak per device for the training precision: --device-tflops, else the known GPU table."""
-    from launcher.estimate import DEVICES
+    from launcher.plan.estimate import DEVICES
 
     if override:
         return override
@@ -358,8 +358,8 @@ def measured_columns(records: list[dict[str, Any]], tokens_per_step: int, warmup
 def make_row(spec: RunSpec, values: dict[str, Any], kind: str, records: list[dict[str, Any]], opts: Options,
              *, error: str | None = None) -> dict[str, Any]:
     """One result row: what was measured, what follows from it (MFU, $), and the estimate beside it."""
-    from launcher import estimate as est
-    from launcher.plan import make_plan
+    from launcher.plan import estimate as est
+    from launcher.plan.plan import make_plan
 
     plan = make_plan(spec)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
@@ -613,19 +613,19 @@ def read_records(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 
 def rank_command(run_dir: Path, plan: Any) -> tuple[list[str], dict[str, str]]:
     """`launcher run`'s launch (deepspeed launcher, same environment), the ranks running the bench entry."""
-    from launcher.launch import free_port, launch_command
+    from launcher.submit.local import free_port, launch_command
 
     argv, env = launch_command(run_dir, plan, plan.nproc_per_node, master_port=free_port(), quiet=True)
     i = argv.index("--module")
     if argv[i + 1: i + 3] != ["launcher", "train"]:
         raise RuntimeError(f"launch_command changed shape: {argv}")
-    return argv[: i + 1] + ["launcher.bench", "rank", str(run_dir / "spec.yaml")], env
+    return argv[: i + 1] + ["launcher.bench.run", "rank", str(run_dir / "spec.yaml")], env
 
 
 def baseline_command(spec: RunSpec, plan: Any, run_dir: Path, opts: Options) -> list[str]:
     """argv of benchmarks/baseline_hf.py for this setup: same model, data, batch, precision, steps."""
-    from launcher.train.data import data_files, datasets_builder
-    from launcher.train.model import model_source
+    from launcher.data.build import data_files, datasets_builder
+    from launcher.model.load import model_source
 
     if not BASELINE_SCRIPT.is_file():
         raise UserError(f"--baseline runs {BASELINE_SCRIPT}, which this installation lacks; run the bench from "
@@ -654,7 +654,7 @@ def baseline_command(spec: RunSpec, plan: Any, run_dir: Path, opts: Options) -> 
 
 def baseline_env(plan: Any) -> dict[str, str]:
     """The ranks' environment minus the process-group variables: the baseline is one plain process."""
-    from launcher.launch import launch_command
+    from launcher.submit.local import launch_command
 
     _, env = launch_command("/nonexistent", plan, 1, quiet=True)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
@@ -712,7 +712,7 @@ def _failure(run_dir: Path, code: int, log: Path) -> str:
 def run_setup(setup: Setup, out: Path, opts: Options, *, with_baseline: bool = False,
               on_phase: Callable[[str], None] = lambda s: None) -> list[dict[str, Any]]:
     """Run one setup here (then the baseline, when asked); its rows. Failures become rows with the error."""
-    from launcher import launch
+    from launcher.submit import local as launch
 
     d = out / "setups" / f"{setup.index:03d}"
     rows: list[dict[str, Any]] = []
@@ -811,19 +811,19 @@ def write_meta(out: Path, rows: list[dict[str, Any]], argv: list[str]) -> None:
 
 def rank_entry_script(script: str, array_tasks: int) -> str:
     """The sweep script with each task's ranks running the bench entry instead of `launcher train`."""
-    old, new = '-m launcher train "$SPEC"', '-m launcher.bench rank "$SPEC"'
+    old, new = '-m launcher train "$SPEC"', '-m launcher.bench.run rank "$SPEC"'
     if script.count(old) != 1 or array_tasks < 1:
         raise RuntimeError("the Slurm template no longer runs `-m launcher train \"$SPEC\"` once; "
-                           "update launcher.bench.rank_entry_script")
+                           "update launcher.bench.run.rank_entry_script")
     return script.replace(old, new)
 
 
 def render_slurm(setups: list[Setup], out: Path, opts: Options, *, force: bool) -> tuple[Path, list[dict[str, Any]]]:
     """OUT/job.sbatch: one array task per setup (and per baseline), task i in OUT/tasks/<i>/."""
-    from launcher import rundir
-    from launcher.plan import make_plan
+    from launcher.rundir import layout as rundir
+    from launcher.plan.plan import make_plan
     from launcher.render.slurm import render_sbatch
-    from launcher.train.data import check_data
+    from launcher.data.build import check_data
 
     bad = [f"setup {s.index} ({s.label}): {s.error}" for s in setups if s.spec is None]
     if bad:
@@ -861,7 +861,7 @@ def render_slurm(setups: list[Setup], out: Path, opts: Options, *, force: bool) 
 
 def rows_of(d: Path) -> list[dict[str, Any]]:
     """The rows a bench dir holds: its results.jsonl, or (a --slurm dir) rows made from its tasks."""
-    from launcher.spec import resolve
+    from launcher.config.spec import resolve
 
     d = Path(d).expanduser().resolve()
     settings = d / SETTINGS_FILE
@@ -1032,10 +1032,10 @@ def versions() -> dict[str, str]:
 
 
 def rank_main(spec_path: str) -> int:
-    """`python -m launcher.bench rank SPEC`: on each rank, train SPEC's run dir through the launcher's
+    """`python -m launcher.bench.run rank SPEC`: on each rank, train SPEC's run dir through the launcher's
     loop with the probe, and write RUN_DIR/bench/rank<R>.json (or run the baseline for a baseline task)."""
-    from launcher.plan import make_plan
-    from launcher.spec import resolve
+    from launcher.plan.plan import make_plan
+    from launcher.config.spec import resolve
 
     spec = resolve(spec_path)
     run_dir = Path(spec.output.dir)
@@ -1045,7 +1045,7 @@ def rank_main(spec_path: str) -> int:
     (run_dir / "bench").mkdir(parents=True, exist_ok=True)
     if task["kind"] == "baseline":  # a --slurm baseline task: one plain process, no DeepSpeed
         return run_baseline(spec, make_plan(spec), run_dir, opts) if rank == 0 else 0
-    from launcher.train.loop import train
+    from launcher.rank.loop import train
 
     probe = make_probe()
     out = run_dir / "bench" / f"rank{rank}.json"
@@ -1060,7 +1060,7 @@ def rank_main(spec_path: str) -> int:
         out.write_text(json.dumps(record) + "\n")
         raise
     out.write_text(json.dumps({**probe.record(), "error": None}) + "\n")
-    from launcher.train.resilience import leave_process_group
+    from launcher.rank.resilience import leave_process_group
 
     leave_process_group()
     return 0
@@ -1068,7 +1068,7 @@ def rank_main(spec_path: str) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) != 3 or sys.argv[1] != "rank":
-        sys.exit("usage: python -m launcher.bench rank RUN_DIR/spec.yaml  (started by `launcher bench`)")
+        sys.exit("usage: python -m launcher.bench.run rank RUN_DIR/spec.yaml  (started by `launcher bench`)")
     try:
         sys.exit(rank_main(sys.argv[2]))
     except UserError as exc:  # written into the rank's record already; the exit code says what kind

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from launcher.errors import UserError
-from launcher.modelinfo import ModelInfo
-from launcher.plan import Plan
-from launcher.spec import RunSpec
+from launcher.plan.modelinfo import ModelInfo
+from launcher.plan.plan import Plan
+from launcher.config.spec import RunSpec
 
 GiB = 1024**3
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.render import deepspeed as ds_render
-from launcher.spec import validate
+from launcher.config.spec import validate
 
 NVME_PLACEHOLDER = "/local_nvme"
 

@@ -24,12 +24,13 @@ import sys
 import time
 from pathlib import Path
 
+from launcher import assets
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
-from launcher.plan import Plan
-from launcher.rundir import RunDir
-from launcher.spec import RunSpec
+from launcher.plan.plan import Plan
+from launcher.rundir.layout import RunDir
+from launcher.config.spec import RunSpec
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+_PACKAGE_ROOT = assets.PACKAGE_PARENT
 _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
 
 
@@ -84,10 +85,11 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     """Everything before the ranks start, in this process: pre-flight (spec, model, a data sample,
     clashes, memory fit: exit 2 before any run dir or rank), write the run dir, tokenize the data,
     make the tiny base model."""
-    from launcher import preflight, rundir
-    from launcher.plan import make_plan
-    from launcher.train import data as data_mod
-    from launcher.train.loop import check_environment
+    from launcher.config import checks as preflight
+    from launcher.rundir import layout as rundir
+    from launcher.plan.plan import make_plan
+    from launcher.data import build as data_mod
+    from launcher.rank.loop import check_environment
 
     if spec.cluster.nodes > 1:
         raise UserError(f"`launcher run` starts ranks on this machine only; cluster.nodes={spec.cluster.nodes}. "
@@ -99,7 +101,7 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     rd, spec, plan = rundir.create(out, spec, force=force)
     prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache
     if spec.model.name == "tiny":
-        from launcher.train.model import ensure_tiny_base
+        from launcher.model.load import ensure_tiny_base
 
         ensure_tiny_base(rd.path, spec.optim.seed)
     return rd, spec, plan, prepared
@@ -138,7 +140,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
     rd.logs.mkdir(parents=True, exist_ok=True)
     log_path = rd.logs / "launch.log"
     started = time.time()
-    from launcher.train.watchdog import BACKSTOP_DUMP
+    from launcher.rank.watchdog import BACKSTOP_DUMP
 
     backstop = False  # a rank's watchdog backstop dumped its stacks (a hang holding the GIL: it leaves no marker)
     with log_path.open("a") as log:
@@ -181,7 +183,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    from launcher.train import resilience
+    from launcher.rank import resilience
 
     if code not in (0, EXIT_REQUEUE) and (resilience.markers_dir(rd.path) / f"requeue-{job}-a0.json").is_file():
         # every rank passed the barrier after the stop checkpoint and its marker: a rank that then died in
@@ -203,7 +205,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
 def _failure_note(rd: RunDir, job: str, backstop: bool = False) -> str:
     """Which rank failed and where, from the markers the ranks wrote (a rank that wrote none was killed, or
     ended by its watchdog's backstop when `backstop`: the log has its dump)."""
-    from launcher.train import resilience
+    from launcher.rank import resilience
 
     lines = []
     for s in resilience.silent_ranks(rd.path, job, 0):
@@ -231,7 +233,7 @@ def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = Tru
         print(f"run dir      {rd.path}", flush=True)
     code = run_ranks(rd, plan, echo=echo, quiet=quiet)
     if code == EXIT_REQUEUE:
-        from launcher.train.resilience import complete_checkpoints
+        from launcher.rank.resilience import complete_checkpoints
 
         done = complete_checkpoints(rd.checkpoints)
         where = f"{done[-1][1]} (step {done[-1][0]})" if done else "the newest checkpoint"

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.jobs.logs import one_label, strip_labels
-from launcher.jobs import slurmtools as st
-from launcher.jobs.slurmtools import Attempt
-from launcher.train.watchdog import BACKSTOP_DUMP
+from launcher.ops.logs import one_label, strip_labels
+from launcher.ops import slurmtools as st
+from launcher.ops.slurmtools import Attempt
+from launcher.rank.watchdog import BACKSTOP_DUMP
 
 # --------------------------------------------------------------------------- reasons
 
@@ -86,7 +86,7 @@ _NOISE = re.compile(r"bitsandbytes.*kernels|kernels-community|kernels.*not insta
 _RANK_SUMMARY = re.compile(r"^launcher: rank \d+ on \S+: .*|^launcher: rank \d+ on \S+ ended without an exit record")
 # The batch script prints this at the start of every attempt (slurm/job.sbatch.j2).
 _ATTEMPT_BANNER = re.compile(r"^launcher: job (\d+) on ", re.M)
-# Step lines of rank 0 (launcher/train/loop.py format_step), read tolerantly.
+# Step lines of rank 0 (launcher/rank/loop.py format_step), read tolerantly.
 _STEP = re.compile(r"(?<![\w.])step\s+(\d+)\s*/\s*(\d+)\b(?:.*?\bloss[\s=:]+([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)))?",
                    re.I)
 
@@ -202,7 +202,7 @@ def describe(reason: str, exit_code: int | None, signal: int | None, line: str |
 # The ranks' marker writer is the one place that writes RUN_DIR/markers/NAME.json (atomically, with
 # job_id, restart, rank, node, host and time from the environment); this module reads what it writes.
 # Stdlib only at import, like this module.
-from launcher.train.resilience import markers_dir, write_marker  # noqa: E402, F401 (re-exported)
+from launcher.rank.resilience import markers_dir, write_marker  # noqa: E402, F401 (re-exported)
 
 
 def read_markers(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -346,7 +346,7 @@ class JobStatus:
 
 def recorded_jobs(run_dir: Path) -> list[tuple[str, str, list[dict[str, Any]]]]:
     """(job id, kind, its jobs.jsonl lines) in submission order, each id once."""
-    from launcher.rundir import RunDir
+    from launcher.rundir.layout import RunDir
 
     seen: dict[str, tuple[str, list[dict[str, Any]]]] = {}
     for rec in RunDir(run_dir).jobs():
@@ -582,8 +582,8 @@ def _state_from_run_dir(text: str, marker: dict[str, Any] | None, run_dir: Path,
 
 def run_status(run_dir: str | os.PathLike, sources: Sources | None = None) -> dict[str, Any]:
     """Status of a run dir as a JSON-ready dict: the run, its jobs, and what failed to answer."""
-    from launcher.jobs.cost import Prices
-    from launcher.rundir import open_run_dir
+    from launcher.ops.cost import Prices
+    from launcher.rundir.layout import open_run_dir
 
     rd = open_run_dir(run_dir)
     ids = [j for j, _, _ in recorded_jobs(rd.path)]

@@ -61,7 +61,7 @@ def tokens_in_model(attempts: list[dict[str, Any]]) -> int:
 
 def exit_reason(exc: BaseException) -> str:
     """The word jobs/status and the markers use for how a rank ended."""
-    from launcher.train import resilience
+    from launcher.rank import resilience
 
     if isinstance(exc, UserError):
         return "bad_input"
@@ -104,7 +104,7 @@ def environment(device: str) -> dict[str, Any]:
     installed), CUDA runtime, NCCL and driver on GPU nodes."""
     import torch
 
-    from launcher.rundir import package_versions
+    from launcher.rundir.layout import package_versions
 
     env: dict[str, Any] = {"python": sys.version.split()[0], "packages": package_versions(), "device": device}
     if device == "cuda" and torch.cuda.is_available():
@@ -129,7 +129,7 @@ def gather_devices(device: str) -> list[dict[str, Any]]:
     """Every rank's node and device, grouped: [{"node", "device", "ranks"}]. A collective: all ranks call it."""
     import torch.distributed as dist
 
-    from launcher.train.resilience import node_name, rank
+    from launcher.rank.resilience import node_name, rank
 
     mine = (rank(), node_name(), local_device_name(device))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -151,7 +151,7 @@ class Attempt:
     `end` when it completes, stops on a signal or fails. Writing never fails the run."""
 
     def __init__(self, run_dir: Path, *, tokens_per_step: int, world_size: int, max_steps: int, device: str):
-        from launcher.train.resilience import attempt, job_key, rank
+        from launcher.rank.resilience import attempt, job_key, rank
 
         self.run_dir = Path(run_dir)
         self.key = (job_key(), attempt())
@@ -164,7 +164,7 @@ class Attempt:
     def _write(self, **fields: Any) -> None:
         if not self.writer:
             return
-        from launcher.rundir import record_attempt
+        from launcher.rundir.layout import record_attempt
 
         try:
             record_attempt(self.run_dir, *self.key, **fields)
@@ -175,7 +175,7 @@ class Attempt:
         self.start_step = resume_step or 0
         if not self.writer:
             return
-        from launcher.train.resilience import node_name
+        from launcher.rank.resilience import node_name
 
         try:
             env = environment(self.device)
@@ -211,7 +211,7 @@ class Attempt:
     def _final(self, step: int | None, metrics: dict[str, Any]) -> None:
         import json
 
-        from launcher.rundir import update_manifest
+        from launcher.rundir.layout import update_manifest
 
         try:
             manifest = json.loads((self.run_dir / "manifest.json").read_text())

@@ -10,8 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.plan import Plan, make_plan
-from launcher.spec import RunSpec
+from launcher.plan.plan import Plan, make_plan
+from launcher.config.spec import RunSpec
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 # cluster profiles' gpu_type -> the estimator's device table (only unambiguous names)
@@ -30,11 +30,11 @@ def check(spec: RunSpec, *, slurm: bool = False, ignore_fit: bool = False, devic
     plan = make_plan(spec)  # batch arithmetic, model config exists, seq_len within its positions
     _clashes(spec, plan, slurm=slurm)
     notes += _model(spec, plan)
-    from launcher.stage import check_cached  # stdlib only
+    from launcher.submit.stage import check_cached  # stdlib only
 
     check_cached(spec)  # a hub model is in cluster.hf_home when the jobs run offline from it
     _resume(spec)
-    from launcher.train.data import check_data  # stdlib only
+    from launcher.data.build import check_data  # stdlib only
 
     check_data(spec)  # exists, not empty, parses, fields present (with line numbers)
     notes += _fit(spec, plan, ignore_fit=ignore_fit, device=device, device_memory=device_memory)
@@ -71,7 +71,7 @@ def _model(spec: RunSpec, plan: Plan) -> list[str]:
         return [f"model.name={name!r} is a hub id: its config and LoRA targets are checked when the ranks load it"]
     if spec.method.name in ("lora", "qlora", "dora") and spec.method.lora.target_modules != "all-linear":
         if m.counted:
-            from launcher.estimate import lora_params
+            from launcher.plan.estimate import lora_params
 
             lora_params(m, spec)  # UserError naming method.lora.target_modules and the layers that exist
         else:
@@ -84,7 +84,7 @@ def _resume(spec: RunSpec) -> None:
     value = spec.output.resume
     if value in ("auto", "never"):
         return
-    from launcher.train.resilience import is_complete
+    from launcher.rank.resilience import is_complete
 
     p = Path(value).expanduser()
     if not p.is_dir() or not is_complete(p):
@@ -98,7 +98,7 @@ def profile_device(spec: RunSpec) -> str | None:
     name = spec.cluster.profile
     if not name:
         return None
-    from launcher import profiles
+    from launcher.config import profiles
 
     try:
         _, part = profiles.load(name).partition(spec.cluster.partition)
@@ -114,7 +114,7 @@ def _fit(spec: RunSpec, plan: Plan, *, ignore_fit: bool, device: str | None, dev
     device = device or (profile_device(spec) if device_memory is None else None)
     if device is None and device_memory is None:
         return ["memory fit not checked: the GPU type is unknown here (give the cluster profile a gpu_type)"]
-    from launcher.estimate import GiB, estimate
+    from launcher.plan.estimate import GiB, estimate
 
     e = estimate(spec, plan, device=device, device_memory=device_memory)
     if e.fits is False and not ignore_fit:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher import yamlio
 from launcher.errors import SpecError
-from launcher.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, _explain_with_root, deep_merge,
+from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, _explain_with_root, deep_merge,
                            register_model, user_tree, validate)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)

@@ -134,7 +134,7 @@ class Watchdog:
 
     def fire(self) -> None:
         """Write the line and every thread's stack to stderr, the exit marker, then exit 4."""
-        from launcher.train import resilience
+        from launcher.rank import resilience
 
         faulthandler.cancel_dump_traceback_later()  # this report, marker and record take over (may be slow)
         with self._lock:

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launcher.errors import UserError
-from launcher.plan import Plan, make_plan
-from launcher.spec import MERGEABLE_METHODS, RunSpec
+from launcher.plan.plan import Plan, make_plan
+from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 
 # What each peft method's output is called (spec.MERGEABLE_METHODS: which of them `launcher merge` folds in).
 ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA (LoRA on the 4-bit base)", "dora": "DoRA", "ia3": "IA3",
@@ -118,7 +118,7 @@ def newest_checkpoint(checkpoints: Path) -> Path | None:
     """The newest complete checkpoint-N: launcher's completion marker, written last, is in it. A folder
     without it (cut off mid-save, even with the Trainer's trainer_state.json) is never newest
     (resilience.is_complete)."""
-    from launcher.train.resilience import complete_checkpoints
+    from launcher.rank.resilience import complete_checkpoints
 
     found = complete_checkpoints(checkpoints)
     return found[-1][1] if found else None
@@ -130,7 +130,7 @@ def resume_point(spec: RunSpec) -> Path | None:
         return None
     if value == "auto":
         return newest_checkpoint(Path(spec.output.dir) / "checkpoints")
-    from launcher.train import resilience
+    from launcher.rank import resilience
 
     p = Path(value).expanduser()
     if not p.is_dir() or not resilience.is_complete(p):
@@ -157,7 +157,7 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
     the attention kernel asked for. Runs in the launching process and again on every rank."""
     import torch
 
-    from launcher.train.model import choose_attn
+    from launcher.model.load import choose_attn
 
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UserError("the plan is for GPUs (cluster.gpus_per_node > 0) but this machine has no CUDA device; "
@@ -368,7 +368,7 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     `callbacks`: extra transformers TrainerCallbacks (`launcher bench` measures through one); a callback
     with a `trainer` attribute is given the Trainer once it exists."""
-    from launcher.train.records import Attempt, exit_reason
+    from launcher.rank.records import Attempt, exit_reason
 
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
@@ -383,8 +383,9 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
 
 
 def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainResult:
-    from launcher.rundir import RunDir
-    from launcher.train import resilience, watchdog
+    from launcher.rundir.layout import RunDir
+    from launcher.rank import resilience
+    from launcher.rank import watchdog
 
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
@@ -395,7 +396,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
     check_world_size(plan)
     # Ranks only read the tokenized data (`launcher run` or the Slurm prep job made it): a missing cache
     # ends every rank here with exit 2, before the heavy imports and the process group.
-    from launcher.train.data import require_prepared
+    from launcher.data.build import require_prepared
 
     require_prepared(spec)
     resume = resume_point(spec)
@@ -413,8 +414,8 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
 
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
-    from launcher.train import data as data_mod
-    from launcher.train import model as model_mod
+    from launcher.data import build as data_mod
+    from launcher.model import load as model_mod
 
     kwargs = training_arguments_kwargs(spec, plan, ds_config)
     kwargs["ddp_timeout"] = collective_timeout_s(spec)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.jobs import slurmtools as st
+from launcher.ops import slurmtools as st
 
 # Each label as (kind, its pattern at the start of a line; group 1: its number).
 _LABELS = (
@@ -64,7 +64,7 @@ def one_label(line: str) -> str:
 
 def log_files(run_dir: Path) -> list[Path]:
     """The run's log files: each recorded job's files in submission order, then any others."""
-    from launcher.jobs.status import recorded_jobs
+    from launcher.ops.status import recorded_jobs
 
     logs = run_dir / "logs"
     if not logs.is_dir():
@@ -90,12 +90,12 @@ class Layout:
 
     @classmethod
     def for_run(cls, run_dir: Path, need_nodes: bool) -> "Layout":
-        from launcher.jobs.status import recorded_jobs
+        from launcher.ops.status import recorded_jobs
 
         lay = cls()
         try:
-            from launcher.plan import make_plan
-            from launcher.rundir import RunDir
+            from launcher.plan.plan import make_plan
+            from launcher.rundir.layout import RunDir
 
             spec = RunDir(run_dir).load_spec()
             lay.nproc_per_node, lay.launcher = make_plan(spec).nproc_per_node, spec.cluster.launcher
@@ -198,7 +198,7 @@ def print_logs(run_dir: Path, write: Callable[[str], None], filt: LineFilter | N
 
 def live_jobs(run_dir: Path) -> list[str] | None:
     """Ids of the run's jobs that are pending or running; None when squeue did not answer."""
-    from launcher.jobs.status import recorded_jobs
+    from launcher.ops.status import recorded_jobs
 
     ids = [j for j, _, _ in recorded_jobs(run_dir)]
     if not ids:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.errors import RunFailed, UserError
-from launcher.spec import RunSpec
+from launcher.config.spec import RunSpec
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -58,7 +58,7 @@ def hub_items(spec: RunSpec) -> list[HubItem]:
         raise UserError(f"model.name={name!r}: no such local model directory (and not a hub id 'org/name'); "
                         f"give a folder with config.json, 'tiny', or a hub id", field="model.name")
     if spec.data.path is not None:
-        from launcher.train.data import data_files  # stdlib only; UserError for a missing local path
+        from launcher.data.build import data_files  # stdlib only; UserError for a missing local path
 
         fmt, _ = data_files(spec)
         if fmt == "hub":
@@ -132,7 +132,7 @@ def staged_dataset(spec: RunSpec) -> Path | None:
     default), or None when it is not a hub dataset or was not staged."""
     if spec.data.path is None:
         return None
-    from launcher.train.data import data_files
+    from launcher.data.build import data_files
 
     if data_files(spec)[0] != "hub":
         return None

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher import assets
 from launcher import __version__
 from launcher.errors import UserError
-from launcher.plan import Plan, make_plan
-from launcher.presets import dumps as dumps_json
+from launcher.plan.plan import Plan, make_plan
+from launcher.render.presets import dumps as dumps_json
 from launcher.render.deepspeed import render as render_deepspeed
-from launcher.spec import RunSpec, deep_merge, validate
+from launcher.config.spec import RunSpec, deep_merge, validate
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class RunDir:
         return [json.loads(x) for x in self.jobs_path.read_text().splitlines() if x.strip()]
 
     def load_spec(self) -> RunSpec:
-        from launcher.spec import resolve
+        from launcher.config.spec import resolve
 
         return resolve(self.spec_path)
 
@@ -139,7 +140,7 @@ def launcher_commit() -> str | None:
     """The git commit of the launcher source, when it runs from a checkout."""
     import subprocess
 
-    root = Path(__file__).resolve().parent.parent
+    root = assets.PACKAGE_PARENT
     if not (root / ".git").exists():
         return None
     try:
@@ -155,7 +156,7 @@ def data_fingerprints(spec: RunSpec) -> list[dict[str, Any]]:
     """Path, size, mtime and a content hash of each data file (hub data: its name and revision)."""
     import hashlib
 
-    from launcher.train.data import data_files
+    from launcher.data.build import data_files
 
     fmt, files = data_files(spec)
     if fmt == "hub":
@@ -208,7 +209,7 @@ def summary(run_dir: Path) -> dict[str, Any]:
     if final:
         step, loss, tokens = final.get("steps"), final.get("loss"), final.get("tokens")
     else:
-        from launcher.train.records import tokens_in_model
+        from launcher.rank.records import tokens_in_model
 
         step, loss = last.get("step"), last.get("loss")
         tokens = tokens_in_model(attempts) if attempts else None

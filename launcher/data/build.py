@@ -33,7 +33,7 @@ from launcher.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from datasets import Dataset
 
-    from launcher.spec import RunSpec
+    from launcher.config.spec import RunSpec
 
 PIPELINE_VERSION = 1  # bump when a change here changes the tokens a given input produces
 SAMPLE_RECORDS = 100  # records check_data reads per file
@@ -507,7 +507,7 @@ def _load_raw(spec: RunSpec, hf_cache: Path) -> tuple[Any, list[Path]]:
     kw: dict[str, Any] = {"cache_dir": str(hf_cache)}
     try:
         if fmt == "hub":
-            from launcher.stage import staged_dataset
+            from launcher.submit.stage import staged_dataset
 
             # staged by `launcher stage` into the shared hub cache: read that snapshot folder, which needs no
             # hub (the jobs run with HF_HUB_OFFLINE=1); otherwise the datasets library fetches it

@@ -1,0 +1,1 @@
+"""Every number derived from a spec, computed once: batch arithmetic, parameters, hardware, memory, FLOPs, $."""

@@ -1,0 +1,1 @@
+"""What runs on every rank: who it is in the job, the training loop, stopping, checkpoints, watchdog, records."""

@@ -1,0 +1,1 @@
+"""Test-only helpers (fault injection, weight dumps), read from the environment; never set in a real run."""
