@@ -276,6 +276,7 @@ def render_sbatch(
     python: str,
     array_specs: Sequence[RunSpec] | None = None,
     prepare_step: bool = True,
+    entry: Sequence[str] = ("launcher", "train"),
 ) -> str:
     """The batch script for `spec` run from `run_dir` (absolute; spec.yaml and logs/ live there).
 
@@ -283,8 +284,9 @@ def render_sbatch(
     one (the caller passes sys.executable). `array_specs` are the tasks of a sweep: the script
     becomes a job array whose task i trains RUN_DIR/tasks/i/spec.yaml. `prepare_step`: the job
     prepares the data itself in a first one-task step (`launcher bench --slurm`); `launcher slurm`
-    leaves it out and queues the preparation as its own CPU job (`render_chain_sbatch`). Raises
-    SpecError listing every value that cannot be rendered safely.
+    leaves it out and queues the preparation as its own CPU job (`render_chain_sbatch`). `entry`:
+    the module and arguments each rank runs with `python -m`, the spec's path after them (`launcher
+    bench` runs its measuring entry). Raises SpecError listing every value that cannot be rendered safely.
     """
     run_dir = Path(run_dir)
     problems = check(spec, run_dir, python=python, array_specs=array_specs)
@@ -315,6 +317,7 @@ def render_sbatch(
         max_requeues=c.max_requeues,
         max_retries=c.max_retries,
         prepare_step=prepare_step,
+        entry=Sh(" ".join(shlex.quote(x) for x in entry)),
     )
     return text
 

@@ -36,10 +36,13 @@ _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
 
 def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: int = 29500,
                    base_env: dict[str, str] | None = None, cpu_count: int | None = None,
-                   quiet: bool = False) -> tuple[list[str], dict[str, str]]:
+                   quiet: bool = False,
+                   entry: tuple[str, ...] = ("launcher", "train")) -> tuple[list[str], dict[str, str]]:
     """argv and environment that start `nproc` ranks of `launcher train RUN_DIR/spec.yaml`. Pure.
 
-    `quiet` drops the launcher's INFO lines and Python FutureWarnings (quickstart output)."""
+    `quiet` drops the launcher's INFO lines and Python FutureWarnings (quickstart output). `entry`:
+    the module and arguments each rank runs, the spec's path after them (`launcher bench` runs its
+    measuring entry)."""
     run_dir = Path(run_dir)
     env = dict(os.environ if base_env is None else base_env)
     argv = [
@@ -49,7 +52,7 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
         "--master_port", str(master_port),
         "--no_local_rank",
         *(["--log_level", "warning"] if quiet else []),
-        "--module", "launcher", "train", str(run_dir / "spec.yaml"),
+        "--module", *entry, str(run_dir / "spec.yaml"),
     ]
     if quiet:
         env["PYTHONWARNINGS"] = "ignore::FutureWarning,ignore::UserWarning"
