@@ -1,0 +1,63 @@
+"""The GPU models launcher knows: memory, dense peaks, the names torch reports and the `gpu_type`
+names cluster profiles use. Every reader (estimate, cost, pre-flight, bench) resolves a name here."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Device:
+    key: str
+    """The table's name of the model (`--gpu`, the device column of estimate, bench and cost)."""
+    memory_bytes: int
+    """Total memory as torch reports it (`torch.cuda.get_device_properties(0).total_memory`)."""
+    bf16_tflops: float
+    """Dense bf16/fp16 tensor-core peak, TFLOP/s."""
+    tf32_tflops: float
+    """Dense fp32 peak, TFLOP/s (TF32 tensor cores where the library uses them)."""
+    torch_names: tuple[str, ...]
+    """What `torch.cuda.get_device_name` reports for the boards these numbers are for."""
+    aliases: tuple[str, ...]
+    """`gpu_type` names cluster profiles use for the model."""
+    torch_pattern: str
+    """Regular expression (case-insensitive) that finds the model in a torch device name not listed
+    in torch_names (another board or form factor of the same chip)."""
+
+
+# Dense peaks from the vendors' data sheets; memory as torch reports total_memory.
+DEVICES: dict[str, Device] = {d.key: d for d in (
+    Device("H100-80GB", 85_029_158_912, 989.4, 494.7, ("NVIDIA H100 80GB HBM3",), ("h100", "h100-80gb"),
+           r"H100"),
+    Device("H200", 150_110_011_392, 989.4, 494.7, ("NVIDIA H200",), ("h200",), r"H200"),
+    Device("A100-80GB", 85_089_976_320, 312.0, 156.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
+           ("a100", "a100-80gb"), r"^(?!.*40GB).*A100"),  # an A100 without "40GB" in its name: the 80 GB one
+    Device("A100-40GB", 42_505_273_344, 312.0, 156.0, ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"),
+           ("a100-40gb",), r"^(?=.*40GB).*A100"),
+    Device("L40S", 47_697_362_944, 362.1, 183.0, ("NVIDIA L40S",), ("l40s",), r"L40S"),
+    Device("A10G", 23_677_698_048, 125.0, 62.5, ("NVIDIA A10G",), ("a10g",), r"A10G"),
+    Device("L4", 23_580_639_232, 121.0, 60.0, ("NVIDIA L4",), ("l4",), r"(?:^|\s)L4(?:\s|$)"),  # a word: not L40, L40S
+)}
+
+_BY_NAME: dict[str, Device] = {n.casefold(): d for d in DEVICES.values()
+                               for n in (d.key, *d.aliases, *d.torch_names)}
+
+
+def find(name: str | None) -> Device | None:
+    """The Device a name stands for: a key, a profile alias or a torch device name, any case; a torch
+    name of another board of a known model by the model's name in it. None when no entry matches."""
+    if not name:
+        return None
+    dev = _BY_NAME.get(name.strip().casefold())
+    if dev is not None:
+        return dev
+    for d in DEVICES.values():
+        if re.search(d.torch_pattern, name, re.IGNORECASE):
+            return d
+    return None
+
+
+def peak_tflops(device: Device, dtype: str) -> float:
+    """Dense peak of `device` for a training dtype (fp32 runs on TF32; bf16 and fp16 on the 16-bit cores)."""
+    return device.tf32_tflops if dtype == "fp32" else device.bf16_tflops
