@@ -46,7 +46,8 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     """
     from launcher.plan import estimate as est
     from launcher.plan.plan import make_plan
-    from launcher.config.spec import deep_merge, validate
+    from launcher.config.resolve import deep_merge
+    from launcher.config.spec import validate
 
     plan = make_plan(spec)
     notes = []

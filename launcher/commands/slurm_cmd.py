@@ -202,12 +202,12 @@ def unprepared(specs: list[RunSpec]) -> list[Path]:
     hashes the tokenizer files (a hub model: its name and revision). Where the key cannot be computed
     here, the data counts as unprepared: the preparation job is then a cache hit of a few seconds.
     """
-    from launcher.data import build as data
+    from launcher.data.cache import prepared_path
 
     missing: list[Path] = []
     for s in specs:
         try:
-            path = data.prepared_path(s)
+            path = prepared_path(s)
         except (UserError, OSError, ValueError):
             return [Path("?")]
         if not (path / "meta.json").is_file() and path not in missing:
@@ -246,7 +246,7 @@ class SweepTask:
 def sweep_tasks(spec: RunSpec, sweeps: tuple[str, ...] | list[str]) -> list[SweepTask]:
     """One task per combination of --sweep values (first flag varies slowest), each validated."""
     from launcher.rundir.layout import with_overrides
-    from launcher.config.spec import parse_set
+    from launcher.config.resolve import parse_set
 
     axes: list[tuple[str, list[str]]] = []
     for item in sweeps:

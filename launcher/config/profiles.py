@@ -26,8 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher import yamlio
 from launcher.errors import SpecError
-from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, _explain_with_root, deep_merge,
-                           register_model, user_tree, validate)
+from launcher.config.resolve import deep_merge, user_tree
+from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, _explain_with_root, register_model,
+                                  validate)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 

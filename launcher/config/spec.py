@@ -1,15 +1,13 @@
-"""The run spec: one typed, immutable description of a run, validated once.
-
-Layers merge in this order, later wins, and only over fields a layer really set
-(defaults fill only what no layer set): cluster profile < spec file < CLI flags < `--set key=value`.
+"""The run spec's schema: one typed, immutable description of a run, its combination checks and the
+text of its errors. `validate` turns a merged tree into a RunSpec; the layers are merged in
+launcher/config/resolve.py.
 """
 
 from __future__ import annotations
 
 import difflib
 import re
-from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -33,7 +31,21 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
-class ModelSpec(_Section):
+class _Shorthand(_Section):
+    """A section that may be written as one string, the value of its main field: `model: NAME` is
+    `model: {name: NAME}`."""
+
+    main_field: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        return {cls.main_field: v} if isinstance(v, str) else v
+
+
+class ModelSpec(_Shorthand):
+    main_field: ClassVar[str] = "name"
+
     name: str = Field("tiny", description="'tiny' (embedded), a local model directory, or a hub id")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="run the model repository's own Python code")
@@ -129,7 +141,9 @@ class FreezeSpec(_Section):
         return v
 
 
-class MethodSpec(_Section):
+class MethodSpec(_Shorthand):
+    main_field: ClassVar[str] = "name"
+
     name: MethodName = Field("full", description="full, lora, qlora, dora (LoRA + weight decomposition), ia3, "
                                                  "prefix (prefix tuning), prompt (prompt tuning), freeze")
     lora: LoraSpec = Field(default_factory=LoraSpec, description="lora, qlora and dora")
@@ -163,18 +177,14 @@ class OptimSpec(_Section):
         return v
 
 
-class PrecisionSpec(_Section):
+class PrecisionSpec(_Shorthand):
+    main_field: ClassVar[str] = "dtype"
+
     dtype: Dtype = "bf16"
     initial_scale_power: int = Field(16, ge=0, le=32, description="fp16: initial loss scale 2^N")
     loss_scale_window: int = Field(1000, ge=1)
     hysteresis: int = Field(2, ge=1)
     min_loss_scale: float = Field(1, gt=0)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _shorthand(cls, v: Any) -> Any:
-        # `precision: bf16` is short for `precision: {dtype: bf16}`.
-        return {"dtype": v} if isinstance(v, str) else v
 
 
 class ZeroSpec(_Section):
@@ -335,126 +345,21 @@ class RunSpec(_Section):
         return yamlio.dumps(self.to_dict())
 
 
-# --------------------------------------------------------------------------- flags -> keys
-
-# CLI flag destinations: one place that says which spec field each shared flag sets.
-FLAG_FIELDS: dict[str, str] = {
-    "model": "model.name",
-    "task": "task",
-    "method": "method.name",
-    "data": "data.path",
-    "seq_len": "data.seq_len",
-    "packing": "data.packing",
-    "zero": "zero.stage",
-    "offload_optimizer": "zero.offload_optimizer",
-    "offload_param": "zero.offload_param",
-    "nvme_path": "zero.nvme_path",
-    "precision": "precision.dtype",
-    "attn": "model.attn",
-    "grad_ckpt": "model.grad_ckpt",
-    "micro_batch": "optim.micro_batch",
-    "global_batch": "optim.global_batch",
-    "global_batch_tokens": "optim.global_batch_tokens",
-    "nodes": "cluster.nodes",
-    "gpus_per_node": "cluster.gpus_per_node",
-    "nproc_per_node": "cluster.nproc_per_node",
-    "lr": "optim.lr",
-    "max_steps": "optim.max_steps",
-    "save_every": "output.save_every",
-    "output_dir": "output.dir",
-    "name": "name",
-    "partition": "cluster.partition",
-    "account": "cluster.account",
-    "qos": "cluster.qos",
-    "time": "cluster.time",
-    "net_ifname": "cluster.net_ifname",
-    "launcher": "cluster.launcher",
-    "resume": "output.resume",
-}
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if not isinstance(nxt, dict):
-            nxt = {}
-            node[k] = nxt
-        node = nxt
-    node[keys[-1]] = value
-
-
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`top` over `base`, recursively for mappings; lists and scalars are replaced."""
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
+def expand_shorthands(tree: dict[str, Any]) -> dict[str, Any]:
+    """`tree` with each section written as one string (`model: NAME`) in its full form, so that layers
+    merge field by field (`model: NAME` in a file and `--set model.attn=sdpa` keep both)."""
+    out = dict(tree)
+    for key, f in RunSpec.model_fields.items():
+        section = f.annotation
+        if isinstance(section, type) and issubclass(section, _Shorthand) and isinstance(out.get(key), str):
+            out[key] = {section.main_field: out[key]}
     return out
 
 
-def parse_set(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
-    """`--set a.b=value` pairs; the value is read as YAML (so `2`, `true`, `[q_proj, v_proj]` work)."""
-    tree: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
-            raise SpecError(f"--set {item!r}: expected dotted.key=value, for example --set optim.lr=1e-4")
-        value = yamlio.loads(raw, source=f"--set {key}") if raw.strip() else ""
-        _set_dotted(tree, key, value)
-    return tree
-
-
-def flags_to_tree(flags: dict[str, Any]) -> dict[str, Any]:
-    """CLI flags that were given (None = not given) as a nested spec fragment."""
-    tree: dict[str, Any] = {}
-    for name, value in flags.items():
-        if value is None:
-            continue
-        _set_dotted(tree, FLAG_FIELDS[name], value)
-    return tree
-
-
-# --------------------------------------------------------------------------- resolve
-
-def user_tree(
-    spec_path: str | Path | None = None,
-    flags: dict[str, Any] | None = None,
-    sets: list[str] | tuple[str, ...] = (),
-) -> dict[str, Any]:
-    """The user's layers merged, unvalidated: spec file < flags < --set."""
-    layers: list[dict[str, Any]] = []
-    if spec_path is not None:
-        data = yamlio.load_file(spec_path)
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise SpecError(f"{spec_path}: a run spec is a YAML mapping of sections (model:, data:, ...), "
-                            f"not a {type(data).__name__}")
-        layers.append(data)
-    layers.append(flags_to_tree(flags or {}))
-    layers.append(parse_set(list(sets)))
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        merged = deep_merge(merged, layer)
-    return merged
-
-
-def resolve(
-    spec_path: str | Path | None = None,
-    flags: dict[str, Any] | None = None,
-    sets: list[str] | tuple[str, ...] = (),
-    profile: dict[str, Any] | None = None,
-) -> RunSpec:
-    """Merge profile < file < flags < --set and validate once. Raises SpecError with every problem."""
-    return validate(deep_merge(profile or {}, user_tree(spec_path, flags, sets)))
-
+# --------------------------------------------------------------------------- validation
 
 def validate(tree: dict[str, Any]) -> RunSpec:
+    """The RunSpec of a merged tree. Raises SpecError with every problem, one line each."""
     try:
         spec = RunSpec.model_validate(tree)
     except ValidationError as exc:

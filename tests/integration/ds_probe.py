@@ -22,7 +22,7 @@ os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 from launcher.plan.plan import make_plan  # noqa: E402
 from launcher.render.deepspeed import render  # noqa: E402
-from launcher.config.spec import resolve  # noqa: E402
+from launcher.config.resolve import resolve  # noqa: E402
 
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("none", "cpu", "nvme")

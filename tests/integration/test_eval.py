@@ -29,7 +29,7 @@ FAST = ["precision.dtype=fp32", "cluster.nproc_per_node=1", "data.seq_len=64", "
 def runs(tmp_path_factory, env, train_cases):
     """The three trainings, one after another in one process through the per-rank entry point (the
     imports paid once); `launcher run` itself is covered by tests/integration/test_training.py."""
-    from launcher.config.spec import resolve
+    from launcher.config.resolve import resolve
 
     root = tmp_path_factory.mktemp("eval")
     base = root / "base" / "final"

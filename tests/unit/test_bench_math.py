@@ -13,7 +13,7 @@ import pytest
 
 from launcher.bench import run as bench
 from launcher.errors import UserError
-from launcher.config.spec import resolve
+from launcher.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 

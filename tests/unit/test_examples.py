@@ -8,7 +8,7 @@ import pytest
 
 from launcher.plan.plan import make_plan
 from launcher.render.deepspeed import render
-from launcher.config.spec import resolve
+from launcher.config.resolve import resolve
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

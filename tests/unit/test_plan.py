@@ -6,7 +6,7 @@ import pytest
 
 from launcher.errors import SpecError
 from launcher.plan.plan import make_plan
-from launcher.config.spec import resolve
+from launcher.config.resolve import resolve
 
 
 def plan_for(*sets: str, model: str | None = None):

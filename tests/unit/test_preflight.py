@@ -16,7 +16,7 @@ from launcher import assets
 from launcher.config import checks as preflight
 from launcher.cli import main
 from launcher.errors import UserError
-from launcher.config.spec import resolve
+from launcher.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,

@@ -11,7 +11,7 @@ import pytest
 from launcher.render import presets
 from launcher.plan.plan import make_plan
 from launcher.render.deepspeed import render
-from launcher.config.spec import resolve
+from launcher.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "deepspeed"

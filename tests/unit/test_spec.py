@@ -7,7 +7,8 @@ import textwrap
 import pytest
 
 from launcher.errors import SpecError
-from launcher.config.spec import RunSpec, resolve
+from launcher.config.resolve import resolve
+from launcher.config.spec import RunSpec
 
 
 def write(tmp_path, text: str):

@@ -20,7 +20,7 @@ import pytest
 
 from launcher.config import checks as preflight
 from launcher.errors import UserError
-from launcher.config.spec import resolve
+from launcher.config.resolve import resolve
 from launcher.submit.stage import HubItem, cached_snapshot, check_cached, hub_items, is_hub_model
 
 ROOT = Path(__file__).resolve().parents[2]

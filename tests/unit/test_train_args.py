@@ -18,7 +18,7 @@ from launcher.errors import UserError
 from launcher.submit.local import launch_command
 from launcher.plan.plan import make_plan
 from launcher.render.deepspeed import render
-from launcher.config.spec import resolve
+from launcher.config.resolve import resolve
 from launcher.rank.loop import (check_world_size, format_step, newest_checkpoint, parse_step_lines, resume_point,
                                  training_arguments_kwargs)
 
