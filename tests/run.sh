@@ -2,7 +2,8 @@
 # The project's one test command (README "Set-up"): installs what the tests need, then runs them all.
 #   bash tests/run.sh [pytest args]
 # As root it also installs the system packages for the real Slurm cluster the tests start
-# (.ci/install-slurm.sh) and libaio for DeepSpeed's NVMe offload; elsewhere those tests skip with the reason.
+# (.ci/install-slurm.sh), libaio for DeepSpeed's NVMe offload and shellcheck for the batch-script test;
+# elsewhere those tests skip with the reason.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,8 +15,13 @@ PY=${PYTHON:-python3}
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
-  dpkg-query -W -f='${Status}' libaio-dev 2>/dev/null | grep -q "install ok installed" \
-    || { apt-get update -q >/dev/null && apt-get install -y -q libaio-dev >/dev/null; }
+  missing=()
+  for pkg in libaio-dev shellcheck; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null
+  fi
   bash .ci/install-slurm.sh
 fi
 

@@ -313,7 +313,7 @@ def render_sbatch(
         srun_args=Sh(srun_args),
         exec_prefix=Sh(exec_prefix),
         shutdown_timeout=c.signal_grace_s or DEFAULT_SHUTDOWN_S,
-        requeue=1 if c.requeue else 0,
+        requeue=c.requeue,
         max_requeues=c.max_requeues,
         max_retries=c.max_retries,
         prepare_step=prepare_step,
