@@ -141,3 +141,27 @@ def test_slurm_dry_run_with_preflight_imports_no_heavy_library(tmp_path):
             "print('HEAVY', sorted(heavy), file=sys.stderr)\n")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT)
     assert "HEAVY []" in proc.stderr, proc.stderr
+
+
+def test_every_problem_is_reported_at_once_in_one_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["slurm", "--out", out, "--dry-run", "--precision", "fp16",
+                                 "--data", tmp_path / "nope.jsonl", "--set", "cluster.max_retries=2",
+                                 "--set", "cluster.requeue=false"], capsys)
+    assert code == 2 and "pre-flight found 3 problems" in err, err
+    for needle in ("precision.dtype=fp16", "nope.jsonl", "cluster.max_retries"):
+        assert needle in err, (needle, err)
+    assert "Traceback" not in err and not out.exists() and stdout == ""
+
+
+def test_fp16_on_cpu_is_refused_with_one_text_by_pre_flight_and_by_the_ranks(tmp_path):
+    from launcher.plan.plan import make_plan
+    from launcher.rank.loop import check_environment
+
+    spec = resolve(None, flags={"precision": "fp16"}, sets=[])
+    refusal = preflight.unsupported_precision(spec, make_plan(spec))
+    with pytest.raises(UserError) as pre:
+        preflight.check(spec)
+    with pytest.raises(UserError) as rank:
+        check_environment(spec, make_plan(spec))
+    assert refusal and str(pre.value) == str(rank.value) == refusal and pre.value.field == "precision.dtype"
