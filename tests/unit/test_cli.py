@@ -125,3 +125,13 @@ def test_unexpected_exception_is_a_bug_with_traceback(cli, tmp_path):
             "from launcher.cli import main\nmain(['config'])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
+
+
+def test_spec_prints_shorthands_in_their_full_form(cli, tmp_path):
+    import yaml
+
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("model: tiny\nmethod: lora\nprecision: fp32\n")
+    resolved = yaml.safe_load(cli("spec", str(spec_file), check=True).stdout)
+    assert resolved["model"]["name"] == "tiny" and resolved["method"]["name"] == "lora"
+    assert resolved["precision"]["dtype"] == "fp32" and "lora" in resolved["method"]

@@ -144,3 +144,33 @@ def test_resolved_yaml_round_trips(tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text(spec.to_yaml())
     assert resolve(p) == spec
+
+
+def test_model_and_method_shorthands_in_a_spec_file(tmp_path):
+    p = write(tmp_path, """
+        model: tiny
+        method: lora
+        precision: fp32
+    """)
+    spec = resolve(p)
+    assert (spec.model.name, spec.method.name, spec.precision.dtype) == ("tiny", "lora", "fp32")
+    assert spec.to_dict()["model"]["name"] == "tiny" and spec.to_dict()["method"]["lora"]["r"] == 16  # full form
+
+
+def test_shorthands_merge_field_by_field_across_layers(tmp_path):
+    p = write(tmp_path, """
+        model: {name: tiny, attn: eager}
+        method: {name: lora, lora: {r: 4}}
+    """)
+    spec = resolve(p, sets=["model=other/model", "method=dora"])
+    assert (spec.model.name, spec.model.attn) == ("other/model", "eager")
+    assert (spec.method.name, spec.method.lora.r) == ("dora", 4)
+    spec = resolve(write(tmp_path, "model: tiny\n"), sets=["model.attn=sdpa"], profile={"method": "ia3"})
+    assert (spec.model.name, spec.model.attn, spec.method.name) == ("tiny", "sdpa", "ia3")
+
+
+def test_a_wrong_shorthand_names_the_field_in_one_line(tmp_path):
+    with pytest.raises(SpecError) as e:
+        resolve(write(tmp_path, "method: lorax\n"))
+    assert len(e.value.problems) == 1 and "\n" not in str(e.value)
+    assert e.value.problems[0].startswith("method.name: 'lorax' is not allowed") and "'lora'" in str(e.value)
