@@ -28,10 +28,9 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.config.spec import RunSpec
+from launcher.model.load import has_weights
 
 FORGETTING_TOLERANCE = 0.01  # nats per token: a reference-set loss rise above this counts as forgetting
-_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
-            "adapter_model.safetensors", "adapter_model.bin")
 
 
 @dataclass
@@ -59,14 +58,10 @@ class Target:
 
 # --------------------------------------------------------------------------- what to evaluate
 
-def _has_weights(path: Path) -> bool:
-    return any((path / f).is_file() for f in _WEIGHTS)
-
-
 def _newest_checkpoint_with_weights(run_dir: Path) -> Path | None:
     ckpts = []
     for p in (run_dir / "checkpoints").glob("checkpoint-*"):
-        if p.name.split("-")[-1].isdigit() and _has_weights(p):
+        if p.name.split("-")[-1].isdigit() and has_weights(p, adapter=True):
             ckpts.append((int(p.name.split("-")[-1]), p))
     return max(ckpts)[1] if ckpts else None
 
@@ -91,7 +86,7 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
             spec = with_overrides(spec, {"data": {"seq_len": seq_len}})
         notes = []
         tuned = rd.final
-        if not _has_weights(tuned):
+        if not has_weights(tuned, adapter=True):
             ck = _newest_checkpoint_with_weights(rd.path)
             if ck is None:
                 raise UserError(f"{rd.path} holds no trained model yet (no final/ and no checkpoint with weights); "
@@ -126,17 +121,18 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
 def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
     """The run's spec reading `file` instead: same tokenizer and seq_len, no split, no packing."""
     from launcher.rundir.layout import with_overrides
-    from launcher.data import build as data_mod
+    from launcher.data.check import sample_records, sft_shape
+    from launcher.data.source import data_files
 
     if not file.exists():
         raise UserError(f"--data {file}: no such file or folder")
     probe = with_overrides(spec, {"task": "pretrain", "data": {"path": str(file), "eval_fraction": 0.0,
                                                                "packing": False, "format": "auto"}})
-    fmt, files = data_mod.data_files(probe)
+    fmt, files = data_files(probe)
     task = "pretrain"
     if fmt != "txt":
-        for _, record in data_mod._sample(files[0], fmt, probe):
-            if isinstance(record, dict) and data_mod.sft_shape(record, probe) is not None \
+        for _, record in sample_records(files[0], fmt, probe):
+            if isinstance(record, dict) and sft_shape(record, probe) is not None \
                     and probe.data.text_field not in record:
                 task = "sft"
             break
@@ -234,9 +230,9 @@ def loss_on(model: Any, s: EvalSet, tokenizer: Any, batch_size: int, device: str
     its predicted tokens) / all predicted tokens. Predicted tokens: labels != -100 after the shift."""
     import torch
 
-    from launcher.data import build as data_mod
+    from launcher.data.collate import make_collator
 
-    collate = data_mod.make_collator(s.spec, tokenizer)
+    collate = make_collator(s.spec, tokenizer)
     total, count = 0.0, 0
     with torch.no_grad():
         for k in range(0, len(s.rows), batch_size):

@@ -7,6 +7,7 @@ import click
 
 from launcher.commands.common import spec_options
 from launcher.config.spec import RunSpec
+from launcher.submit.stage import stage as stage_items
 
 
 @click.command()
@@ -22,6 +23,4 @@ def stage(spec: RunSpec, hf_home: str | None) -> None:
     Files already in the cache are not fetched again. 'tiny' and local paths: nothing to stage.
     No hub reachable: exit 1 with the cause; a repository or revision that does not exist: exit 2.
     """
-    from launcher.submit.stage import stage as stage_items
-
     stage_items(spec, hf_home, say=click.echo)

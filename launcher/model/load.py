@@ -1,5 +1,6 @@
 """Load the model every rank trains: dtype from precision, attention kernel, ZeRO-3-aware loading,
-LoRA / QLoRA through peft and bitsandbytes, gradient checkpointing.
+LoRA / QLoRA through peft and bitsandbytes, gradient checkpointing; the tokenizer that data
+preparation and training both load; the names of the weight files a model folder holds.
 
 Heavy libraries (torch, transformers, peft, bitsandbytes) are imported inside the functions.
 """
@@ -17,11 +18,15 @@ from typing import Any
 from launcher import assets
 from launcher.errors import UserError
 from launcher.config.spec import PEFT_METHODS, RunSpec
+from launcher.plan.params import freeze_selection
 
 ATTN_IMPL = {"flash2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
 TINY = "tiny"
 BASE_DIRNAME = "base"  # in the run dir: the initialised tiny model that a LoRA adapter refers to
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+# The weight files transformers' from_pretrained reads: each whole, or sharded beside FILE.index.json.
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+WEIGHT_INDEXES = tuple(f"{f}.index.json" for f in WEIGHT_FILES)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes
 
 
 def torch_dtype(precision: str) -> Any:
@@ -30,8 +35,10 @@ def torch_dtype(precision: str) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def has_weights(path: Path) -> bool:
-    return any((path / f).is_file() for f in _WEIGHT_FILES)
+def has_weights(path: str | os.PathLike[str], *, adapter: bool = False) -> bool:
+    """Whether the folder holds a model's weights (with adapter=True: or a peft adapter's)."""
+    names = WEIGHT_FILES + WEIGHT_INDEXES + (ADAPTER_WEIGHT_FILES if adapter else ())
+    return any((Path(path) / f).is_file() for f in names)
 
 
 # --------------------------------------------------------------------------- where the model comes from
@@ -101,6 +108,7 @@ def wait_for_tiny_base(run_dir: Path, seed: int, timeout_s: float = 600) -> Path
 # --------------------------------------------------------------------------- tokenizer
 
 def load_tokenizer_from(source: str | Path, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The tokenizer in a folder or hub repository, with a pad token (its EOS when it has none)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code, revision=revision)
@@ -110,7 +118,8 @@ def load_tokenizer_from(source: str | Path, *, trust_remote_code: bool = False, 
 
 
 def load_tokenizer(spec: RunSpec) -> Any:
-    """The tokenizer of spec.model.name ('tiny': the embedded one, no weights needed)."""
+    """The tokenizer of spec.model.name ('tiny': the embedded one, no weights needed), as `prepare`
+    tokenizes the data with it and the ranks pad with it."""
     if spec.model.name == TINY:
         return load_tokenizer_from(assets.tiny_dir())
     return load_tokenizer_from(model_source(spec), trust_remote_code=spec.model.trust_remote_code,
@@ -217,12 +226,10 @@ def peft_config(spec: RunSpec) -> Any:
 
 def apply_freeze(spec: RunSpec, model: Any) -> int:
     """method freeze: only the parameters method.freeze names (and the top N layers) train. Returns
-    how many parameters train. Names are matched as estimate.freeze_selection does for the plan."""
-    from launcher.plan import estimate
-
+    how many parameters train. Names are matched by params.freeze_selection, as the plan counts them."""
     named = list(model.named_parameters(remove_duplicate=False))  # tied lm_head.weight is listed too
     layers = int(model.config.num_hidden_layers)
-    chosen = estimate.freeze_selection([n for n, _ in named], spec.method.freeze, layers)
+    chosen = freeze_selection([n for n, _ in named], spec.method.freeze, layers)
     trainable = {id(p) for n, p in named if n in chosen}
     for _, p in named:
         p.requires_grad_(id(p) in trainable)

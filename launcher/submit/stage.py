@@ -9,42 +9,28 @@ huggingface_hub is imported by `stage()` alone.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import RunFailed, UserError
 from launcher.config.spec import RunSpec
+from launcher.data.source import data_files
+from launcher.errors import RunFailed, UserError
+from launcher.hubcache import COMMIT, HUB_ID, HubItem, cached_snapshot, hf_home, repo_folder
+from launcher.model.load import WEIGHT_FILES, has_weights
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_WEIGHTS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 # Files a causal LM never needs from its repository: other frameworks' exports and duplicate originals.
+# Kept apart from WEIGHT_FILES: these are download patterns for what to skip, not names a load reads.
 _SKIP = ["original/*", "*.gguf", "*.onnx", "*.onnx_data", "onnx/*", "*.h5", "*.msgpack", "*.ot", "*.tflite",
          "*.mlmodel", "coreml/*", "*.pth"]
-
-
-@dataclass(frozen=True)
-class HubItem:
-    """One repository to stage: kind 'model' (weights and tokenizer) or 'dataset'."""
-
-    kind: str
-    repo_id: str
-    revision: str | None
-    field: str  # the spec field that names it
-
-    @property
-    def repo_type(self) -> str:
-        return "model" if self.kind == "model" else "dataset"
 
 
 def is_hub_model(name: str) -> bool:
     """A hub id ('org/name' or 'name'), not 'tiny' and not a local directory or path."""
     if name == "tiny" or name.startswith((".", "/", "~")) or Path(name).expanduser().exists():
         return False
-    return bool(_HUB_ID.fullmatch(name))
+    return bool(HUB_ID.fullmatch(name))
 
 
 def hub_items(spec: RunSpec) -> list[HubItem]:
@@ -58,56 +44,23 @@ def hub_items(spec: RunSpec) -> list[HubItem]:
         raise UserError(f"model.name={name!r}: no such local model directory (and not a hub id 'org/name'); "
                         f"give a folder with config.json, 'tiny', or a hub id", field="model.name")
     if spec.data.path is not None:
-        from launcher.data.build import data_files  # stdlib only; UserError for a missing local path
-
-        fmt, _ = data_files(spec)
+        fmt, _ = data_files(spec)  # UserError for a missing local path
         if fmt == "hub":
             items.append(HubItem("dataset", spec.data.path, None, "data.path"))
     return items
-
-
-def hf_home(spec: RunSpec, flag: str | None = None) -> tuple[Path, str]:
-    """(the cache folder, where it came from): --hf-home, else cluster.hf_home, else $HF_HOME, else
-    huggingface_hub's default ~/.cache/huggingface."""
-    for value, source in ((flag, "--hf-home"), (spec.cluster.hf_home, "cluster.hf_home"),
-                          (os.environ.get("HF_HOME"), "HF_HOME")):
-        if value:
-            return Path(value).expanduser().resolve(), source
-    return Path("~/.cache/huggingface").expanduser().resolve(), "the default (no --hf-home, cluster.hf_home or HF_HOME)"
-
-
-def repo_folder(home: Path, item: HubItem) -> Path:
-    """HF_HOME/hub/models--ORG--NAME (or datasets--...), huggingface_hub's cache layout."""
-    return home / "hub" / f"{item.repo_type}s--{item.repo_id.replace('/', '--')}"
-
-
-def cached_snapshot(home: Path, item: HubItem) -> Path | None:
-    """The snapshot folder an offline load would use: snapshots/REVISION for a commit, else the commit that
-    refs/REVISION (default main) names. None when the cache does not have it."""
-    repo = repo_folder(home, item)
-    rev = item.revision or "main"
-    if _COMMIT.fullmatch(rev):
-        snap = repo / "snapshots" / rev
-        return snap if snap.is_dir() else None
-    try:
-        commit = (repo / "refs" / rev).read_text().strip()
-    except OSError:
-        return None
-    snap = repo / "snapshots" / commit
-    return snap if commit and snap.is_dir() else None
 
 
 def missing_in_cache(home: Path, item: HubItem) -> str | None:
     """What an offline load of a staged model would miss (config.json, weights), or None when it is there."""
     snap = cached_snapshot(home, item)
     if snap is None:
-        rev = f"refs/{item.revision or 'main'}" if not _COMMIT.fullmatch(item.revision or "") else "that commit"
+        rev = f"refs/{item.revision or 'main'}" if not COMMIT.fullmatch(item.revision or "") else "that commit"
         return f"no snapshot for {rev} in {repo_folder(home, item)}"
     if item.kind == "model":
         if not (snap / "config.json").is_file():
             return f"{snap} has no config.json"
-        if not any(next(snap.glob(p), None) for p in _WEIGHTS):
-            return f"{snap} has no weights (*.safetensors or *.bin)"
+        if not has_weights(snap):  # the names an offline from_pretrained looks for
+            return f"{snap} has no weights ({' or '.join(WEIGHT_FILES)}, whole or sharded with an index)"
     return None
 
 
@@ -125,19 +78,6 @@ def check_cached(spec: RunSpec) -> None:
             raise UserError(f"{item.field}={item.repo_id!r}{rev} is not in the shared hub cache cluster.hf_home="
                             f"{home} ({why}); the jobs load it offline (HF_HUB_OFFLINE=1). Stage it first where "
                             f"the hub is reachable: launcher stage SPEC (the same spec and flags)", field=item.field)
-
-
-def staged_dataset(spec: RunSpec) -> Path | None:
-    """The snapshot folder of the spec's hub dataset in the hub cache (cluster.hf_home, $HF_HOME or the
-    default), or None when it is not a hub dataset or was not staged."""
-    if spec.data.path is None:
-        return None
-    from launcher.data.build import data_files
-
-    if data_files(spec)[0] != "hub":
-        return None
-    home, _ = hf_home(spec)
-    return cached_snapshot(home, HubItem("dataset", spec.data.path, None, "data.path"))
 
 
 # --------------------------------------------------------------------------- staging

@@ -10,7 +10,9 @@ import pytest
 
 from launcher import assets
 from launcher.config.spec import validate
-from launcher.data import build as D
+from launcher.data import build
+from launcher.data.collate import make_collator
+from launcher.model.load import load_tokenizer_from
 
 pytestmark = pytest.mark.integration
 SEQ = 128
@@ -29,17 +31,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(assets.tiny_dir())
+    tok = load_tokenizer_from(assets.tiny_dir())
     cache = str(tmp_path_factory.mktemp("cache"))
     plain = validate({"task": "sft", "data": {"seq_len": SEQ, "cache_dir": cache}})
     packed = validate({"task": "sft", "data": {"seq_len": SEQ, "cache_dir": cache, "packing": True}})
-    D.prepare(plain, tok)
-    D.prepare(packed, tok)
-    rows = D.load_prepared(packed, tok)
-    batch = D.make_collator(packed, tok)([rows[0], rows[1], rows[2]])
-    return tok, D.load_prepared(plain, tok), [rows[i] for i in range(3)], batch
+    build.prepare(plain, tok)
+    build.prepare(packed, tok)
+    rows = build.load_prepared(packed, tok)
+    batch = make_collator(packed, tok)([rows[0], rows[1], rows[2]])
+    return tok, build.load_prepared(plain, tok), [rows[i] for i in range(3)], batch
 
 
 def _model(attn: str):

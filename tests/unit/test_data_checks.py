@@ -11,7 +11,7 @@ import pytest
 
 from launcher.errors import UserError
 from launcher.config.spec import validate
-from launcher.data.build import check_data
+from launcher.data.check import check_data
 
 
 def spec(path, task="pretrain", **data):
@@ -192,7 +192,7 @@ def test_check_data_imports_no_heavy_library(tmp_path):
     code = f"""
 import sys
 from launcher.config.spec import validate
-from launcher.data.build import check_data
+from launcher.data.check import check_data
 check_data(validate({{"task": "pretrain"}}))
 check_data(validate({{"task": "sft"}}), tokenizer_has_chat_template=True)
 check_data(validate({{"task": "sft", "data": {{"path": {str(tmp_path / "chat.jsonl")!r}}}}}))

@@ -184,7 +184,7 @@ def test_unprepared_data_queues_a_prep_job_that_training_waits_for(tmp_path, fak
 
 def test_prepared_data_queues_no_prep_job(tmp_path, fake_bin, monkeypatch):
     from launcher.commands.common import resolve_from_cli
-    from launcher.data.build import prepared_path
+    from launcher.data.cache import prepared_path
 
     monkeypatch.setenv("LAUNCHER_CACHE", str(fake_bin.cache))
     entry = prepared_path(resolve_from_cli({"seq_len": 64}))  # what `launcher prepare --seq-len 64` fills

@@ -21,7 +21,8 @@ import pytest
 from launcher.config import checks as preflight
 from launcher.errors import UserError
 from launcher.config.resolve import resolve
-from launcher.submit.stage import HubItem, cached_snapshot, check_cached, hub_items, is_hub_model
+from launcher.hubcache import HubItem, cached_snapshot
+from launcher.submit.stage import check_cached, hub_items, is_hub_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SHA = "0123456789abcdef0123456789abcdef01234567"

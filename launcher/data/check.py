@@ -1,0 +1,244 @@
+"""The cheap first look at a run's data: the first records of each file, checked for what training
+needs (fields, types, one SFT layout), each problem one UserError naming the file, line and fix.
+Stdlib only at import (pyarrow inside, for parquet): the login node and pre-flight run it."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from launcher.data.source import data_files, open_text
+from launcher.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from launcher.config.spec import RunSpec
+
+SAMPLE_RECORDS = 100  # records check_data reads per file
+
+
+def check_data(spec: RunSpec, tokenizer_has_chat_template: bool | None = None) -> None:
+    """Look at the first records of each data file and raise UserError on the first problem found.
+
+    Needs no torch, transformers or datasets (pyarrow only for parquet). Pass whether the model's
+    tokenizer has a chat template to check chat-shaped SFT data against it; None skips that check.
+    """
+    fmt, files = data_files(spec)
+    if fmt == "hub":
+        return  # nothing on this machine to look at; the load in `prepare` reports problems
+    shape: list[str | None] = [None]  # the SFT shape the first record fixed, shared across files
+    for path in files:
+        try:
+            if path.stat().st_size == 0:
+                raise UserError(f"data file {path} is empty; give it records or point data.path elsewhere",
+                                field="data.path")
+            n = 0
+            for where, record in sample_records(path, fmt, spec):
+                _check_record(spec, path, where, record, shape, tokenizer_has_chat_template)
+                n += 1
+        except UnicodeDecodeError as exc:
+            raise UserError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                            f"re-encode it as UTF-8", field="data.path") from None
+        if n == 0:
+            raise UserError(f"data file {path} is empty (no records); give it records or point data.path elsewhere",
+                            field="data.path")
+
+
+def sample_records(path: Path, fmt: str, spec: RunSpec) -> Iterator[tuple[str, Any]]:
+    """(where, record) for the first SAMPLE_RECORDS records; `where` is 'line N' or 'record N'."""
+    if fmt == "txt":
+        if spec.task == "sft":
+            raise UserError(f"data file {path}: --task sft needs records with prompt/response or messages fields, "
+                            f"and a .txt file holds plain text; use jsonl records or --task pretrain",
+                            field="task")
+        with open_text(path) as f:
+            head = f.read(1 << 16)
+        if head.strip():
+            yield "text", {spec.data.text_field: head}
+        return
+    if fmt == "csv":
+        with open_text(path) as f:
+            reader = csv.DictReader(f)
+            for i, row in enumerate(reader):
+                if i >= SAMPLE_RECORDS:
+                    break
+                yield f"line {reader.line_num}", row
+        return
+    if fmt == "parquet":
+        yield from _sample_parquet(path)
+        return
+    with open_text(path) as f:
+        first = ""
+        for ch in iter(lambda: f.read(1), ""):
+            if not ch.isspace():
+                first = ch
+                break
+    if fmt == "json" and first == "[":
+        yield from _sample_json_array(path)
+    elif fmt == "json" and first == "{" and not _first_line_is_object(path):
+        yield from _sample_json_columns(path)
+    else:
+        yield from _sample_jsonl(path)
+
+
+def _sample_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    n = 0
+    with open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"data file {path} line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                                f"each line must be one JSON object", field="data.path") from None
+            yield f"line {lineno}", record
+            n += 1
+            if n >= SAMPLE_RECORDS:
+                return
+
+
+def _first_line_is_object(path: Path) -> bool:
+    with open_text(path) as f:
+        for line in f:
+            if line.strip():
+                try:
+                    return isinstance(json.loads(line), dict)
+                except json.JSONDecodeError:
+                    return False
+    return False
+
+
+def _sample_json_array(path: Path, chunk: int = 4 << 20) -> Iterator[tuple[str, Any]]:
+    with open_text(path) as f:
+        text = f.read(chunk)
+        complete = len(f.read(1)) == 0
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    for n in range(SAMPLE_RECORDS):
+        while pos < len(text) and (text[pos].isspace() or (n and text[pos] == ",")):
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, end = dec.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            if not complete and exc.pos >= len(text) - 1:
+                return  # the sample window ends inside a record
+            raise UserError(f"data file {path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})",
+                            field="data.path") from None
+        yield f"record {n + 1} (line {text.count(chr(10), 0, pos) + 1})", record
+        pos = end
+
+
+def _sample_json_columns(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        with open_text(path) as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"data file {path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})",
+                        field="data.path") from None
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values())):
+        raise UserError(f"data file {path} holds a single JSON object; write records as a JSON list of objects "
+                        f"or one object per line (.jsonl)", field="data.path")
+    n = min(SAMPLE_RECORDS, *(len(v) for v in obj.values()))
+    for i in range(n):
+        yield f"record {i + 1}", {k: v[i] for k, v in obj.items()}
+
+
+def _sample_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise UserError(f"data file {path} is not a readable parquet file ({exc}); rewrite it or use jsonl",
+                        field="data.path") from None
+    if pf.metadata.num_rows == 0:
+        return
+    batch = next(pf.iter_batches(batch_size=SAMPLE_RECORDS))
+    for i, row in enumerate(batch.to_pylist()):
+        yield f"row {i + 1}", row
+
+
+def _fields_found(record: dict[str, Any]) -> str:
+    return ", ".join(repr(k) for k in record) or "none"
+
+
+def sft_shape(record: dict[str, Any], spec: RunSpec) -> str | None:
+    """Which SFT layout a record has: 'chat', 'prompt', 'alpaca', or None."""
+    d = spec.data
+    if d.messages_field in record:
+        return "chat"
+    if d.prompt_field in record and d.response_field in record:
+        return "prompt"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    return None
+
+
+def _check_record(spec: RunSpec, path: Path, where: str, record: Any, shape: list[str | None],
+                  has_template: bool | None) -> None:
+    at = f"data file {path} {where}"
+    if not isinstance(record, dict):
+        raise UserError(f"{at}: expected a JSON object with fields, got {type(record).__name__}", field="data.path")
+    d = spec.data
+    if spec.task == "pretrain":
+        if d.text_field not in record:
+            raise UserError(f"{at}: no field {d.text_field!r} (data.text_field, the text to pretrain on); fields "
+                            f"found: {_fields_found(record)}; set --set data.text_field=NAME", field="data.text_field")
+        _need_str(at, record, d.text_field, "data.text_field")
+        return
+    kind = sft_shape(record, spec)
+    if kind is None:
+        if d.prompt_field in record or d.response_field in record:
+            have, miss, fld = ((d.prompt_field, d.response_field, "data.response_field")
+                               if d.prompt_field in record else (d.response_field, d.prompt_field, "data.prompt_field"))
+            raise UserError(f"{at}: field {have!r} has no partner field {miss!r} ({fld}); fields found: "
+                            f"{_fields_found(record)}; set --set {fld}=NAME", field=fld)
+        raise UserError(f"{at}: --task sft needs a {d.messages_field!r} field (data.messages_field), "
+                        f"{d.prompt_field!r} and {d.response_field!r} fields (data.prompt_field, "
+                        f"data.response_field), or 'instruction' and 'output'; fields found: "
+                        f"{_fields_found(record)}", field="data.prompt_field")
+    if shape[0] is None:
+        shape[0] = kind
+    elif shape[0] != kind:
+        raise UserError(f"{at}: this record is {kind}-shaped but the first record is {shape[0]}-shaped; "
+                        f"use one layout for the whole data set", field="data.path")
+    if kind == "prompt":
+        _need_str(at, record, d.prompt_field, "data.prompt_field")
+        _need_str(at, record, d.response_field, "data.response_field")
+    elif kind == "alpaca":
+        _need_str(at, record, "instruction", None)
+        _need_str(at, record, "output", None)
+        if record.get("input") is not None:
+            _need_str(at, record, "input", None)
+    else:
+        _check_messages(at, record[d.messages_field], d.messages_field, has_template, spec)
+
+
+def _need_str(at: str, record: dict[str, Any], key: str, field: str | None) -> None:
+    v = record[key]
+    if not isinstance(v, str):
+        got = "null" if v is None else type(v).__name__
+        raise UserError(f"{at}: field {key!r} is {got}, expected a string", field=field)
+
+
+def _check_messages(at: str, msgs: Any, key: str, has_template: bool | None, spec: RunSpec) -> None:
+    if not isinstance(msgs, list) or not msgs:
+        raise UserError(f"{at}: field {key!r} must be a non-empty list of {{role, content}} objects",
+                        field="data.messages_field")
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            found = _fields_found(m) if isinstance(m, dict) else type(m).__name__
+            raise UserError(f"{at}: {key}[{i}] needs a string 'role' and a string 'content' (found: {found})",
+                            field="data.messages_field")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise UserError(f"{at}: {key!r} has no 'assistant' message, so there is nothing to learn; "
+                        f"each conversation needs at least one", field="data.messages_field")
+    if has_template is False:
+        raise UserError(f"{at}: chat {key!r} need the tokenizer's chat template, and the tokenizer of model "
+                        f"{spec.model.name!r} has none; use a model whose tokenizer has one (an instruct/chat "
+                        f"variant) or write the data as prompt/response fields", field="data.messages_field")
