@@ -63,8 +63,3 @@ def current(env: Mapping[str, str] | None = None) -> JobEnv:
 def rank() -> int:
     """This process's global rank (0 outside a distributed run)."""
     return current().rank
-
-
-def node_name() -> str:
-    """The node as the scheduler names it."""
-    return current().node

@@ -1060,7 +1060,7 @@ def rank_main(spec_path: str) -> int:
         out.write_text(json.dumps(record) + "\n")
         raise
     out.write_text(json.dumps({**probe.record(), "error": None}) + "\n")
-    from launcher.rank.resilience import leave_process_group
+    from launcher.rank.entry import leave_process_group
 
     leave_process_group()
     return 0

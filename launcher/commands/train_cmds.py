@@ -32,19 +32,21 @@ def train(spec: RunSpec) -> None:
     """
     import sys
 
-    from launcher.errors import EXIT_REQUEUE
-    from launcher.rank import resilience
+    from launcher.errors import EXIT_OK, EXIT_REQUEUE
+    from launcher.rank.entry import leave_process_group, mark_exit, run_rank
     from launcher.rank.loop import train as train_loop
+    from launcher.rank.stop import ignore_stop_signals
+    from launcher.rundir import markers
 
     out_dir = Path(spec.output.dir)
-    result = resilience.run_rank(out_dir, lambda: train_loop(spec))
-    resilience.ignore_stop_signals()
-    resilience.leave_process_group()
+    result = run_rank(out_dir, lambda: train_loop(spec))
+    ignore_stop_signals()
+    leave_process_group()
     if result.stopped_at is not None:
-        resilience.mark_exit(out_dir, "requeue", EXIT_REQUEUE, f"stopped at step {result.stopped_at} after a signal; "
-                             f"checkpoint saved", step=result.stopped_at)
+        mark_exit(out_dir, markers.REQUEUED, EXIT_REQUEUE, f"stopped at step {result.stopped_at} after a signal; "
+                  f"checkpoint saved", step=result.stopped_at)
         sys.exit(EXIT_REQUEUE)
-    resilience.mark_exit(out_dir, "completed", 0)
+    mark_exit(out_dir, markers.COMPLETED, EXIT_OK)
 
 
 @click.command()

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from launcher import assets
+from launcher import assets, identity
 
 PREFIX = "LAUNCHER-DOCTOR "  # the probe's result line; anything else a node prints is ignored
 PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
@@ -39,11 +39,6 @@ _PACKAGE_ROOT = assets.PACKAGE_PARENT
 
 
 # =========================================================================== the probe (on each node)
-
-def node_name() -> str:
-    """The node as the scheduler names it (in a job every node may share one hostname)."""
-    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
-
 
 def package_versions() -> dict[str, str | None]:
     from launcher.rundir import layout as rundir
@@ -181,7 +176,7 @@ def shared_dir_check(out_dir: Path, run_id: str, index: int, expect: int, wait_s
     try:
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f".node-{index}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"node": node_name(), "run": run_id}) + "\n")
+        tmp.write_text(json.dumps({"node": identity.current().node, "run": run_id}) + "\n")
         os.replace(tmp, d / f"node-{index}.token")
     except OSError as exc:
         info["error"] = f"cannot write in {out_dir}: {_first_line(exc)}"
@@ -208,7 +203,7 @@ def probe(out_dir: str | os.PathLike[str], run_id: str, expect: int = 1, wait_s:
     """Everything `launcher doctor` asks of one node, as a JSON-ready dict."""
     out = Path(out_dir).expanduser()
     idx = index if index is not None else int(os.environ.get("SLURM_PROCID") or os.environ.get("SLURM_NODEID") or 0)
-    rec: dict[str, Any] = {"node": node_name(), "hostname": socket.gethostname(), "index": idx,
+    rec: dict[str, Any] = {"node": identity.current().node, "hostname": socket.gethostname(), "index": idx,
                            "python": platform.python_version(), "executable": sys.executable}
     # the shared-dir check first: the nodes reach it together, before the slow imports below
     rec["shared"] = shared_dir_check(out, run_id, idx, expect, wait_s)

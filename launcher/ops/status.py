@@ -7,7 +7,7 @@ Sources, asked in this order for each job id the run dir recorded (jobs.jsonl):
                    exit code, Restarts, log path;
   3. sacct -D -X   every attempt of every job, also after the controller forgot it: state, exit
                    code, elapsed, AllocTRES (GPUs), nodes;
-  4. the run dir   markers the ranks write (`write_marker`, RUN_DIR/markers/*.json) and the job's
+  4. the run dir   markers the ranks write (launcher/rundir/markers.py, RUN_DIR/markers/*.json) and the job's
                    log (RUN_DIR/logs/*-JOBID.out): what the ranks saw (out of memory, a collective
                    timeout, a hang, the exception), and the job's state when Slurm answers nothing.
 The state comes from the first source that knows the job; the reason it ended combines Slurm's
@@ -199,23 +199,8 @@ def describe(reason: str, exit_code: int | None, signal: int | None, line: str |
 
 # --------------------------------------------------------------------------- markers
 
-# The ranks' marker writer is the one place that writes RUN_DIR/markers/NAME.json (atomically, with
-# job_id, restart, rank, node, host and time from the environment); this module reads what it writes.
-# Stdlib only at import, like this module.
-from launcher.rank.resilience import markers_dir, write_marker  # noqa: E402, F401 (re-exported)
-
-
-def read_markers(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    out = []
-    d = markers_dir(run_dir)
-    for p in sorted(d.glob("*.json")) if d.is_dir() else []:
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return sorted(out, key=lambda r: r.get("time") or 0)
+# The ranks write RUN_DIR/markers/NAME.json through launcher.rundir.markers; this module reads them there.
+from launcher.rundir.markers import read_markers  # noqa: E402
 
 
 # Which marker tells most when several ranks wrote one: the cause before its echoes (a rank out of

@@ -18,21 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from launcher import identity
 from launcher.errors import UserError
 from launcher.plan.plan import Plan, make_plan
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
+from launcher.rank import checkpoint
+from launcher.rank.stop import STOP, finish_stop, stop_callback
+from launcher.rundir import markers
 
 # What each peft method's output is called (spec.MERGEABLE_METHODS: which of them `launcher merge` folds in).
 ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA (LoRA on the 4-bit base)", "dora": "DoRA", "ia3": "IA3",
                  "prefix": "prefix-tuning", "prompt": "prompt-tuning"}
 
-# Test-only: when set, rank 0 writes the weights the run ended with (gathered from all ranks under
-# ZeRO-3, trainable parameters only for LoRA/QLoRA, everything for full) to this torch file, so a
-# test can compare the saved final model with them. Not for users.
-TEST_DUMP_ENV = "LAUNCHER_TEST_DUMP_FINAL_WEIGHTS"
-# Test-only, the same for the weights training starts from, after a resumed checkpoint was loaded (a resume
-# on another number of ranks must start from the weights the checkpoint holds). Not for users.
-TEST_DUMP_START_ENV = "LAUNCHER_TEST_DUMP_START_WEIGHTS"
+# Every test-only variable (fault injection, weight dumps) starts with this. Only when one is set does the
+# rank import launcher.testing.faults, which names, reads and acts on them.
+TEST_ONLY_PREFIX = "LAUNCHER_TEST_"
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -117,10 +117,8 @@ HF_SCHEDULERS = {"linear": "linear",  # ... linear decay to 0 at max_steps
 def newest_checkpoint(checkpoints: Path) -> Path | None:
     """The newest complete checkpoint-N: launcher's completion marker, written last, is in it. A folder
     without it (cut off mid-save, even with the Trainer's trainer_state.json) is never newest
-    (resilience.is_complete)."""
-    from launcher.rank.resilience import complete_checkpoints
-
-    found = complete_checkpoints(checkpoints)
+    (checkpoint.is_complete)."""
+    found = checkpoint.complete_checkpoints(checkpoints)
     return found[-1][1] if found else None
 
 
@@ -130,11 +128,9 @@ def resume_point(spec: RunSpec) -> Path | None:
         return None
     if value == "auto":
         return newest_checkpoint(Path(spec.output.dir) / "checkpoints")
-    from launcher.rank import resilience
-
     p = Path(value).expanduser()
-    if not p.is_dir() or not resilience.is_complete(p):
-        raise UserError(f"output.resume={value!r} is not a complete checkpoint: no {resilience.COMPLETE_MARKER} in "
+    if not p.is_dir() or not checkpoint.is_complete(p):
+        raise UserError(f"output.resume={value!r} is not a complete checkpoint: no {checkpoint.COMPLETE_MARKER} in "
                         f"it (launcher writes it last, once every rank saved; without it the save may have been cut "
                         f"off). Give a checkpoint-N folder of a launcher run, 'auto' (the newest complete one in the "
                         f"run dir) or 'never'", field="output.resume")
@@ -262,7 +258,7 @@ def _unlink_shm_buffer() -> None:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         return
-    path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{_rank()}"
+    path = Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{identity.rank()}"
     try:
         path.unlink()
     except OSError:  # not created (GPU ranks, ranks on several nodes) or already gone
@@ -285,12 +281,8 @@ def _synchronize() -> None:
 
 # --------------------------------------------------------------------------- the run
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def say(msg: str) -> None:
-    if _rank() == 0:
+    if identity.rank() == 0:
         print(msg, flush=True)
 
 
@@ -314,34 +306,13 @@ def _quiet_libraries() -> None:
         pass
 
 
-def _dump_weights(model: Any, path: str) -> None:
-    """Test-only (TEST_DUMP_ENV, TEST_DUMP_START_ENV): the model's weights, gathered under ZeRO-3, to a
-    torch file on rank 0. Every rank calls it."""
-    import deepspeed
-    import torch
+def _testing() -> Any:
+    """launcher.testing.faults when a test-only variable (TEST_ONLY_PREFIX) is set, else None."""
+    if not any(k.startswith(TEST_ONLY_PREFIX) and v for k, v in os.environ.items()):
+        return None
+    from launcher.testing import faults
 
-    named = [(n, p) for n, p in model.named_parameters()]
-    peft = hasattr(model, "peft_config")
-    if peft:
-        named = [(n, p) for n, p in named if p.requires_grad]
-    out: dict[str, Any] = {}
-    for n, p in named:
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-            if _rank() == 0:
-                out[n] = p.detach().to("cpu", copy=True)
-    if _rank() == 0:
-        torch.save(out, path)
-
-
-def _start_dump_callback(path: str) -> Any:
-    """Test-only (TEST_DUMP_START_ENV): on_train_begin runs after the Trainer loaded the checkpoint."""
-    from transformers import TrainerCallback
-
-    class DumpAtStart(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-            _dump_weights(model, path)
-
-    return DumpAtStart()
+    return faults
 
 
 @dataclass(frozen=True)
@@ -368,7 +339,7 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     `callbacks`: extra transformers TrainerCallbacks (`launcher bench` measures through one); a callback
     with a `trainer` attribute is given the Trainer once it exists."""
-    from launcher.rank.records import Attempt, exit_reason
+    from launcher.rank.records import Attempt
 
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
@@ -376,15 +347,14 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
     try:
         result = _train(spec, record, callbacks)
     except BaseException as exc:
-        record.end(exit_reason(exc), message=f"{type(exc).__name__}: {exc}")
+        record.end(markers.exit_reason(exc), message=f"{type(exc).__name__}: {exc}")
         raise
-    record.end("completed" if result.final is not None else "requeue")
+    record.end(markers.COMPLETED if result.final is not None else markers.REQUEUED)
     return result
 
 
 def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainResult:
     from launcher.rundir.layout import RunDir
-    from launcher.rank import resilience
     from launcher.rank import watchdog
 
     run_dir = RunDir(Path(spec.output.dir))
@@ -400,10 +370,10 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
 
     require_prepared(spec)
     resume = resume_point(spec)
-    record.start(resume, resilience.checkpoint_step(resume) if resume is not None else None)
+    record.start(resume, checkpoint.checkpoint_step(resume) if resume is not None else None)
     # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
-    universal_note = resilience.prepare_resume(resume, ds_config) if resume is not None else None
+    universal_note = checkpoint.prepare_resume(resume, ds_config) if resume is not None else None
     run_dir.logs.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tb")
     # NCCL's async error handling: a failed or timed-out collective aborts the rank instead of hanging it.
@@ -450,8 +420,9 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
         f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}")
     say(f"data         {len(train_ds):,} training rows" + (f", {len(eval_ds):,} eval rows" if eval_ds is not None else ""))
 
-    stop = resilience.stop_callback()
-    trainer = resilience.trainer_class()(
+    testing = _testing()
+    stop = stop_callback()
+    trainer = checkpoint.trainer_class()(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -459,7 +430,8 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
         data_collator=make_collator(spec, tokenizer),
         processing_class=tokenizer,
         # the hang watchdog after the stop callback, so that it sees a save the stop asks for
-        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl"), stop,
+        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl"),
+                   *(testing.step_callbacks() if testing else []), stop,
                    watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
                                               on_fire=lambda why: record.end("hang", message=why))],
     )
@@ -472,13 +444,15 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
         if hasattr(cb, "trainer"):
             cb.trainer = trainer
     record.trainer = trainer  # the end record reads its step and logged metrics
-    if os.environ.get(TEST_DUMP_START_ENV):
-        trainer.add_callback(_start_dump_callback(os.environ[TEST_DUMP_START_ENV]))
+    if testing:
+        trainer.launcher_after_save = testing.after_save()
+        for cb in testing.start_callbacks():
+            trainer.add_callback(cb)
 
-    if _rank() == 0:
-        for note in resilience.resume_notes(run_dir.checkpoints):
+    if identity.rank() == 0:
+        for note in checkpoint.resume_notes(run_dir.checkpoints):
             print(note, flush=True)
-        resilience.prune(run_dir.checkpoints, spec.output.keep_last)  # staging folders of a cut-off save
+        checkpoint.prune(run_dir.checkpoints, spec.output.keep_last)  # staging folders of a cut-off save
     if resume is not None:
         say(f"resuming from {resume}" + (f": {universal_note}" if universal_note else ""))
     trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -486,8 +460,8 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
     if stop.stopped_at is not None:
         step = stop.stopped_at
         ckpt = run_dir.checkpoints / f"checkpoint-{step}"
-        resilience.finish_stop(run_dir.path, step, ckpt if resilience.is_complete(ckpt) else None)
-        say(f"stopped      at step {step}/{plan.max_steps} on {resilience.STOP.signal_name or 'a signal'}; "
+        finish_stop(run_dir.path, step, ckpt if checkpoint.is_complete(ckpt) else None)
+        say(f"stopped      at step {step}/{plan.max_steps} on {STOP.signal_name or 'a signal'}; "
             f"checkpoint {ckpt}; exit 3 (requeue me): the next start resumes from it")
         sys.stdout.flush()
         return TrainResult(stopped_at=step, checkpoint=ckpt)
@@ -497,9 +471,8 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
     if eval_ds is not None and not evaluated_last:
         trainer.evaluate()
 
-    dump = os.environ.get(TEST_DUMP_ENV)
-    if dump:
-        _dump_weights(trainer.model, dump)
+    if testing:
+        testing.at_end(trainer.model)
 
     # Full weights are gathered from all ranks under ZeRO-3 (stage3_gather_16bit_weights_on_model_save);
     # for a PeftModel only the adapter is written.

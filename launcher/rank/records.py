@@ -16,7 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import UserError
+from launcher import identity
+from launcher.rundir import manifest as manifest_file
+from launcher.rundir import markers
+from launcher.rundir.layout import RunDir
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -40,38 +43,6 @@ def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
             out["eval_loss"], out["eval_step"] = loss, rec.get("step")
             out["perplexity"] = math.exp(loss) if loss < 50 else float("inf")
     return out
-
-
-def tokens_in_model(attempts: list[dict[str, Any]]) -> int:
-    """Tokens the final weights were trained on, over the chain of attempts that led to them: walking back
-    from the last attempt, each earlier one counts only up to the step the next resumed from (steps after
-    its last checkpoint were redone). An attempt with no recorded end (killed) is taken to have reached
-    the next one's start. Each attempt counts at its own tokens per step (the world size may change)."""
-    total, cursor = 0, None
-    for a in reversed(attempts):
-        start = int(a.get("start_step") or 0)
-        end = a.get("end_step")
-        end = cursor if end is None else (int(end) if cursor is None else min(int(end), cursor))
-        if end is None or (cursor is not None and start >= cursor):
-            continue
-        total += max(0, end - start) * int(a.get("tokens_per_step") or 0)
-        cursor = start
-    return total
-
-
-def exit_reason(exc: BaseException) -> str:
-    """The word jobs/status and the markers use for how a rank ended."""
-    from launcher.rank import resilience
-
-    if isinstance(exc, UserError):
-        return "bad_input"
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        return "interrupted"
-    if resilience._is_oom(exc):
-        return "oom"
-    if resilience._is_collective_failure(exc):
-        return "collective_timeout"
-    return "failed"
 
 
 # --------------------------------------------------------------------------- what this node has
@@ -104,9 +75,8 @@ def environment(device: str) -> dict[str, Any]:
     installed), CUDA runtime, NCCL and driver on GPU nodes."""
     import torch
 
-    from launcher.rundir.layout import package_versions
-
-    env: dict[str, Any] = {"python": sys.version.split()[0], "packages": package_versions(), "device": device}
+    env: dict[str, Any] = {"python": sys.version.split()[0], "packages": manifest_file.package_versions(),
+                           "device": device}
     if device == "cuda" and torch.cuda.is_available():
         try:
             nccl = torch.cuda.nccl.version()
@@ -129,9 +99,8 @@ def gather_devices(device: str) -> list[dict[str, Any]]:
     """Every rank's node and device, grouped: [{"node", "device", "ranks"}]. A collective: all ranks call it."""
     import torch.distributed as dist
 
-    from launcher.rank.resilience import node_name, rank
-
-    mine = (rank(), node_name(), local_device_name(device))
+    who = identity.current()
+    mine = (who.rank, who.node, local_device_name(device))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
@@ -151,11 +120,10 @@ class Attempt:
     `end` when it completes, stops on a signal or fails. Writing never fails the run."""
 
     def __init__(self, run_dir: Path, *, tokens_per_step: int, world_size: int, max_steps: int, device: str):
-        from launcher.rank.resilience import attempt, job_key, rank
-
+        who = identity.current()
         self.run_dir = Path(run_dir)
-        self.key = (job_key(), attempt())
-        self.writer = rank() == 0
+        self.key = (who.job_key, who.attempt)
+        self.writer = who.rank == 0
         self.tokens_per_step, self.world_size, self.max_steps, self.device = tokens_per_step, world_size, max_steps, device
         self.start_step = 0
         self.trainer: Any = None  # set once built: the end record reads its state
@@ -164,24 +132,23 @@ class Attempt:
     def _write(self, **fields: Any) -> None:
         if not self.writer:
             return
-        from launcher.rundir.layout import record_attempt
-
         try:
-            record_attempt(self.run_dir, *self.key, **fields)
+            manifest_file.record_attempt(self.run_dir, *self.key, **fields)
         except (OSError, ValueError) as exc:  # the run matters more than its record
-            print(f"launcher: could not update {self.run_dir / 'manifest.json'}: {exc}", file=sys.stderr, flush=True)
+            self._could_not_update(exc)
+
+    def _could_not_update(self, exc: Exception) -> None:
+        print(f"launcher: could not update {RunDir(self.run_dir).manifest_path}: {exc}", file=sys.stderr, flush=True)
 
     def start(self, resume: Path | None, resume_step: int | None) -> None:
         self.start_step = resume_step or 0
         if not self.writer:
             return
-        from launcher.rank.resilience import node_name
-
         try:
             env = environment(self.device)
         except Exception as exc:  # the run matters more than its record
             env = {"error": f"{type(exc).__name__}: {exc}"}
-        self._write(start=time.time(), end=None, exit_reason=None, host=node_name(), **slurm_fields(),
+        self._write(start=time.time(), end=None, exit_reason=None, host=identity.current().node, **slurm_fields(),
                     world_size=self.world_size, tokens_per_step=self.tokens_per_step, max_steps=self.max_steps,
                     resumed_from=str(resume) if resume is not None else None, start_step=self.start_step,
                     environment=env)
@@ -205,20 +172,15 @@ class Attempt:
         if message:
             fields["message"] = message[:2000]
         self._write(**fields)
-        if reason == "completed" and self.writer:
+        if reason == markers.COMPLETED and self.writer:
             self._final(step, metrics)
 
     def _final(self, step: int | None, metrics: dict[str, Any]) -> None:
-        import json
-
-        from launcher.rundir.layout import update_manifest
-
         try:
-            manifest = json.loads((self.run_dir / "manifest.json").read_text())
-            attempts = manifest.get("attempts") or []
-            final = {"steps": step, "tokens": tokens_in_model(attempts), "attempts": len(attempts),
+            attempts = manifest_file.attempt_entries(manifest_file.read_manifest(self.run_dir))
+            final = {"steps": step, "tokens": manifest_file.tokens_in_model(attempts), "attempts": len(attempts),
                      "started": min((a["start"] for a in attempts if a.get("start")), default=None),
                      "ended": time.time(), **{k: metrics[k] for k in ("loss", "eval_loss", "perplexity") if k in metrics}}
-            update_manifest(self.run_dir, final=final)
+            manifest_file.update_manifest(self.run_dir, final=final)
         except (OSError, ValueError) as exc:
-            print(f"launcher: could not update {self.run_dir / 'manifest.json'}: {exc}", file=sys.stderr, flush=True)
+            self._could_not_update(exc)

@@ -37,7 +37,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from launcher import identity
 from launcher.errors import EXIT_HANG
+from launcher.rank.entry import mark_exit
+from launcher.rundir import markers
 
 FIRST_STEP_FACTOR = 3  # the first step: compilation, autotuning, first collectives
 SAVE_FACTOR = 3  # a checkpoint save after the step
@@ -134,26 +137,25 @@ class Watchdog:
 
     def fire(self) -> None:
         """Write the line and every thread's stack to stderr, the exit marker, then exit 4."""
-        from launcher.rank import resilience
-
         faulthandler.cancel_dump_traceback_later()  # this report, marker and record take over (may be slow)
         with self._lock:
             idle = time.monotonic() - self._last
             step = self.step
             collective = self._collective
+        who = identity.current()
         where = f"last step {step}" if step is not None else "no step finished yet"
         if collective:
             where += f"; waiting in {collective}: another rank may be the one stuck"
-        head = (f"launcher: rank {resilience.rank()} on {resilience.node_name()} made no progress for {idle:.0f} s "
+        head = (f"launcher: rank {who.rank} on {who.node} made no progress for {idle:.0f} s "
                 f"({where}); stacks of every thread follow")
-        tail = (f"launcher: rank {resilience.rank()}: the watchdog ends this rank with exit {EXIT_HANG} "
+        tail = (f"launcher: rank {who.rank}: the watchdog ends this rank with exit {EXIT_HANG} "
                 f"(cluster.hang_timeout_s={self.timeout_s:g})")
         _flush_quietly()
         _write_stderr(f"{head}\n{_stacks()}{tail}\n")
-        why = (f"rank {resilience.rank()} on {resilience.node_name()} made no progress for {idle:.0f} s ({where}, "
+        why = (f"rank {who.rank} on {who.node} made no progress for {idle:.0f} s ({where}, "
                f"cluster.hang_timeout_s={self.timeout_s:g}); the watchdog wrote every thread's stack to the log")
         if self.out_dir is not None:
-            resilience.mark_exit(self.out_dir, "hang", EXIT_HANG, why, step=step, watchdog=True)
+            mark_exit(self.out_dir, markers.HANG, EXIT_HANG, why, step=step, watchdog=True)
         if self.on_fire is not None:
             try:
                 self.on_fire(why)

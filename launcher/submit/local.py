@@ -186,14 +186,15 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    from launcher.rank import resilience
+    from launcher.rundir import markers
 
-    if code not in (0, EXIT_REQUEUE) and (resilience.markers_dir(rd.path) / f"requeue-{job}-a0.json").is_file():
+    requeue = markers.marker_name(markers.REQUEUE, job, 0)
+    if code not in (0, EXIT_REQUEUE) and markers.read_marker(rd.path, requeue) is not None:
         # every rank passed the barrier after the stop checkpoint and its marker: a rank that then died in
         # its own teardown (a late signal) changes nothing
         code = EXIT_REQUEUE
-    hung = [p for p in resilience.markers_dir(rd.path).glob(f"exit-{job}-a0-rank*.json")
-            if (resilience.read_marker(rd.path, p.stem) or {}).get("exit_code") == EXIT_HANG]
+    hung = [r for r, rec in markers.rank_markers(rd.path, markers.EXIT, job, 0).items()
+            if rec.get("exit_code") == EXIT_HANG]
     if (hung or backstop) and code not in _KNOWN_EXITS | {0}:
         code = EXIT_HANG  # a rank's watchdog fired; the others' failed collectives (exit 1) are its echo
     rd.record_job(job, "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
@@ -208,15 +209,14 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
 def _failure_note(rd: RunDir, job: str, backstop: bool = False) -> str:
     """Which rank failed and where, from the markers the ranks wrote (a rank that wrote none was killed, or
     ended by its watchdog's backstop when `backstop`: the log has its dump)."""
-    from launcher.rank import resilience
+    from launcher.rundir import markers
 
     lines = []
-    for s in resilience.silent_ranks(rd.path, job, 0):
+    for s in markers.silent_ranks(rd.path, job, 0):
         lines.append(f"launcher: rank {s['rank']} on {s['node']} ended without an exit record: " +
                      ("its watchdog's backstop ended a hang in code holding the GIL (\"Timeout (...)!\" and every "
                       "thread's stack in the log)" if backstop else "killed (SIGKILL, the out-of-memory killer) or its node failed"))
-    for p in sorted(resilience.markers_dir(rd.path).glob(f"exit-{job}-a0-rank*.json")):
-        rec = resilience.read_marker(rd.path, p.name[:-5]) or {}
+    for rec in markers.rank_markers(rd.path, markers.EXIT, job, 0).values():
         if rec.get("exit_code") not in (0, EXIT_REQUEUE, None):
             lines.append(f"launcher: rank {rec.get('rank')} on {rec.get('node')}: {rec.get('reason')}: {rec.get('message')}")
     return "\n".join(lines)
@@ -236,7 +236,7 @@ def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = Tru
         print(f"run dir      {rd.path}", flush=True)
     code = run_ranks(rd, plan, echo=echo, quiet=quiet)
     if code == EXIT_REQUEUE:
-        from launcher.rank.resilience import complete_checkpoints
+        from launcher.rank.checkpoint import complete_checkpoints
 
         done = complete_checkpoints(rd.checkpoints)
         where = f"{done[-1][1]} (step {done[-1][0]})" if done else "the newest checkpoint"

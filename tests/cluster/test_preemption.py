@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rank.loop import TEST_DUMP_ENV
+from launcher.testing.faults import TEST_DUMP_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS = 10

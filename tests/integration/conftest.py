@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from launcher.rank.loop import TEST_DUMP_ENV, TEST_DUMP_START_ENV
-from launcher.rank.resilience import FAULT_ENV
+from launcher.testing.faults import FAULT_ENV, TEST_DUMP_ENV, TEST_DUMP_START_ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 TEST_ONLY_ENV = (TEST_DUMP_ENV, TEST_DUMP_START_ENV, FAULT_ENV)

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rank.loop import TEST_DUMP_ENV, TEST_DUMP_START_ENV, parse_step_lines
-from launcher.rank.resilience import COMPLETE_MARKER
+from launcher.rank.checkpoint import COMPLETE_MARKER
+from launcher.rank.loop import parse_step_lines
+from launcher.testing.faults import TEST_DUMP_ENV, TEST_DUMP_START_ENV
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -264,7 +265,7 @@ def test_out_of_memory_on_a_rank_exits_5_and_is_recorded(tmp_path, env, launcher
 # --------------------------------------------------------------------------- checkpoint bookkeeping (no ranks)
 
 def test_only_complete_checkpoints_count_and_keep_last_prunes_the_rest(tmp_path):
-    from launcher.rank.resilience import complete_checkpoints, incomplete_checkpoints, prune
+    from launcher.rank.checkpoint import complete_checkpoints, incomplete_checkpoints, prune
 
     for step, complete in ((2, True), (4, True), (6, True), (8, False)):
         d = tmp_path / f"checkpoint-{step}"
@@ -281,22 +282,22 @@ def test_only_complete_checkpoints_count_and_keep_last_prunes_the_rest(tmp_path)
 def test_free_disk_is_checked_against_the_checkpoint_size(tmp_path, monkeypatch):
     import shutil as sh
 
-    from launcher.rank import resilience
+    from launcher.rank import checkpoint
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / "checkpoint-2" / COMPLETE_MARKER).write_text("{}")
     (tmp_path / "checkpoint-2" / "weights").write_bytes(b"x" * 10_000)
-    need = resilience.estimate_checkpoint_bytes(None, tmp_path)  # the newest complete one's size
+    need = checkpoint.estimate_checkpoint_bytes(None, tmp_path)  # the newest complete one's size
     assert need >= 10_000
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 5000, 5000))
-    msg = resilience.disk_shortfall(need, tmp_path)
+    msg = checkpoint.disk_shortfall(need, tmp_path)
     assert msg and "MiB free" in msg and "keep_last" in msg
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 0, 10**9))
-    assert resilience.disk_shortfall(need, tmp_path) is None
+    assert checkpoint.disk_shortfall(need, tmp_path) is None
 
 
 def test_fault_spec_parses_and_refuses_unknown_kinds():
-    from launcher.rank.resilience import Fault, parse_faults
+    from launcher.testing.faults import Fault, parse_faults
 
     assert parse_faults("kill:rank=1:step=3,oom:step=2:attempt=1") == [Fault("kill", 1, 3), Fault("oom", 0, 2, 1)]
     with pytest.raises(ValueError, match="unknown fault"):

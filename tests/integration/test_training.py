@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rank.loop import TEST_DUMP_ENV, parse_step_lines
+from launcher.rank.loop import parse_step_lines
+from launcher.testing.faults import TEST_DUMP_ENV
 
 pytestmark = pytest.mark.integration
 

@@ -18,6 +18,7 @@ from launcher.ops import logs
 from launcher.ops import slurmtools as st
 from launcher.ops import status
 from launcher.ops.status import Sources
+from launcher.rundir import markers
 from launcher.config.profiles import Partition, Profile
 
 # --------------------------------------------------------------------------- recorded tool output
@@ -238,14 +239,14 @@ def test_markers_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
-    status.write_marker(tmp_path, "exit-77-rank3", reason="oom", exit_code=5, message="CUDA out of memory")
-    status.write_marker(tmp_path, "exit-77-rank0", reason="completed")
-    [m1, m0] = status.read_markers(tmp_path)
+    markers.write_marker(tmp_path, "exit-77-rank3", reason="oom", exit_code=5, message="CUDA out of memory")
+    markers.write_marker(tmp_path, "exit-77-rank0", reason="completed")
+    [m1, m0] = markers.read_markers(tmp_path)
     assert (m1["job_id"], m1["restart"], m1["rank"], m1["exit_code"]) == ("77", 1, 3, 5)
     assert status.marker_for([m1, m0], "77")["reason"] == "oom"  # a failure wins over 'completed'
     assert status.marker_for([m1, m0], "77", restart=0) is None
     with pytest.raises(ValueError):
-        status.write_marker(tmp_path, "../escape", reason="oom")
+        markers.write_marker(tmp_path, "../escape", reason="oom")
 
 
 # --------------------------------------------------------------------------- status of a run dir
@@ -299,7 +300,7 @@ def test_status_reads_markers_and_array_tasks(tmp_path, monkeypatch):
     status_rd(run_dir).record_job("70", "train", array_tasks=2)
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
-    status.write_marker(run_dir, "exit-70_1-rank0", reason="collective_timeout", message="gloo timed out")
+    markers.write_marker(run_dir, "exit-70_1-rank0", reason="collective_timeout", message="gloo timed out")
     fields = ("JobID", "State", "ExitCode", "ElapsedRaw", "AllocTRES", "NNodes", "Submit")
     rows = st.parse_delimited("70_1|FAILED|1:0|30|cpu=1,node=1|1|2026-01-01T00:00:00\n"
                               "70_0|COMPLETED|0:0|40|cpu=1,node=1|1|2026-01-01T00:00:00\n", fields)

@@ -70,12 +70,12 @@ def test_runs_lists_run_dirs_with_key_numbers(cli, tmp_path):
     assert "alpha" in table and "2.5000" in table
 
 
-# --------------------------------------------------------------------------- what the ranks add (issue 7)
+# --------------------------------------------------------------------------- what the ranks add
 
 def test_each_attempt_is_appended_never_overwritten(tmp_path):
-    from launcher.rundir.layout import record_attempt
+    from launcher.rundir.manifest import record_attempt, update_manifest
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"name": "r", "plan": {"world_size": 1}}))
+    update_manifest(tmp_path, name="r", plan={"world_size": 1})
     record_attempt(tmp_path, "77", 0, start=1.0, nodes="node[1-2]", slurm_job_id="77")
     record_attempt(tmp_path, "77", 0, end=2.0, exit_reason="requeue", end_step=4)
     record_attempt(tmp_path, "77", 1, start=3.0, start_step=4)  # the requeued job: same id, next attempt
@@ -88,7 +88,7 @@ def test_each_attempt_is_appended_never_overwritten(tmp_path):
 
 
 def test_tokens_in_the_final_model_count_only_the_steps_it_kept():
-    from launcher.rank.records import tokens_in_model
+    from launcher.rundir.manifest import tokens_in_model
 
     # 1 rank to step 6 (checkpoint at 4, killed: no end), 2 ranks from 4 to 7 (stopped, checkpoint at 7),
     # a bad-input attempt that never trained, then 2 ranks from 7 to 10
@@ -106,7 +106,7 @@ def test_tokens_in_the_final_model_count_only_the_steps_it_kept():
 def test_last_metrics_and_slurm_fields():
     import math
 
-    from launcher.rank.records import exit_reason, last_metrics, slurm_fields
+    from launcher.rank.records import last_metrics, slurm_fields
 
     hist = [{"loss": 3.0, "step": 1}, {"eval_loss": 2.5, "step": 2}, {"loss": 2.0, "step": 2}, {"train_runtime": 9}]
     m = last_metrics(hist)
@@ -115,20 +115,15 @@ def test_last_metrics_and_slurm_fields():
     assert slurm_fields({"SLURM_JOB_ID": "12", "SLURM_JOB_NODELIST": "gpu[01-02]"}) == {
         "slurm_job_id": "12", "slurm_array_task_id": None, "nodes": "gpu[01-02]"}
     assert slurm_fields({}) == {"slurm_job_id": None, "slurm_array_task_id": None, "nodes": None}
-    from launcher.errors import UserError
-
-    assert exit_reason(UserError("x")) == "bad_input" and exit_reason(MemoryError()) == "oom"
-    assert exit_reason(ValueError("x")) == "failed"
 
 
 def test_runs_prefers_the_manifest_final_numbers(cli, tmp_path):
     root = tmp_path / "runs"
+    from launcher.rundir.manifest import record_attempt, update_manifest
+
     cli("slurm", "--name", "done", "--out", str(root / "a"), check=True)
-    m = json.loads((root / "a" / "manifest.json").read_text())
-    m["attempts"] = [{"job_id": "5", "attempt": 0, "start_step": 0, "end_step": 100, "tokens_per_step": 4096,
-                      "exit_reason": "completed"}]
-    m["final"] = {"steps": 100, "loss": 1.25, "tokens": 409_600, "eval_loss": 1.5}
-    (root / "a" / "manifest.json").write_text(json.dumps(m))
+    record_attempt(root / "a", "5", 0, start_step=0, end_step=100, tokens_per_step=4096, exit_reason="completed")
+    update_manifest(root / "a", final={"steps": 100, "loss": 1.25, "tokens": 409_600, "eval_loss": 1.5})
     (root / "a" / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 9.0}) + "\n")
     [row] = [json.loads(x) for x in cli("runs", str(root), "--json", check=True).stdout.splitlines()]
     assert (row["step"], row["loss"], row["tokens"], row["eval_loss"]) == (100, 1.25, 409_600, 1.5)

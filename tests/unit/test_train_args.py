@@ -198,7 +198,7 @@ def test_world_size_check(tmp_path):
 
 
 def test_newest_complete_checkpoint(tmp_path):
-    from launcher.rank.resilience import COMPLETE_MARKER
+    from launcher.rank.checkpoint import COMPLETE_MARKER
 
     assert newest_checkpoint(tmp_path / "none") is None
     for n, complete in ((5, True), (20, True), (100, False), (9, True)):
@@ -214,7 +214,7 @@ def test_newest_complete_checkpoint(tmp_path):
 def test_trainer_state_without_the_completion_marker_is_not_a_complete_checkpoint(tmp_path):
     """rank 0 writes trainer_state.json while other ranks may still write their shards: only the marker,
     written last after a barrier, makes a checkpoint complete, for auto resume and for an explicit path."""
-    from launcher.rank.resilience import COMPLETE_MARKER, incomplete_checkpoints, is_complete, prune
+    from launcher.rank.checkpoint import COMPLETE_MARKER, incomplete_checkpoints, is_complete, prune
 
     cps = tmp_path / "run" / "checkpoints"
     good, cut = cps / "checkpoint-2", cps / "checkpoint-4"

@@ -1,0 +1,82 @@
+"""The rank's run wrapper: its start and exit markers, its exit code (README "Exit codes") and how it
+leaves. `launcher train` and the bench rank run their training through it.
+
+Torch is imported inside the functions; the rest is stdlib.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from launcher import identity
+from launcher.errors import EXIT_FAILED, EXIT_OOM, UserError
+from launcher.rank.stop import install_signal_handlers, tell
+from launcher.rundir import markers
+
+
+def run_rank(run_dir: Path, body: Callable[[], Any]) -> Any:
+    """Run this rank's training with its markers and exit codes:
+    start marker; body(); exit marker. Out of memory -> exit 5; a failed collective (a rank died or
+    hung, the timeout passed) -> exit 1 with one line naming this rank and node; bad input -> 2
+    (raised on); anything else is a bug (raised on, traceback, exit 1)."""
+    install_signal_handlers()
+    os.environ["LAUNCHER_OUT_DIR"] = str(run_dir)
+    try:
+        markers.write_own(run_dir, markers.START)
+    except OSError:
+        pass
+    try:
+        return body()
+    except BaseException as exc:
+        reason = markers.exit_reason(exc)
+        if reason == markers.INTERRUPTED:
+            raise
+        who = identity.current()
+        if reason == markers.OOM:
+            msg = f"rank {who.rank} on {who.node}: out of memory: {exc}"
+            mark_exit(run_dir, reason, EXIT_OOM, msg)
+            _hard_exit(EXIT_OOM, f"error: {msg}. Lower optim.micro_batch or --seq-len, turn on --grad-ckpt, "
+                                 f"or use a higher ZeRO stage / offload")
+        if reason == markers.COLLECTIVE_TIMEOUT:
+            timeout = os.environ.get("LAUNCHER_COLLECTIVE_TIMEOUT_S", "?")
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = (f"rank {who.rank} on {who.node}: a collective failed (collective timeout {timeout} s): "
+                   f"another rank died or hung: {type(exc).__name__}: {first}")
+            mark_exit(run_dir, reason, EXIT_FAILED, msg)
+            _hard_exit(EXIT_FAILED, f"error: {msg}")
+        mark_exit(run_dir, reason, markers.EXIT_CODES[reason], str(exc) if isinstance(exc, UserError)
+                  else f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def mark_exit(run_dir: Path, reason: str, code: int, message: str = "", **extra: Any) -> None:
+    """This rank's exit marker (a marker that cannot be written never fails the exit)."""
+    try:
+        markers.write_own(run_dir, markers.EXIT, reason=reason, exit_code=code, message=message[:2000], **extra)
+    except OSError:
+        pass
+
+
+def leave_process_group() -> None:
+    """For a rank's entry point once training returned on every rank (done, or stopped at the same step):
+    leave the process group before the interpreter exits. Left to the exit, gloo's worker threads can
+    outlive it and abort the rank (SIGABRT, "terminate called without an active exception") after a run
+    that finished. Not after a failure: another rank may still be inside a collective, and destroying
+    the group there can block."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _hard_exit(code: int, message: str) -> None:
+    """Exit now: after a failed collective the process group's threads can block a normal shutdown."""
+    tell(message)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
