@@ -196,3 +196,34 @@ def test_bad_record_past_the_sample_fails_prepare_cleanly(tmp_path, tok):
     with pytest.raises(UserError, match="data row 151"):
         build.prepare(s, tok)
     assert not any((tmp_path / "cache").iterdir())
+
+
+def test_the_pad_token_the_shared_loader_adds_changes_no_cached_token(tmp_path):
+    """Data preparation and training load the tokenizer through model/load.py, which gives a tokenizer
+    without a pad token its EOS as pad. The tokens prepared with it equal those of the tokenizer as
+    saved, so cache entries made before that loader was shared stay valid."""
+    from transformers import AutoTokenizer
+
+    nopad = tmp_path / "nopad"
+    shutil.copytree(assets.tiny_dir(), nopad)
+    config = json.loads((nopad / "tokenizer_config.json").read_text())
+    del config["pad_token"]
+    (nopad / "tokenizer_config.json").write_text(json.dumps(config))
+    as_saved = AutoTokenizer.from_pretrained(str(nopad))
+    shared = load_tokenizer_from(nopad)
+    assert as_saved.pad_token is None and shared.pad_token == shared.eos_token
+    docs = jsonl(tmp_path / "d.jsonl", [{"text": f"Document {i} is about the number {i * 7}."} for i in range(30)])
+    chat = jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"Double {i}."},
+                                                         {"role": "assistant", "content": str(2 * i)}]}
+                                           for i in range(20)])
+    for task, path, extra in (("pretrain", docs, {}), ("sft", chat, {}), ("sft", chat, {"packing": True})):
+        rows = []
+        for tok in (as_saved, shared):
+            s = spec(tmp_path / tok.__class__.__name__ / str(id(tok)), task, path=path, seq_len=32, **extra)
+            build.prepare(s, tok)
+            ds = build.load_prepared(s, tok)
+            rows.append({k: ds[k] for k in ds.column_names})
+        assert rows[0] == rows[1] and rows[0]["input_ids"], (task, extra)
+    batch = make_collator(spec(tmp_path, "sft", path=chat, seq_len=32), shared)
+    padded = batch([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert padded["input_ids"][1].tolist() == [8, shared.eos_token_id, shared.eos_token_id]
