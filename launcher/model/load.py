@@ -18,6 +18,7 @@ from typing import Any
 from launcher import assets
 from launcher.errors import UserError
 from launcher.config.spec import PEFT_METHODS, RunSpec
+from launcher.plan.params import freeze_selection
 
 ATTN_IMPL = {"flash2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
 TINY = "tiny"
@@ -225,12 +226,10 @@ def peft_config(spec: RunSpec) -> Any:
 
 def apply_freeze(spec: RunSpec, model: Any) -> int:
     """method freeze: only the parameters method.freeze names (and the top N layers) train. Returns
-    how many parameters train. Names are matched as estimate.freeze_selection does for the plan."""
-    from launcher.plan import estimate
-
+    how many parameters train. Names are matched by params.freeze_selection, as the plan counts them."""
     named = list(model.named_parameters(remove_duplicate=False))  # tied lm_head.weight is listed too
     layers = int(model.config.num_hidden_layers)
-    chosen = estimate.freeze_selection([n for n, _ in named], spec.method.freeze, layers)
+    chosen = freeze_selection([n for n, _ in named], spec.method.freeze, layers)
     trainable = {id(p) for n, p in named if n in chosen}
     for _, p in named:
         p.requires_grad_(id(p) in trainable)

@@ -25,10 +25,8 @@ from typing import Any
 
 from launcher.ops import slurmtools as st
 from launcher.ops.slurmtools import Attempt
-
-# Profile gpu_type -> the estimator's device table.
-GPU_DEVICES = {"h100": "H100-80GB", "h200": "H200", "a100": "A100-80GB", "a100-80gb": "A100-80GB",
-               "a100-40gb": "A100-40GB", "l40s": "L40S", "a10g": "A10G", "l4": "L4"}
+from launcher.plan import hardware
+from launcher.plan.price import usd_per_mtok
 
 
 @dataclass
@@ -170,9 +168,9 @@ def estimate_for(run_dir: Path, prices: Prices) -> dict[str, Any]:
     c = spec.cluster
     if c.gpus_per_node == 0:
         return {"usd_per_mtok": None, "note": "CPU run: the estimator models GPU step time only"}
-    gpu_type = prices.gpu_types.get(c.partition or "", "")
-    device = GPU_DEVICES.get(gpu_type.lower(), "H100-80GB")
-    note = None if gpu_type.lower() in GPU_DEVICES else "device assumed H100-80GB"
+    known = hardware.find(prices.gpu_types.get(c.partition or ""))
+    device = known.key if known is not None else "H100-80GB"
+    note = None if known is not None else "device assumed H100-80GB"
     rate = prices.rate(c.partition or "").usd_per_gpu_hour
     if rate is None:
         return {"usd_per_mtok": None, "device": device, "note": "no GPU-hour price in the profile/spec"}
@@ -221,7 +219,7 @@ def run_cost(run_dir: str | os.PathLike, clusters_file: str | None = None,
     missing = [j for j in kinds if j not in attempts and not any(status._base(k) == j for k in attempts)]
     tokens = tokens_trained(rd.path)
     usd = usd_total if unpriced < len(rows) or not rows else None
-    paid = usd / tokens["tokens"] * 1e6 if tokens["tokens"] and usd is not None else None
+    paid = usd_per_mtok(usd, tokens["tokens"])
     est = estimate_for(rd.path, prices)
     error = None
     if paid and est.get("usd_per_mtok"):

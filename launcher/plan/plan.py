@@ -1,4 +1,5 @@
-"""Derived numbers, computed once: world size, batch arithmetic, tokens per step.
+"""Derived numbers, computed once: world size, batch arithmetic, tokens per step, trainable
+parameters and the ZeRO bucket sizes.
 
 Everything downstream (DeepSpeed JSON, training arguments, Slurm script, estimates) reads these
 numbers from the Plan; none recomputes them.
@@ -8,10 +9,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.plan import modelinfo
+from launcher.config.spec import RunSpec, ZeroSpec
 from launcher.errors import SpecError, UserError
+from launcher.plan import modelinfo
 from launcher.plan.modelinfo import ModelInfo
-from launcher.config.spec import RunSpec
+from launcher.plan.params import count_params
+
+# DeepSpeed's own defaults, used when the model's hidden size is unknown (presets, hub ids).
+DEFAULT_BUCKET = 500_000_000
+DEFAULT_PREFETCH = 50_000_000
+DEFAULT_PERSISTENCE = 100_000
+
+
+@dataclass(frozen=True)
+class ZeroBuckets:
+    """Element counts of ZeRO's communication buffers, as the DeepSpeed config carries them."""
+
+    reduce: int
+    """reduce_bucket_size (every stage above 0)."""
+    allgather: int
+    """allgather_bucket_size (stages 1 and 2)."""
+    prefetch: int
+    """stage3_prefetch_bucket_size."""
+    persistence: int
+    """stage3_param_persistence_threshold."""
+
+
+def zero_buckets(z: ZeroSpec, hidden: int | None) -> ZeroBuckets:
+    """The spec's sizes where it sets them, else scaled as transformers' DeepSpeed integration scales
+    them (buckets ~ hidden^2, prefetch 0.9 x hidden^2, persistence 10 x hidden), else DeepSpeed's
+    defaults when the hidden size is unknown."""
+    bucket = z.reduce_bucket_size or (hidden * hidden if hidden else DEFAULT_BUCKET)
+    prefetch = z.stage3_prefetch_bucket_size
+    persist = z.stage3_param_persistence_threshold
+    return ZeroBuckets(
+        reduce=bucket,
+        allgather=z.allgather_bucket_size or bucket,
+        prefetch=prefetch if prefetch is not None else (int(0.9 * hidden * hidden) if hidden else DEFAULT_PREFETCH),
+        persistence=persist if persist is not None else (10 * hidden if hidden else DEFAULT_PERSISTENCE),
+    )
 
 
 @dataclass(frozen=True)
@@ -26,6 +62,7 @@ class Plan:
     seq_len: int
     max_steps: int
     model: ModelInfo | None
+    zero_buckets: ZeroBuckets
     method: str = "full"
     trainable_params: int | None = None  # what method trains, counted from config.json (None: not counted)
 
@@ -116,20 +153,19 @@ def make_plan(spec: RunSpec) -> Plan:
         seq_len=seq,
         max_steps=o.max_steps,
         model=model,
+        zero_buckets=zero_buckets(spec.zero, model.hidden_size if model is not None else None),
         method=spec.method.name,
         trainable_params=_trainable(model, spec),
     )
 
 
 def _trainable(model: ModelInfo | None, spec: RunSpec) -> int | None:
-    """The trainable-parameter count of spec.method (estimate.count_params, the numbers peft itself
+    """The trainable-parameter count of spec.method (params.count_params, the numbers peft itself
     reports); None where config.json alone cannot tell (another architecture, unknown target modules:
     pre-flight says why)."""
-    from launcher.plan import estimate  # estimate imports this module
-
     if model is None or not model.counted:
         return None
     try:
-        return estimate.count_params(model, spec).trainable
+        return count_params(model, spec).trainable
     except UserError:
         return None

@@ -1,21 +1,19 @@
-"""RunSpec + Plan -> DeepSpeed config dict. Pure: the same inputs give the same dict.
+"""RunSpec + Plan -> DeepSpeed config dict. Pure: the same inputs give the same dict, and every
+derived number (batch, buckets) is copied from the Plan, none computed here.
 
 Every number is explicit (no "auto"), so the file works with the plain `deepspeed` CLI as well as
-with transformers' Trainer, and the batch numbers come from the Plan only. The LR schedule is not in
-it: it belongs to the training arguments (transformers' scheduler, see train/loop.py).
+with transformers' Trainer. The LR schedule is not in it: it belongs to the training arguments
+(transformers' scheduler, see rank/loop.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from launcher.plan.plan import Plan
-from launcher.config.spec import RunSpec, deep_merge
+from launcher.config.resolve import deep_merge
+from launcher.config.spec import RunSpec
+from launcher.plan.plan import Plan, ZeroBuckets, zero_buckets
 
-# DeepSpeed's own defaults, used when the model's hidden size is unknown (presets, hub ids).
-_DEFAULT_BUCKET = 500_000_000
-_DEFAULT_PREFETCH = 50_000_000
-_DEFAULT_PERSISTENCE = 100_000
 _DTYPE_NAMES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 
 
@@ -30,35 +28,28 @@ def _offload(device: str, nvme_path: str | None, *, optimizer: bool) -> dict[str
     return cfg
 
 
-def zero_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
+def zero_section(spec: RunSpec, buckets: ZeroBuckets) -> dict[str, Any]:
     z = spec.zero
-    hidden = plan.model.hidden_size if plan is not None and plan.model is not None else None
-    # Scaled as transformers' DeepSpeed integration scales them: buckets ~ hidden^2.
-    bucket = z.reduce_bucket_size or (hidden * hidden if hidden else _DEFAULT_BUCKET)
     cfg: dict[str, Any] = {"stage": z.stage}
     if z.stage == 0:
         return cfg
     cfg.update(
         overlap_comm=z.overlap_comm,
         contiguous_gradients=z.contiguous_gradients,
-        reduce_bucket_size=bucket,
+        reduce_bucket_size=buckets.reduce,
         reduce_scatter=True,
     )
     if z.stage in (1, 2):
         cfg["allgather_partitions"] = True
-        cfg["allgather_bucket_size"] = z.allgather_bucket_size or bucket
+        cfg["allgather_bucket_size"] = buckets.allgather
     if z.offload_optimizer != "none":
         cfg["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path, optimizer=True)
     if z.stage == 3:
         if z.offload_param != "none":
             cfg["offload_param"] = _offload(z.offload_param, z.nvme_path, optimizer=False)
-        prefetch = z.stage3_prefetch_bucket_size
-        persist = z.stage3_param_persistence_threshold
         cfg.update(
-            stage3_prefetch_bucket_size=prefetch if prefetch is not None else
-            (int(0.9 * hidden * hidden) if hidden else _DEFAULT_PREFETCH),
-            stage3_param_persistence_threshold=persist if persist is not None else
-            (10 * hidden if hidden else _DEFAULT_PERSISTENCE),
+            stage3_prefetch_bucket_size=buckets.prefetch,
+            stage3_param_persistence_threshold=buckets.persistence,
             stage3_max_live_parameters=z.stage3_max_live_parameters,
             stage3_max_reuse_distance=z.stage3_max_reuse_distance,
             stage3_gather_16bit_weights_on_model_save=z.gather_16bit_weights_on_save,
@@ -101,9 +92,11 @@ def render(spec: RunSpec, plan: Plan | None, *, preset: bool = False) -> dict[st
     cfg["gradient_accumulation_steps"] = accum
     cfg["gradient_clipping"] = spec.optim.grad_clip
     cfg.update(precision_sections(spec))
-    cfg["zero_optimization"] = zero_section(spec, None if preset else plan)
+    # A preset has no model: the buckets the plan gives an unknown hidden size (DeepSpeed's defaults).
+    buckets = plan.zero_buckets if plan is not None and not preset else zero_buckets(spec.zero, None)
+    cfg["zero_optimization"] = zero_section(spec, buckets)
     cfg["optimizer"] = optimizer_section(spec, None if preset else plan)
-    # No "scheduler": the LR schedule is transformers' (train/loop.py, HF_SCHEDULERS), exactly its lr at every
+    # No "scheduler": the LR schedule is transformers' (rank/loop.py, HF_SCHEDULERS), exactly its lr at every
     # step; DeepSpeed's schedulers lag it by one step and have no equivalent of its cosine. zero.extra can
     # still add a DeepSpeed "scheduler" section, which then runs instead.
     if spec.zero.comm_dtype:

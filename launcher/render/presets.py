@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.render import deepspeed as ds_render
 from launcher.config.spec import validate
+from launcher.render import deepspeed as ds_render
 
 NVME_PLACEHOLDER = "/local_nvme"
 

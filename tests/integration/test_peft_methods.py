@@ -70,7 +70,7 @@ def test_estimated_trainable_count_matches_peft_and_tensors(tmp_path, model, nam
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher import assets
-    from launcher.plan import estimate
+    from launcher.plan import params
     from launcher.plan import modelinfo
     from launcher.config.spec import resolve
     from launcher.model.load import apply_method
@@ -83,7 +83,7 @@ def test_estimated_trainable_count_matches_peft_and_tensors(tmp_path, model, nam
         (src / "config.json").write_text(json.dumps(QWEN2ISH))
     spec = resolve(sets=[f"model.name={src if model != 'tiny' else 'tiny'}", f"method.name={name}",
                          "precision.dtype=fp32", f"output.dir={tmp_path / 'run'}", *sets])
-    est = estimate.count_params(modelinfo.load(spec.model.name), spec)
+    est = params.count_params(modelinfo.load(spec.model.name), spec)
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
@@ -131,7 +131,7 @@ def trained(tmp_path_factory, env, train_cases):
 
 @pytest.mark.parametrize("name,stage,extra", RUNS, ids=[r[0] for r in RUNS])
 def test_method_trains_one_rank(trained, name, stage, extra):
-    from launcher.plan import estimate
+    from launcher.plan import params
     from launcher.plan import modelinfo
     from launcher.rank.loop import parse_step_lines
 
@@ -139,7 +139,7 @@ def test_method_trains_one_rank(trained, name, stage, extra):
     text = out.get(name, "")
     assert f"@@ ok {name}" in text, f"{text[-5000:]}\n--- stderr\n{proc.stderr[-3000:]}"
     spec = spec_for(name, stage, extra, root / name)
-    n = estimate.count_params(modelinfo.load("tiny"), spec).trainable
+    n = params.count_params(modelinfo.load("tiny"), spec).trainable
     assert re.search(rf"model\s+tiny \({name}\): {n:,} trainable of", text), text[:3000]
     assert f"trainable    {n:,} parameters ({name})" in (root / name / "plan.txt").read_text()
     assert f"ZeRO-{stage}" in text

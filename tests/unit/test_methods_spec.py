@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from launcher.plan import estimate
+from launcher.plan import params
 from launcher.plan import modelinfo
 from launcher.errors import SpecError, UserError
 from launcher.config.spec import MethodSpec, resolve
@@ -113,7 +113,7 @@ def tiny():
 
 
 def trainable(name, *sets):
-    return estimate.count_params(tiny(), method(name, *sets, precision="bf16"))
+    return params.count_params(tiny(), method(name, *sets, precision="bf16"))
 
 
 def test_counts_by_formula_for_the_tiny_model():
@@ -144,13 +144,13 @@ def test_totals_add_the_adapter_only_for_peft_methods():
 
 
 def test_freeze_names_match_whole_parts():
-    names = [n for n, _, _ in estimate.param_names(tiny())]
-    sel = estimate.freeze_selection(names, method("freeze", "method.freeze.train_modules=[norm]").method.freeze, 4)
+    names = [n for n, _, _ in params.param_names(tiny())]
+    sel = params.freeze_selection(names, method("freeze", "method.freeze.train_modules=[norm]").method.freeze, 4)
     assert sel == {"model.norm.weight"}  # not input_layernorm / post_attention_layernorm
-    sel = estimate.freeze_selection(names, method("freeze", "method.freeze.train_modules=['layers.*.mlp']")
+    sel = params.freeze_selection(names, method("freeze", "method.freeze.train_modules=['layers.*.mlp']")
                                     .method.freeze, 4)
     assert len(sel) == 4 * 3 and all(".mlp." in n for n in sel)
-    sel = estimate.freeze_selection(names, method("freeze", "method.freeze.top_layers=1",
+    sel = params.freeze_selection(names, method("freeze", "method.freeze.top_layers=1",
                                                   "method.freeze.train_modules=[layers.0.self_attn.q_proj]")
                                     .method.freeze, 4)
     assert {n for n in sel if ".layers.0." in n} == {"model.layers.0.self_attn.q_proj.weight"}
@@ -178,7 +178,7 @@ def test_param_names_add_up_for_other_family_members():
                 {"model_type": "qwen3", "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
                  "head_dim": 32, "num_hidden_layers": 3, "intermediate_size": 96, "vocab_size": 300}):
         m = modelinfo.from_config(cfg)
-        table = estimate.param_names(m)
+        table = params.param_names(m)
         assert sum({t: s for _, s, t in table}.values()) == m.total_params()
 
 

@@ -134,14 +134,14 @@ def test_runs_prefers_the_manifest_final_numbers(cli, tmp_path):
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"])
 def test_plan_txt_names_the_trainable_count_of_every_method(cli, tmp_path, method):
-    from launcher.plan import estimate
+    from launcher.plan import params
     from launcher.plan import modelinfo
     from launcher.config.spec import resolve
 
     sets = ["method.freeze.top_layers=1"] if method == "freeze" else []
     args = [x for s in sets for x in ("--set", s)]
     cli("slurm", "--method", method, *args, "--out", str(tmp_path / "run"), check=True)
-    n = estimate.count_params(modelinfo.load("tiny"), resolve(sets=[f"method.name={method}", *sets])).trainable
+    n = params.count_params(modelinfo.load("tiny"), resolve(sets=[f"method.name={method}", *sets])).trainable
     assert f"trainable    {n:,} parameters ({method})" in (tmp_path / "run" / "plan.txt").read_text()
 
 
