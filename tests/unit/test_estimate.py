@@ -112,6 +112,19 @@ def test_usd_per_mtok_formula(tmp_path):
     assert e.step_time_s == pytest.approx(plan.tokens_per_step / e.tokens_per_s)
 
 
+@pytest.mark.parametrize("stage,overlap", [(0, True), (1, True), (2, True), (2, False), (3, True)])
+def test_buffers_are_the_plans_bucket_sizes_in_16_bit(tmp_path, stage, overlap):
+    """DeepSpeed's docs: overlap_comm holds 4.5x the reduce + allgather buckets; stage 3 a reduce bucket and
+    a prefetch bucket; 2 bytes an element."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPES["llama-3.2-1b"]}))
+    _, plan, e = _estimate(tmp_path, f"zero.stage={stage}", f"zero.overlap_comm={str(overlap).lower()}",
+                           "zero.allgather_bucket_size=1000")
+    b = plan.zero_buckets
+    want = {0: 0, 1: 2 * 4.5 * (b.reduce + 1000), 2: 2 * (4.5 if overlap else 1) * (b.reduce + 1000),
+            3: 2 * (b.reduce + b.prefetch)}[stage]
+    assert e.buffer_bytes_per_gpu == int(want)
+
+
 def test_grad_ckpt_cuts_activations_and_costs_flops(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPES["llama-3.2-1b"]}))
     _, _, off = _estimate(tmp_path, "data.seq_len=4096")

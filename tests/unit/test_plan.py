@@ -82,3 +82,21 @@ def test_param_count_matches_instantiated_model(tmp_path):
         d.mkdir()
         (d / "config.json").write_text(json.dumps(cfg.to_dict()))
         assert modelinfo.load(str(d)).total_params() == real, model_type
+
+
+def test_zero_buckets_scale_with_the_hidden_size_and_the_spec_wins(llama8b_dir):
+    b = plan_for(model=str(llama8b_dir)).zero_buckets
+    assert (b.reduce, b.allgather, b.prefetch, b.persistence) == (4096**2, 4096**2, int(0.9 * 4096**2), 10 * 4096)
+    b = plan_for("zero.reduce_bucket_size=1000", "zero.stage3_prefetch_bucket_size=0",
+                 "zero.stage3_param_persistence_threshold=7", model=str(llama8b_dir)).zero_buckets
+    assert (b.reduce, b.allgather, b.prefetch, b.persistence) == (1000, 1000, 0, 7)
+    b = plan_for("zero.allgather_bucket_size=300", model=str(llama8b_dir)).zero_buckets
+    assert (b.reduce, b.allgather) == (4096**2, 300)
+
+
+def test_zero_buckets_without_a_model_are_deepspeeds_defaults():
+    from launcher.config.spec import validate
+    from launcher.plan.plan import zero_buckets
+
+    b = zero_buckets(validate({}).zero, None)
+    assert (b.reduce, b.allgather, b.prefetch, b.persistence) == (500_000_000, 500_000_000, 50_000_000, 100_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -76,6 +77,20 @@ def test_buckets_scale_with_hidden_size(tmp_path):
     assert z["reduce_bucket_size"] == 4096 * 4096
     assert z["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
     assert z["stage3_param_persistence_threshold"] == 10 * 4096
+
+
+def test_bucket_sizes_are_copied_from_the_plan(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(MODEL_8B))
+    for stage in (2, 3):
+        spec = resolve(flags={"model": str(tmp_path)}, sets=[f"zero.stage={stage}", "zero.allgather_bucket_size=12345"])
+        plan = make_plan(spec)
+        b = dataclasses.replace(plan.zero_buckets, reduce=11, allgather=22, prefetch=33, persistence=44)
+        z = render(spec, dataclasses.replace(plan, zero_buckets=b))["zero_optimization"]
+        picked = {k: z[k] for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+                                    "stage3_param_persistence_threshold") if k in z}
+        assert picked == ({"reduce_bucket_size": 11, "allgather_bucket_size": 22} if stage == 2 else
+                          {"reduce_bucket_size": 11, "stage3_prefetch_bucket_size": 33,
+                           "stage3_param_persistence_threshold": 44})
 
 
 def test_zero_extra_is_merged_last():
