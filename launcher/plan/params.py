@@ -130,7 +130,7 @@ def _layer_index(name: str) -> int | None:
 def freeze_selection(names: list[str], freeze: Any, num_layers: int) -> set[str]:
     """The parameter names that train under method freeze: those method.freeze.train_modules match,
     and those of the last method.freeze.top_layers decoder layers. UserError for a name that matches
-    nothing or more layers than the model has. Shared by the estimator (names from config.json) and
+    nothing or more layers than the model has. Shared by the counts here (names from config.json) and
     the model builder (names from the instantiated model)."""
     if freeze.top_layers > num_layers:
         raise UserError(f"method.freeze.top_layers={freeze.top_layers} but the model has {num_layers} layers; "
@@ -160,6 +160,8 @@ def freeze_params(m: ModelInfo, spec: RunSpec) -> tuple[int, int]:
 
 
 def count_params(m: ModelInfo, spec: RunSpec) -> Params:
+    """Total, trainable and frozen parameters of spec.method on model m (UserError for an architecture
+    config.json alone cannot count, or target modules the model lacks)."""
     if not m.counted:
         raise UserError(f"model type {m.model_type!r} ({m.source}): the estimator counts the Llama/Mistral/Qwen "
                         f"family from config.json; estimate this architecture on a GPU with `launcher bench`",
