@@ -142,7 +142,8 @@ def build_trainer(a: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # launcher's probe, from this tree
-    from launcher.bench.run import make_probe, measured_columns
+    from launcher.bench.probe import make_probe
+    from launcher.bench.report import measured_columns
 
     record: dict = {"rank": 0, "world_size": 1, "error": None}
     try:

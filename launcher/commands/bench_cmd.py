@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from launcher.commands.common import SPEC_FLAGS, CLUSTER_FLAGS
+from launcher.config.flags import CLUSTER_FLAGS, SPEC_FLAGS
 from launcher.errors import RunFailed, UserError
 
 # The six matrix axes take comma lists here (they belong to bench); every other shared flag
@@ -92,92 +92,53 @@ def bench(args: tuple[str, ...], **kw: Any) -> None:
 
 
 def _run(spec_path: str | None, kw: dict[str, Any]) -> None:
-    from launcher.bench import run as b
-    from launcher.plan.estimate import DEVICES
+    from launcher.bench import matrix, report, run
 
     if not kw["out"]:
         raise UserError("--out DIR is required: the results (and, with --slurm, the job array) go there")
     if kw["submit"] and not kw["slurm"]:
         raise UserError("--submit submits the job array that --slurm writes; add --slurm")
-    if kw["gpu"] and kw["gpu"] not in DEVICES:
-        raise UserError(f"--gpu {kw['gpu']!r} is not in the table ({', '.join(DEVICES)}); give --device-tflops instead")
-    matrix = b.load_matrix(kw["matrix"]) if kw["matrix"] else b.Matrix(name=Path(kw["out"]).name)
-    axes = dict(matrix.axes)
-    for axis in b.AXES:
-        if kw[axis] is not None:
-            axes[axis] = b.parse_axis(axis, kw[axis])
-    flags = {n: kw[n] for n in _SHARED_NAMES - {"sets", "cluster", "clusters"}}
-    base = b.resolve_base(matrix.base, spec_path, flags, list(kw["sets"] or ()), kw["cluster"], kw["clusters"])
-    model = Path(base.model.name).expanduser()
-    if base.model.name.startswith((".", "/", "~")) and not model.is_dir():
-        raise UserError(f"model {base.model.name}: no such directory; build a benchmark shape with "
-                        f"`python benchmarks/make_model.py llama-3.2-1b|llama-3-8b --out {base.model.name}`")
-    price = kw["usd_per_device_hour"] if kw["usd_per_device_hour"] is not None else matrix.usd_per_device_hour
-    if price is None:  # the cluster profile's price, as `launcher estimate` takes it
-        c = base.cluster
-        nproc = c.nproc_per_node or (c.gpus_per_node or 1)
-        price = c.usd_per_gpu_hour if c.gpus_per_node else (
-            c.usd_per_node_hour / nproc if c.usd_per_node_hour is not None else None)
-    opts = b.Options(
-        steps=kw["steps"] or matrix.steps or b.DEFAULT_STEPS,
-        warmup=kw["warmup"] if kw["warmup"] is not None else (matrix.warmup if matrix.warmup is not None
-                                                             else b.DEFAULT_WARMUP),
-        usd_per_device_hour=price, device_tflops=kw["device_tflops"] or matrix.device_tflops, gpu=kw["gpu"],
-        baseline=bool(kw["baseline"] or matrix.baseline), bench=matrix.name)
-    setups = b.expand(base, axes)
+    bench = matrix.make_bench(
+        matrix=kw["matrix"], spec=spec_path, axes={axis: kw[axis] for axis in matrix.AXES},
+        flags={n: kw[n] for n in _SHARED_NAMES - {"sets", "cluster", "clusters"}}, sets=list(kw["sets"] or ()),
+        cluster=kw["cluster"], clusters_file=kw["clusters"], steps=kw["steps"], warmup=kw["warmup"],
+        usd_per_device_hour=kw["usd_per_device_hour"], device_tflops=kw["device_tflops"], gpu=kw["gpu"],
+        baseline=bool(kw["baseline"]), name=Path(kw["out"]).name)
+    setups, opts = bench.setups, bench.options
     out = Path(kw["out"]).expanduser().resolve()
     if kw["slurm"]:
-        _slurm(b, setups, out, opts, kw)
+        _slurm(setups, out, opts, kw)
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not kw["force"]:
-        raise UserError(f"{out} is not empty; choose a new --out or pass --force")
     from rich.console import Console
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # the bench draws its own progress bar
-    err = Console(stderr=True)
-    err.print(f"bench {opts.bench}: {len(setups)} setup(s) x ({opts.warmup} warm-up + {opts.steps} timed steps)"
-              f"{' + baseline' if opts.baseline else ''} -> {out}")
-    rows = b.run_all(setups, out, opts, console=err)
-    b.finish(out, rows)
-    b.write_meta(out, rows, sys.argv[1:])
-    _print_table(b.table(rows))
-    click.echo(f"results in {out} ({b.RESULTS_JSONL}, {b.RESULTS_CSV}, {', '.join(b.PLOTS)})")
+    rows = run.run_local(setups, out, opts, force=kw["force"], argv=sys.argv[1:], console=Console(stderr=True))
+    _print_table(report.table(rows))
+    click.echo(f"results in {out} ({report.RESULTS_JSONL}, {report.RESULTS_CSV}, {', '.join(report.PLOTS)})")
     if rows and all(r.get("error") for r in rows if r["kind"] == "launcher"):
         raise RunFailed(f"every setup failed; see the error column and {out}/setups/*/logs/")
 
 
-def _slurm(b: Any, setups: list[Any], out: Path, opts: Any, kw: dict[str, Any]) -> None:
-    from launcher.commands.slurm_cmd import check_cluster_tools, sbatch
-    from launcher.rundir.layout import RunDir
+def _slurm(setups: list[Any], out: Path, opts: Any, kw: dict[str, Any]) -> None:
+    from launcher.bench import run
 
-    first = next((s.spec for s in setups if s.spec is not None), None)
-    if kw["submit"] and first is not None:
-        check_cluster_tools(first)
-    job, tasks = b.render_slurm(setups, out, opts, force=kw["force"])
+    job, tasks = run.render_slurm(setups, out, opts, force=kw["force"], check_tools=kw["submit"])
     click.echo(f"wrote {job.parent} (job.sbatch: {len(tasks)} array task(s); task i in tasks/<i>/)", err=True)
     if not kw["submit"]:
         click.echo(f"submit with: sbatch {job}  (or add --submit); afterwards: launcher bench collect {job.parent}",
                    err=True)
         click.echo(str(job))
         return
-    job_id = sbatch(job)
-    RunDir(job.parent).record_job(job_id, "bench", array_tasks=len(tasks))
-    click.echo(job_id)
+    click.echo(run.submit_array(job, len(tasks)))
 
 
 def _collect(dirs: list[str], out: str | None) -> None:
-    from launcher.bench import run as b
+    from launcher.bench import report, run
 
-    if not dirs:
-        raise UserError("launcher bench collect DIR [DIR...]: give at least one bench results folder")
-    if out is None and len(dirs) > 1:
-        raise UserError("collect merges several folders into --out DIR; give --out")
-    dest = Path(out or dirs[0]).expanduser().resolve()
-    rows = [r for d in dirs for r in b.rows_of(Path(d))]
-    b.finish(dest, rows)
-    _print_table(b.table(rows))
-    click.echo(f"{len(rows)} row(s) from {len(dirs)} folder(s) -> {dest} ({b.RESULTS_JSONL}, {b.RESULTS_CSV}, "
-               f"{', '.join(b.PLOTS)})")
+    dest, rows = run.collect([Path(d) for d in dirs], Path(out) if out else None)
+    _print_table(report.table(rows))
+    click.echo(f"{len(rows)} row(s) from {len(dirs)} folder(s) -> {dest} ({report.RESULTS_JSONL}, {report.RESULTS_CSV}, "
+               f"{', '.join(report.PLOTS)})")
 
 
 def _print_table(table: Any) -> None:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.bench import run as bench
+from launcher.bench import report
+from launcher.rundir.layout import RunDir
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,7 +58,7 @@ def run(tmp_path_factory, env):
                         "--seq-len", "64", "--attn", "sdpa", "--method", "full,lora", "--zero", "2",
                         "--steps", "2", "--warmup", "1", "--baseline", "--usd-per-device-hour", str(PRICE),
                         "--out", out], env))
-    return out, proc, bench.read_results(out / bench.RESULTS_JSONL)
+    return out, proc, report.read_results(out / report.RESULTS_JSONL)
 
 
 def test_every_setup_gives_a_complete_row(run):
@@ -73,7 +74,7 @@ def test_every_setup_gives_a_complete_row(run):
         assert r["mfu"] is None and r["hfu"] is None  # CPU without --device-tflops
         assert r["peak_mem_bytes"] == r["rss_peak_bytes"] > 100 * 2**20  # RSS of a process with torch loaded
         assert r["peak_mem_reserved_bytes"] is None
-    csv_lines = (out / bench.RESULTS_CSV).read_text().splitlines()
+    csv_lines = (out / report.RESULTS_CSV).read_text().splitlines()
     assert csv_lines[0].split(",")[:3] == ["bench", "kind", "setup"] and len(csv_lines) == 1 + len(rows)
     assert "full z2 sdpa nockpt mb1 s64" in proc.stdout  # the table
     for i in ("000", "001"):
@@ -88,7 +89,7 @@ def test_cost_per_million_tokens_is_price_times_devices_over_throughput(run):
 
 def test_plots_are_written_as_png(run):
     out, _, _ = run
-    for name in bench.PLOTS:
+    for name in report.PLOTS:
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", name
         width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
@@ -130,13 +131,13 @@ def test_collect_merges_two_result_dirs(run, tmp_path, env):
     out, _, rows = run
     other = tmp_path / "b"
     other.mkdir()
-    (other / bench.RESULTS_JSONL).write_text("".join(json.dumps({**r, "bench": "b"}) + "\n" for r in rows))
+    (other / report.RESULTS_JSONL).write_text("".join(json.dumps({**r, "bench": "b"}) + "\n" for r in rows))
     merged = tmp_path / "merged"
     proc = ok(launcher(["bench", "collect", out, other, "--out", merged], env))
-    got = bench.read_results(merged / bench.RESULTS_JSONL)
+    got = report.read_results(merged / report.RESULTS_JSONL)
     assert len(got) == 2 * len(rows) and {r["bench"] for r in got} == {rows[0]["bench"], "b"}
     assert all(r["speedup_vs_baseline"] for r in got if r["kind"] == "launcher")  # paired within each bench
-    for name in bench.PLOTS:
+    for name in report.PLOTS:
         assert (merged / name).read_bytes()[:4] == b"\x89PNG"
     assert f"{len(got)} row(s) from 2 folder(s)" in proc.stdout
 
@@ -146,20 +147,20 @@ def test_collect_makes_rows_from_a_slurm_bench_dir(tmp_path, env):
     out = tmp_path / "arr"
     ok(launcher(["bench", "--model", "tiny", "--gpus-per-node", "0", "--precision", "fp32", "--seq-len", "64",
                  "--method", "full,lora", "--steps", "3", "--warmup", "1", "--baseline", "--slurm", "--out", out], env))
-    tasks = json.loads((out / bench.SETTINGS_FILE).read_text())["tasks"]
+    tasks = json.loads(RunDir(out).bench_settings.read_text())["tasks"]
     assert [t["kind"] for t in tasks] == ["launcher", "launcher", "baseline", "baseline"]
     for t, step in zip(tasks[:3], (0.5, 0.25, 1.0)):  # the last baseline has not run yet
-        d = out / t["dir"] / "bench"
-        d.mkdir(parents=True, exist_ok=True)
+        rd = RunDir(out / t["dir"])
+        rd.bench.mkdir(parents=True, exist_ok=True)
         rec = {"rank": 0, "world_size": 1, "device": "cpu", "t_begin": 0.0,
                "step_ends": [step * (i + 1) for i in range(5)], "rss_peak_bytes": 1, "error": None,
                "tensor_bytes": {"total": 50_000_000}}
         if t["kind"] == "baseline":
-            (d / "baseline.json").write_text(json.dumps({"record": rec}))
+            rd.bench_baseline.write_text(json.dumps({"record": rec}))
         else:
-            (d / "rank0.json").write_text(json.dumps(rec))
+            rd.bench_rank(0).write_text(json.dumps(rec))
     ok(launcher(["bench", "collect", out], env))
-    rows = bench.read_results(out / bench.RESULTS_JSONL)
+    rows = report.read_results(out / report.RESULTS_JSONL)
     assert [r["tokens_per_s"] for r in rows[:3]] == [pytest.approx(128), pytest.approx(256), pytest.approx(64)]
     assert rows[0]["speedup_vs_baseline"] == pytest.approx(2.0)
     assert rows[1]["speedup_vs_baseline"] is None and rows[3]["error"].startswith("no measurement yet")
@@ -170,9 +171,9 @@ def test_a_failed_setup_is_a_row_with_its_error(tmp_path, env):
     proc = launcher(["bench", "--model", "tiny", "--gpus-per-node", "0", "--precision", "bf16", "--seq-len", "64",
                      "--attn", "flash2", "--steps", "1", "--warmup", "0", "--out", out], env)
     assert proc.returncode == 1, proc.stderr[-3000:]  # every setup failed
-    rows = bench.read_results(out / bench.RESULTS_JSONL)
+    rows = report.read_results(out / report.RESULTS_JSONL)
     assert len(rows) == 1 and "flash2" in rows[0]["error"] and rows[0]["tokens_per_s"] is None
-    assert (out / bench.PLOTS[0]).is_file()
+    assert (out / report.PLOTS[0]).is_file()
 
 
 def test_help_and_bad_input(env, tmp_path):

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from launcher.bench import run as bench
+from launcher.bench import matrix, report
+from launcher.bench.run import RANK_ENTRY, rank_command
 from launcher.errors import UserError
+from launcher.plan.plan import make_plan
+from launcher.plan.price import usd_per_mtok_at
+from launcher.rundir.layout import RunDir
 from launcher.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,25 +31,25 @@ def cpu_spec(**sets):
 # --------------------------------------------------------------------------- comma lists, matrices
 
 def test_comma_lists_become_typed_axis_values():
-    assert bench.parse_axis("zero", "2,3") == [2, 3]
-    assert bench.parse_axis("micro_batch", " 1, 2 ,4") == [1, 2, 4]
-    assert bench.parse_axis("grad_ckpt", "on,off") == [True, False]
-    assert bench.parse_axis("grad_ckpt", [True]) == [True]
-    assert bench.parse_axis("method", "full,lora") == ["full", "lora"]
-    assert bench.parse_axis("seq_len", [128, 256]) == [128, 256]
+    assert matrix.parse_axis("zero", "2,3") == [2, 3]
+    assert matrix.parse_axis("micro_batch", " 1, 2 ,4") == [1, 2, 4]
+    assert matrix.parse_axis("grad_ckpt", "on,off") == [True, False]
+    assert matrix.parse_axis("grad_ckpt", [True]) == [True]
+    assert matrix.parse_axis("method", "full,lora") == ["full", "lora"]
+    assert matrix.parse_axis("seq_len", [128, 256]) == [128, 256]
 
 
 @pytest.mark.parametrize("axis,text", [("zero", "2,,3"), ("zero", "two"), ("grad_ckpt", "maybe"),
                                        ("micro_batch", "1,1"), ("seq_len", ""), ("colour", "red")])
 def test_bad_comma_lists_are_refused_with_the_flag_named(axis, text):
     with pytest.raises(UserError) as e:
-        bench.parse_axis(axis, text)
+        matrix.parse_axis(axis, text)
     assert e.value.exit_code == 2
 
 
 def test_matrix_expands_to_the_product_first_axis_slowest():
     spec = cpu_spec(**{"optim.micro_batch": 4})
-    setups = bench.expand(spec, {"method": ["full", "lora"], "zero": [2, 3], "grad_ckpt": [False, True]})
+    setups = matrix.expand(spec, {"method": ["full", "lora"], "zero": [2, 3], "grad_ckpt": [False, True]})
     assert len(setups) == 8
     assert [(s.values["method"], s.values["zero"], s.values["grad_ckpt"]) for s in setups[:3]] == [
         ("full", 2, False), ("full", 2, True), ("full", 3, False)]
@@ -58,19 +62,19 @@ def test_matrix_expands_to_the_product_first_axis_slowest():
 
 
 def test_a_combination_the_spec_refuses_is_a_setup_with_its_error():
-    setups = bench.expand(cpu_spec(), {"attn": ["sdpa", "flash2"]})  # flash2 needs bf16/fp16
+    setups = matrix.expand(cpu_spec(), {"attn": ["sdpa", "flash2"]})  # flash2 needs bf16/fp16
     assert setups[0].error is None and setups[0].spec is not None
     assert setups[1].spec is None and "flash2" in setups[1].error
 
 
 def test_baselines_are_shared_by_setups_that_differ_only_in_zero_stage():
-    setups = bench.expand(cpu_spec(), {"method": ["full", "lora"], "zero": [2, 3]})
-    assert [bench.baseline_label(s.values) for s in bench.baseline_setups(setups)] == [
+    setups = matrix.expand(cpu_spec(), {"method": ["full", "lora"], "zero": [2, 3]})
+    assert [matrix.baseline_label(s.values) for s in matrix.baseline_setups(setups)] == [
         "HF baseline full sdpa nockpt mb1 s64", "HF baseline lora sdpa nockpt mb1 s64"]
 
 
 def test_bench_spec_runs_warmup_plus_steps_plus_the_memory_step(tmp_path):
-    spec = bench.bench_spec(cpu_spec(**{"optim.warmup_steps": 50}), tmp_path, steps=5, warmup=2, index=0)
+    spec = matrix.bench_spec(cpu_spec(**{"optim.warmup_steps": 50}), tmp_path, steps=5, warmup=2, index=0)
     assert spec.optim.max_steps == 8
     assert spec.optim.warmup_steps == 7  # an LR warm-up longer than the bench is clipped, not refused
     assert (spec.output.save_every, spec.output.resume, spec.data.eval_fraction) == (0, "never", 0.0)
@@ -86,7 +90,7 @@ def test_bench_flags_replace_the_matrix_axes_and_shared_flags_apply_to_all(tmp_p
                                    "--seq-len", "64,96", "--micro-batch", "1", "--lr", "1e-3", "--slurm",
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
-    tasks = json.loads((out / bench.SETTINGS_FILE).read_text())["tasks"]
+    tasks = json.loads(RunDir(out).bench_settings.read_text())["tasks"]
     runs = [t for t in tasks if t["kind"] == "launcher"]
     assert len(runs) == 1 * 2 * 2 * 1 * 2  # lora x zero{2,3} x ckpt{off,on} x mb1 x seq{64,96}
     assert {t["values"]["method"] for t in runs} == {"lora"} and {t["values"]["seq_len"] for t in runs} == {64, 96}
@@ -94,14 +98,14 @@ def test_bench_flags_replace_the_matrix_axes_and_shared_flags_apply_to_all(tmp_p
     spec = resolve(out / "tasks" / "0" / "spec.yaml")
     assert spec.optim.lr == 1e-3 and spec.precision.dtype == "fp32"  # the matrix base, under the flags
     script = (out / "job.sbatch").read_text()
-    assert '-m launcher.bench.run rank "$SPEC"' in script and "-m launcher train" not in script
+    assert '-m launcher.bench.probe rank "$SPEC"' in script and "-m launcher train" not in script
     assert f"--array=0-{len(tasks) - 1}" in script
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "matrices").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_matrices_parse_and_expand(path):
-    m = bench.load_matrix(path)
-    setups = bench.expand(bench.resolve_base(m.base, None, {}, []), m.axes)
+    m = matrix.load_matrix(path)
+    setups = matrix.expand(matrix.resolve_base(m.base, None, {}, []), m.axes)
     assert setups and all(s.error is None for s in setups), [s.error for s in setups]
     assert m.steps and m.warmup is not None and m.usd_per_device_hour
 
@@ -110,24 +114,24 @@ def test_unknown_matrix_keys_are_refused(tmp_path):
     p = tmp_path / "m.yaml"
     p.write_text("axes: {zero: [2]}\nstep: 3\n")
     with pytest.raises(UserError, match="step"):
-        bench.load_matrix(p)
+        matrix.load_matrix(p)
 
 
 # --------------------------------------------------------------------------- arithmetic
 
 def test_usd_per_mtok_is_price_times_devices_over_tokens():
-    assert bench.usd_per_mtok(2.5, 8, 10_000) == pytest.approx(2.5 * 8 / 3600 / 10_000 * 1e6)
-    assert bench.usd_per_mtok(None, 8, 10_000) is None
-    assert bench.usd_per_mtok(2.5, 8, None) is None
+    assert usd_per_mtok_at(2.5, 8, 10_000) == pytest.approx(2.5 * 8 / 3600 / 10_000 * 1e6)
+    assert usd_per_mtok_at(None, 8, 10_000) is None
+    assert usd_per_mtok_at(2.5, 8, None) is None
 
 
 def test_timed_window_leaves_the_warmup_steps_out():
     ends = [10.0, 11.0, 11.5, 12.0, 12.5]
-    assert bench.timed_window(9.0, ends, warmup=2, steps=3) == pytest.approx(1.5)
-    assert bench.timed_window(9.0, ends, warmup=0, steps=2) == pytest.approx(2.0)
+    assert report.timed_window(9.0, ends, warmup=2, steps=3) == pytest.approx(1.5)
+    assert report.timed_window(9.0, ends, warmup=0, steps=2) == pytest.approx(2.0)
     with pytest.raises(ValueError):
-        bench.timed_window(9.0, ends, warmup=3, steps=3)
-    cols = bench.measured_columns([{"rank": 0, "world_size": 2, "t_begin": 9.0, "step_ends": ends, "error": None}],
+        report.timed_window(9.0, ends, warmup=3, steps=3)
+    cols = report.measured_columns([{"rank": 0, "world_size": 2, "t_begin": 9.0, "step_ends": ends, "error": None}],
                                   tokens_per_step=100, warmup=1, steps=4)
     assert cols["tokens_per_s"] == pytest.approx(4 * 100 / 2.5) and cols["tokens_per_s_per_device"] == pytest.approx(80)
     assert cols["step_time_s"] == pytest.approx(2.5 / 4) and cols["step_time_median_s"] == pytest.approx(0.5)
@@ -137,7 +141,7 @@ def test_timed_window_leaves_the_warmup_steps_out():
                                       ("NVIDIA A100-SXM4-40GB", "A100-40GB"), ("NVIDIA L4", "L4"),
                                       ("NVIDIA L40S", "L40S"), ("cpu (2 cores)", None)])
 def test_torch_device_names_map_to_the_device_table(name, key):
-    assert bench.device_key(name) == key
+    assert report.device_key(name) == key
 
 
 def _record(step_s: float, steps: int, warmup: int, **extra):
@@ -164,11 +168,11 @@ def test_mfu_and_hfu_on_an_h100_follow_from_measured_tokens_and_the_flops_per_to
     cfg = json.loads((llama8b_dir / "config.json").read_text())
     spec = resolve(None, sets=[f"model.name={llama8b_dir}", "cluster.gpus_per_node=1", "data.seq_len=2048",
                                "optim.micro_batch=2", "model.grad_ckpt=true", "precision.dtype=bf16"])
-    opts = bench.Options(steps=4, warmup=2, usd_per_device_hour=3.0)
+    opts = matrix.Options(steps=4, warmup=2, usd_per_device_hour=3.0)
     rec = _record(2.0, 4, 2, device="NVIDIA H100 80GB HBM3", cuda_peak_allocated=60 * 2**30,
                   cuda_peak_reserved=70 * 2**30)
     values = {"method": "full", "zero": 2, "attn": "auto", "grad_ckpt": True, "micro_batch": 2, "seq_len": 2048}
-    row = bench.make_row(spec, values, "launcher", [rec], opts)
+    row = report.make_row(spec, values, "launcher", [rec], opts)
     tps = 2 * 2048 / 2.0
     assert row["tokens_per_s"] == pytest.approx(tps) and row["step_time_s"] == pytest.approx(2.0)
     matmul, _, attn = _independent_flops(cfg, 2048)
@@ -191,8 +195,8 @@ def test_lora_model_flops_count_frozen_weights_at_four_per_token(llama8b_dir):
     spec = resolve(None, sets=[f"model.name={llama8b_dir}", "cluster.gpus_per_node=1", "data.seq_len=1024",
                                "method.name=qlora", "method.lora.r=16", "precision.dtype=bf16"])
     values = {"method": "qlora", "zero": 2, "attn": "auto", "grad_ckpt": False, "micro_batch": 1, "seq_len": 1024}
-    row = bench.make_row(spec, values, "launcher", [_record(1.0, 3, 1, device="NVIDIA H100 80GB HBM3")],
-                         bench.Options(steps=3, warmup=1))
+    row = report.make_row(spec, values, "launcher", [_record(1.0, 3, 1, device="NVIDIA H100 80GB HBM3")],
+                         matrix.Options(steps=3, warmup=1))
     matmul, lora, attn = _independent_flops(cfg, 1024, lora_r=16)
     assert row["model_flops_per_token"] == pytest.approx(4 * matmul + 6 * lora + attn)
     assert row["hfu"] == pytest.approx(row["mfu"])  # no recomputation without checkpointing
@@ -205,12 +209,12 @@ def test_on_cpu_mfu_is_null_unless_a_peak_is_given():
     values = {"method": "full", "zero": 2, "attn": "auto", "grad_ckpt": False, "micro_batch": 1, "seq_len": 64}
     rec = _record(0.5, 3, 1, device="cpu (2 cores)", rss_peak_bytes=700 * 2**20,
                   tensor_bytes={"total": 80_000_000})
-    row = bench.make_row(spec, values, "launcher", [rec], bench.Options(steps=3, warmup=1))
+    row = report.make_row(spec, values, "launcher", [rec], matrix.Options(steps=3, warmup=1))
     assert row["mfu"] is None and row["hfu"] is None and row["model_tflops_per_device"] > 0
     assert row["peak_mem_bytes"] == 700 * 2**20  # RSS on CPU
     assert row["est_mem_basis"] == "model states vs engine tensor bytes"
     assert row["mem_error"] == pytest.approx(row["est_model_states_bytes"] / 80_000_000 - 1)
-    row = bench.make_row(spec, values, "launcher", [rec], bench.Options(steps=3, warmup=1, device_tflops=0.5))
+    row = report.make_row(spec, values, "launcher", [rec], matrix.Options(steps=3, warmup=1, device_tflops=0.5))
     assert row["mfu"] == pytest.approx(row["model_tflops_per_device"] / 0.5)
 
 
@@ -218,7 +222,7 @@ def test_a_rank_error_makes_a_row_with_the_error_and_no_throughput():
     spec = cpu_spec()
     values = {"method": "full", "zero": 2, "attn": "auto", "grad_ckpt": False, "micro_batch": 1, "seq_len": 64}
     rec = {**_record(0.5, 1, 0), "error": "out of memory: CUDA out of memory", "oom": True}
-    row = bench.make_row(spec, values, "launcher", [rec], bench.Options(steps=3, warmup=1))
+    row = report.make_row(spec, values, "launcher", [rec], matrix.Options(steps=3, warmup=1))
     assert row["error"].startswith("out of memory") and row["tokens_per_s"] is None and row["usd_per_mtok"] is None
 
 
@@ -231,7 +235,7 @@ def test_ratios_pair_each_setup_with_its_baseline():
         {"bench": "b", "kind": "launcher", "method": "lora", "grad_ckpt": False, "micro_batch": 1, "seq_len": 64,
          "precision": "fp32", "devices": 1, "tokens_per_s": 300.0, "measured_mem_bytes": 90},
     ]
-    bench.attach_baseline(rows)
+    report.attach_baseline(rows)
     assert rows[0]["speedup_vs_baseline"] == pytest.approx(1.5) and rows[0]["mem_vs_baseline"] == pytest.approx(0.9)
     assert rows[2].get("speedup_vs_baseline") is None  # no lora baseline
 
@@ -243,3 +247,34 @@ def test_bench_help_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "collect DIR" in proc.stdout
+
+
+def test_bench_collect_imports_no_torch(tmp_path):
+    spec = cpu_spec()
+    values = {"method": "full", "zero": 2, "attn": "auto", "grad_ckpt": False, "micro_batch": 1, "seq_len": 64}
+    row = report.make_row(spec, values, "launcher", [_record(0.5, 3, 1, device="cpu (2 cores)")],
+                          matrix.Options(steps=3, warmup=1))
+    report.write_results(tmp_path / "b", [row])
+    code = ("import sys\nfrom launcher.cli import main\ntry:\n"
+            f"    main(['bench', 'collect', {str(tmp_path / 'b')!r}])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "heavy = [m for m in ('torch', 'transformers', 'deepspeed') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 row(s) from 1 folder(s)" in proc.stdout and (tmp_path / "b" / report.PLOTS[0]).is_file()
+
+
+# --------------------------------------------------------------------------- the ranks' entry
+
+def test_bench_ranks_run_the_probe_entry_through_the_local_launch(tmp_path):
+    plan = make_plan(cpu_spec())
+    argv, env = rank_command(tmp_path / "run", plan)
+    i = argv.index("--module")
+    assert argv[i + 1:] == [*RANK_ENTRY, str(tmp_path / "run" / "spec.yaml")]
+    assert RANK_ENTRY == ("launcher.bench.probe", "rank") and env["LAUNCHER_RUN_DIR"] == str(tmp_path / "run")
+
+
+def test_the_probe_entry_takes_rank_and_one_spec_path():
+    proc = subprocess.run([sys.executable, "-m", "launcher.bench.probe", "train", "x.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "usage: python -m launcher.bench.probe rank RUN_DIR/spec.yaml" in proc.stderr

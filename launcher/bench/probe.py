@@ -1,0 +1,209 @@
+"""What runs inside a bench rank: `python -m launcher.bench.probe rank RUN_DIR/spec.yaml` trains the
+setup's run dir through the launcher's own loop (`launcher.rank.loop.train`) with one measuring callback
+added, and writes RUN_DIR/bench/rank<R>.json. Timing: the device is synchronized at the end of every
+optimizer step; the first `warmup` steps are left out; throughput is the wall time of the next `steps`
+steps, everything the loop does in them included (data, logging). benchmarks/baseline_hf.py measures
+the plain Trainer with the same callback. Torch is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher import identity
+from launcher.bench.report import versions
+from launcher.bench.run import RANK_ENTRY, read_task, run_baseline, task_options
+from launcher.config.resolve import resolve
+from launcher.errors import UserError
+from launcher.plan.plan import make_plan
+from launcher.rank.loop import train
+from launcher.rank.entry import leave_process_group
+from launcher.rundir.layout import RunDir
+
+
+# =========================================================================== on the ranks
+
+def tensor_bytes(module: Any, optimizer: Any) -> dict[str, int]:
+    """Bytes of the distinct tensor storages the model and its optimizer hold: parameters (ZeRO-3
+    partitions, 4-bit quantization state included), gradients, buffers, and whatever the optimizer
+    object graph keeps (fp32 master partitions, Adam moments, gradient partitions and buckets)."""
+    import torch
+
+    seen: set[tuple[str, int]] = set()
+    visited: set[int] = set()
+
+    def add(t: Any) -> int:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return 0
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return 0
+        key = (str(st.device), st.data_ptr())
+        if st.nbytes() == 0 or key in seen:
+            return 0
+        seen.add(key)
+        return int(st.nbytes())
+
+    def walk(obj: Any, depth: int = 0) -> int:
+        if depth > 10 or id(obj) in visited or len(visited) > 500_000:
+            return 0
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            return add(obj) + add(getattr(obj, "ds_tensor", None)) + add(getattr(obj, "grad", None))
+        if isinstance(obj, torch.nn.Module):
+            return 0  # its parameters are counted from the module itself
+        if isinstance(obj, dict):
+            return sum(walk(k, depth + 1) + walk(v, depth + 1) for k, v in list(obj.items()))
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            return sum(walk(v, depth + 1) for v in list(obj))
+        top = type(obj).__module__.split(".")[0]
+        if top in ("deepspeed", "torch", "accelerate", "transformers", "bitsandbytes", "peft") and hasattr(obj, "__dict__"):
+            return walk(vars(obj), depth + 1)
+        return 0
+
+    weights = grads = 0
+    for p in module.parameters():
+        visited.add(id(p))
+        weights += add(getattr(p, "ds_tensor", None)) + add(p.data)
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            weights += walk(qs)
+        grads += add(p.grad)
+    for b in module.buffers():
+        weights += add(b)
+    opt = walk(optimizer) if optimizer is not None else 0
+    return {"weights": weights, "gradients": grads, "optimizer": opt, "total": weights + grads + opt}
+
+
+def make_probe() -> Any:
+    """A TrainerCallback that times optimizer steps (device synchronized at each step's end), and at
+    the end of training reads peak memory and the tensor bytes of the model + optimizer it trained."""
+    import torch
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    class StepProbe(TrainerCallback):
+        def __init__(self) -> None:
+            self.trainer: Any = None
+            self.t_begin = 0.0
+            self.step_ends: list[float] = []
+            self.end: dict[str, Any] = {}
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.reset_peak_memory_stats()  # the training peak, not the loading one
+            sync()
+            self.t_begin = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            sync()
+            self.step_ends.append(time.perf_counter())
+
+        def _held(self) -> dict[str, int] | None:
+            tr = self.trainer
+            if tr is None:
+                return None
+            engine = getattr(tr, "deepspeed", None)
+            module = engine.module if engine is not None else tr.model
+            return tensor_bytes(module, engine.optimizer if engine is not None else tr.optimizer)
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            # The last step (after the timed window): gradients, master weights and the optimizer's
+            # moments all exist just before the optimizer steps, which is what the model states
+            # count. DeepSpeed steps inside the backward pass (accelerate), before any callback,
+            # so the optimizer's own step is wrapped, once.
+            tr = self.trainer
+            if state.global_step != state.max_steps - 1 or tr is None:
+                return
+            engine = getattr(tr, "deepspeed", None)
+            opt = engine.optimizer if engine is not None else tr.optimizer
+            original = opt.step
+
+            def step(*a: Any, **kw: Any) -> Any:
+                opt.step = original
+                self.end["tensor_bytes_before_step"] = self._held()
+                return original(*a, **kw)
+
+            opt.step = step
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            sync()
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            after = self._held()
+            before = self.end.get("tensor_bytes_before_step")
+            self.end.update(
+                cuda_peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
+                cuda_peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
+                tensor_bytes_after_step=after,
+                tensor_bytes=max((x for x in (before, after) if x), key=lambda x: x["total"], default=None),
+            )
+
+        def record(self) -> dict[str, Any]:
+            cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+            who = identity.current()
+            return {
+                "rank": who.rank, "world_size": who.world_size,
+                "device": torch.cuda.get_device_name() if cuda else f"cpu ({os.cpu_count()} cores)",
+                "t_begin": self.t_begin, "step_ends": self.step_ends,
+                "rss_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                "torch_threads": torch.get_num_threads(), "loadavg": list(os.getloadavg()),
+                "versions": versions(), **self.end,
+            }
+
+    return StepProbe()
+
+
+def rank_main(spec_path: str) -> int:
+    """On each rank: train SPEC's run dir through the launcher's loop with the probe, and write
+    RUN_DIR/bench/rank<R>.json (or, for a baseline task of a --slurm bench, run the baseline on rank 0)."""
+    spec = resolve(spec_path)
+    rd = RunDir(Path(spec.output.dir))
+    task = read_task(rd.path)
+    opts = task_options(task)
+    rank = identity.current().rank
+    rd.bench.mkdir(parents=True, exist_ok=True)
+    if task["kind"] == "baseline":  # one plain process, no DeepSpeed
+        return run_baseline(spec, make_plan(spec), rd.path, opts) if rank == 0 else 0
+    probe = make_probe()
+    out = rd.bench_rank(rank)
+    try:
+        train(spec, callbacks=[probe])
+    except BaseException as exc:
+        import torch
+
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        record = {**probe.record(), "error": ("out of memory: " if oom else f"{type(exc).__name__}: ") + str(exc)[:500],
+                  "oom": oom}
+        out.write_text(json.dumps(record) + "\n")
+        raise
+    out.write_text(json.dumps({**probe.record(), "error": None}) + "\n")
+    leave_process_group()
+    return 0
+
+
+USAGE = f"usage: python -m {' '.join(RANK_ENTRY)} RUN_DIR/spec.yaml  (started by `launcher bench`)"
+
+
+def main(argv: list[str]) -> int:
+    """`python -m launcher.bench.probe rank RUN_DIR/spec.yaml`, as `launcher train RUN_DIR/spec.yaml`."""
+    if len(argv) != 2 or argv[0] != RANK_ENTRY[1]:
+        sys.exit(USAGE)
+    try:
+        return rank_main(argv[1])
+    except UserError as exc:  # written into the rank's record already; the exit code says what kind
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
