@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rank.loop import parse_step_lines
+from launcher.rundir.metrics import parse_step_lines
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -217,14 +217,14 @@ def test_a_rank_blocked_in_a_collective_waits_longer_and_says_so(tmp_path):
 
 
 def test_status_names_a_hang_as_the_watchdogs():
-    from launcher.ops import status
+    from launcher.ops import reasons
 
     # the backstop's dump on one rank; the other's marker says its collective failed (an echo)
     log = ("[rank1]:launcher: test fault\n[rank1]:Timeout (0:00:21.500000)!\n[rank1]:Thread 0x7f (most recent call "
-           "first):\n[rank1]:  File \"/x/resilience.py\", line 9 in _hold_gil_forever\n")
-    assert status.classify("FAILED", 1, None, log, {"reason": "collective_timeout", "message": "rank 0: a collective "
-                                                    "failed"}) == (status.HANG, "[rank1]: Timeout (0:00:21.500000)!")
+           "first):\n[rank1]:  File \"/x/faults.py\", line 9 in _hold_gil_forever\n")
+    assert reasons.classify("FAILED", 1, None, log, {"reason": "collective_timeout", "message": "rank 0: a collective "
+                                                     "failed"}) == (reasons.HANG, "[rank1]: Timeout (0:00:21.500000)!")
 
-    reason, line = status.classify("FAILED", 1, None, "", {"reason": "hang", "message": "rank 1 on node2 made no "
-                                                                                        "progress for 15 s"})
-    assert reason == "hang" and status.describe(reason, 1, None, line).startswith("hang (watchdog): exit code 1")
+    reason, line = reasons.classify("FAILED", 1, None, "", {"reason": "hang", "message": "rank 1 on node2 made no "
+                                                                                         "progress for 15 s"})
+    assert reason == "hang" and reasons.describe(reason, 1, None, line).startswith("hang (watchdog): exit code 1")
