@@ -4,6 +4,8 @@ The training job (slurm/job.sbatch.j2) and the one-task jobs chained around it (
 `prep` tokenizes the data before training, `merge` and `eval` follow it. The `#SBATCH` directives are
 built here, one per line and sorted. Every value that reaches a script is quoted here, or checked
 against a strict pattern, and the templates refuse any string that is not marked as such (`Sh`).
+The names of the run dir's files and of the ranks' markers reach the templates from their homes,
+rundir/layout.py and rundir/markers.py.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from launcher import assets
+from launcher.config.spec import ClusterSpec, RunSpec
 from launcher.errors import SpecError
 from launcher.plan.plan import Plan
-from launcher.config.spec import ClusterSpec, RunSpec
+from launcher.rundir import markers
+from launcher.rundir.layout import ARRAY_LOG_PATTERN, CHAIN_SCRIPTS, JOB_LOG_PATTERN, RunDir
 
 TEMPLATE = "job.sbatch.j2"
 CHAIN_TEMPLATE = "chain.sbatch.j2"
-# The one-task jobs around training: what each runs is fixed here, never taken from the spec.
-CHAIN_KINDS = ("prep", "merge", "eval")
-CHAIN_FILES = {"prep": "prepare.sbatch", "merge": "merge.sbatch", "eval": "eval.sbatch"}
-MERGED_DIRNAME = "merged"  # RUN_DIR/merged: the merge job's output
+# The one-task jobs around training (each with its script in the run dir): what each runs is fixed
+# here, never taken from the spec.
+CHAIN_KINDS = tuple(CHAIN_SCRIPTS)
+CHAIN_FILES = CHAIN_SCRIPTS
 # Python in a container or after the spec's set-up lines: whatever those put first on the PATH.
 PATH_PYTHON = "python3"
 # torchrun's shutdown timeout when the spec asks for no warning signal (torchrun's own default).
@@ -39,6 +43,8 @@ _THROTTLE = re.compile(r"%[0-9]+")
 _SBATCH_PLAIN = re.compile(r"[A-Za-z0-9_.,:/%=+@-]+")
 # sbatch blanks these words wherever they appear on an #SBATCH line (heterogeneous job separators).
 _HETJOB = re.compile(r"hetjob|packjob", re.IGNORECASE)
+# A run-dir name or a piece of a marker name: plain inside double quotes, in a glob and in ${x%...}.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*")
 
 
 class Sh(str):
@@ -155,7 +161,7 @@ def directives(spec: RunSpec, plan: Plan, run_dir: Path, *, array_tasks: int = 0
     """The #SBATCH lines, sorted."""
     c = spec.cluster
     per_node_tasks = 1 if c.launcher == "torchrun" else plan.nproc_per_node
-    log = slurm_filename(str(run_dir / "logs")) + ("/%x-%A_%a.out" if array_tasks else "/%x-%j.out")
+    log = _log_pattern(run_dir, ARRAY_LOG_PATTERN if array_tasks else JOB_LOG_PATTERN)
     opts: dict[str, str | int | None] = {
         "job-name": job_name(spec),
         "nodes": plan.nodes,
@@ -186,6 +192,11 @@ def directives(spec: RunSpec, plan: Plan, run_dir: Path, *, array_tasks: int = 0
     return sorted(lines)
 
 
+def _log_pattern(run_dir: Path, pattern: str) -> str:
+    """The --output/--error value: Slurm's file-name pattern in the run dir's logs folder."""
+    return f"{slurm_filename(str(RunDir(run_dir).logs))}/{pattern}"
+
+
 def _cpus_per_task(spec: RunSpec, plan: Plan) -> int | None:
     # cluster.cpus_per_task counts CPUs per rank, whichever the launcher: with torchrun one Slurm
     # task per node holds all of the node's ranks, so it asks for that many times as much.
@@ -196,6 +207,46 @@ def _cpus_per_task(spec: RunSpec, plan: Plan) -> int | None:
 
 
 # --------------------------------------------------------------------------- body
+
+def _plain(name: str) -> Sh:
+    if not _PLAIN_NAME.fullmatch(name):
+        raise ValueError(f"{name!r} cannot be spelled plainly in a batch script")
+    return Sh(name)
+
+
+def _run_dir_names(run_dir: Path) -> dict[str, Sh]:
+    """The run dir's files and folders the scripts use or name, relative to the run dir (a sweep
+    task's dir has the same layout), as the templates write them after "$RUN_DIR/" or "$OUT_DIR/"."""
+    rd = RunDir(run_dir)
+    paths = {
+        "spec": rd.spec_path, "tasks": rd.tasks, "jobs": rd.jobs_path, "job_script": rd.job_script,
+        "prep_script": rd.chain_script("prep"), "markers": rd.markers, "rank_logs": rd.rank_logs,
+        "base": rd.base, "final": rd.final, "merged": rd.merged, "eval": rd.eval_path,
+    }
+    return {key: _plain(path.relative_to(rd.path).as_posix()) for key, path in paths.items()}
+
+
+# The job id and attempt as the job script exports them (LAUNCHER_JOB_ID, LAUNCHER_ATTEMPT): the ranks
+# name their markers after these.
+_SCRIPT_JOB, _SCRIPT_ATTEMPT = "$LAUNCHER_JOB_ID", "$LAUNCHER_ATTEMPT"
+
+
+def _marker_names() -> dict[str, Sh]:
+    """The ranks' marker names as the job script spells them (rundir/markers.py). `mine` is the part
+    every marker of this attempt shares, the script's $MINE; a marker is named by the part before it
+    (start, exit, requeue), then $MINE, then for a rank's own marker `rank` and the rank's number, then
+    `suffix`. `pattern` and `requeue_name` are the names the script's comments show."""
+    mine = markers.attempt_part(_SCRIPT_JOB, _SCRIPT_ATTEMPT)
+    out = {"mine": Sh(mine), "rank": _plain(markers.RANK_PART), "suffix": _plain(markers.SUFFIX)}
+    for key, kind in (("start", markers.START), ("exit", markers.EXIT), ("requeue", markers.REQUEUE)):
+        prefix, found, rest = markers.marker_name(kind, _SCRIPT_JOB, _SCRIPT_ATTEMPT).partition(mine)
+        if not found or rest:
+            raise ValueError(f"a {kind} marker's name does not end with the attempt's part {mine!r}")
+        out[key] = _plain(prefix)
+    out["pattern"] = Sh(markers.marker_name("*", "JOB", "ATTEMPT") + "*" + markers.SUFFIX)
+    out["requeue_name"] = _plain(markers.marker_name(markers.REQUEUE, "JOB", "ATTEMPT") + markers.SUFFIX)
+    return out
+
 
 def _hub_environment(spec: RunSpec) -> list[tuple[str, str]]:
     """cluster.hf_home: every job reads the shared Hugging Face cache and never the network (compute
@@ -238,7 +289,7 @@ def _container(spec: RunSpec, run_dir: Path, gpu: bool) -> tuple[dict[str, Sh] |
     ct = spec.cluster.container
     if ct is None:
         return None, "", ""
-    # The run dir is mounted at its own path: the ranks read spec.yaml there and write checkpoints.
+    # The run dir is mounted at its own path: the ranks read their spec there and write checkpoints.
     mounts = ",".join([f"{run_dir}:{run_dir}", *ct.mounts])
     values = {"image": sh(ct.image), "mounts": sh(mounts)}
     if ct.runtime == "pyxis":
@@ -278,15 +329,16 @@ def render_sbatch(
     prepare_step: bool = True,
     entry: Sequence[str] = ("launcher", "train"),
 ) -> str:
-    """The batch script for `spec` run from `run_dir` (absolute; spec.yaml and logs/ live there).
+    """The batch script for `spec` run from `run_dir` (absolute; the run's spec and logs live there).
 
     `python` is the interpreter the ranks use when neither set-up lines nor a container provide
     one (the caller passes sys.executable). `array_specs` are the tasks of a sweep: the script
-    becomes a job array whose task i trains RUN_DIR/tasks/i/spec.yaml. `prepare_step`: the job
-    prepares the data itself in a first one-task step (`launcher bench --slurm`); `launcher slurm`
-    leaves it out and queues the preparation as its own CPU job (`render_chain_sbatch`). `entry`:
-    the module and arguments each rank runs with `python -m`, the spec's path after them (`launcher
-    bench` runs its measuring entry). Raises SpecError listing every value that cannot be rendered safely.
+    becomes a job array whose task i trains the spec of the run dir's task i (RunDir.task).
+    `prepare_step`: the job prepares the data itself in a first one-task step (`launcher bench
+    --slurm`); `launcher slurm` leaves it out and queues the preparation as its own CPU job
+    (`render_chain_sbatch`). `entry`: the module and arguments each rank runs with `python -m`, the
+    spec's path after them (`launcher bench` runs its measuring entry). Raises SpecError listing every
+    value that cannot be rendered safely.
     """
     run_dir = Path(run_dir)
     problems = check(spec, run_dir, python=python, array_specs=array_specs)
@@ -317,6 +369,8 @@ def render_sbatch(
         max_requeues=c.max_requeues,
         max_retries=c.max_retries,
         prepare_step=prepare_step,
+        path=_run_dir_names(run_dir),
+        marker=_marker_names(),
         entry=Sh(" ".join(shlex.quote(x) for x in entry)),
     )
     return text
@@ -342,7 +396,7 @@ def chain_directives(spec: RunSpec, kind: str, run_dir: Path) -> list[str]:
     partition = c.partition if gpu else (c.prep.partition or c.partition)
     # constraint and reservation name nodes of the training partition; they mean nothing elsewhere
     same_nodes = partition == c.partition
-    log = slurm_filename(str(run_dir / "logs")) + "/%x-%j.out"
+    log = _log_pattern(run_dir, JOB_LOG_PATTERN)
     opts: dict[str, str | int | None] = {
         "job-name": f"{job_name(spec)}-{kind}",
         "nodes": 1,
@@ -363,7 +417,8 @@ def chain_directives(spec: RunSpec, kind: str, run_dir: Path) -> list[str]:
         "export": "ALL",
     }
     lines = [f"#SBATCH --{k}={sbatch_quote(str(v))}" for k, v in opts.items() if v is not None]
-    # each job is idempotent (a cache hit, a merge with --force, eval.json rewritten): safe to run again
+    # each job is idempotent (a cache hit, a merge with --force, eval's results rewritten): safe to run
+    # again
     lines.append("#SBATCH --requeue" if c.requeue else "#SBATCH --no-requeue")
     return sorted(lines)
 
@@ -376,12 +431,12 @@ def render_chain_sbatch(
     python: str,
     array_specs: Sequence[RunSpec] | None = None,
 ) -> str:
-    """The batch script of one job chained around training, RUN_DIR/{prepare,merge,eval}.sbatch:
+    """The batch script of one job chained around training (RunDir.chain_script(kind)):
 
-    - prep: `launcher prepare RUN_DIR/spec.yaml` (each sweep task's spec for a job array): tokenizes
-      into the cache the ranks read, and makes the tiny model's RUN_DIR/base;
-    - merge: `launcher merge RUN_DIR --out RUN_DIR/merged --force`;
-    - eval: `launcher eval RUN_DIR` (results in RUN_DIR/eval.json).
+    - prep: `launcher prepare` on the run's spec (each sweep task's spec for a job array): tokenizes
+      into the cache the ranks read, and makes the tiny model's RunDir.base;
+    - merge: `launcher merge RUN_DIR --out` RunDir.merged `--force`;
+    - eval: `launcher eval RUN_DIR` (results in RunDir.eval_path).
 
     Same interpreter, set-up lines, container, account and environment as the training job.
     """
@@ -398,7 +453,7 @@ def render_chain_sbatch(
         directives=Sh("\n".join(chain_directives(spec, kind, run_dir))),
         kind=Sh(kind),
         run_dir=sh(str(run_dir)),
-        merged=Sh(MERGED_DIRNAME),
+        path=_run_dir_names(run_dir),
         array_tasks=len(array_specs) if array_specs else 0,
         python=sh(PATH_PYTHON if python_from_path else python),
         python_from_path=python_from_path,

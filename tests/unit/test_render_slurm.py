@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from launcher import assets
 from launcher.errors import SpecError
 from launcher.plan.plan import make_plan
 from launcher.render import slurm as render
@@ -231,6 +232,20 @@ def test_percent_in_run_dir_is_literal_for_slurm():
     assert directives_of(chain)["--output"] == "/runs/100%%x/logs/%x-%j.out"
 
 
+def test_templates_spell_no_run_dir_or_marker_name():
+    # they come rendered in from rundir/layout.py and rundir/markers.py; the sandbox runs below show the
+    # script reads the markers under the names the ranks' writer gives them
+    names = render._run_dir_names(RUN_DIR)
+    marker = render._marker_names()
+    assert names["jobs"] == "jobs.jsonl" and names["rank_logs"] == "logs/ranks" and marker["suffix"] == ".json"
+    for template in (render.TEMPLATE, render.CHAIN_TEMPLATE):
+        text = (assets.slurm_templates_dir() / template).read_text()
+        for name in names.values():
+            assert f"/{name}" not in text and ("." not in name or name not in text), (template, name)
+        for piece in (marker["start"], marker["exit"], marker["requeue"], marker["suffix"]):
+            assert piece not in text, (template, piece)
+
+
 # --------------------------------------------------------------------------- the chained jobs
 
 def _chain(kind: str, **cluster: Any) -> str:
@@ -427,24 +442,37 @@ case "${STUB_MODE:-}" in
     echo $$ > "$SANDBOX/ready"
     for _ in $(seq 100); do sleep 0.1; done
     exit 0 ;;
-  requeue)  # what the ranks leave after a signal: global rank 0's marker; torchrun then exits 1
-    d="$(dirname "${@: -1}")/markers"; mkdir -p "$d"
-    printf '{"name": "r", "rank": 0, "node": "node-a", "reason": "requeue", "exit_code": 3, "step": 7}\n' \
-      > "$d/requeue-$LAUNCHER_JOB_ID-a$LAUNCHER_ATTEMPT.json"
-    exit 1 ;;
-  fail-*)  # two ranks started; rank 0 recorded its failure (exit code after "fail-"), rank 1 nothing
-    d="$(dirname "${@: -1}")/markers"; mkdir -p "$d"
-    for r in 0 1; do
-      printf '{"name": "s", "rank": %s, "node": "node-%s"}\n' "$r" "$([ $r = 0 ] && echo a || echo b)" \
-        > "$d/start-$LAUNCHER_JOB_ID-a$LAUNCHER_ATTEMPT-rank$r.json"
-    done
-    printf '{"name": "e", "rank": 0, "node": "node-a", "reason": "why", "exit_code": %s}\n' "${STUB_MODE#fail-}" \
-      > "$d/exit-$LAUNCHER_JOB_ID-a$LAUNCHER_ATTEMPT-rank0.json"
+  requeue|fail-*)  # the markers the ranks leave (MARKER_WRITER, in the spec's run dir); torchrun then exits 1
+    "$REAL_PYTHON" "$SANDBOX/write_markers.py" "$(dirname "${@: -1}")" "$STUB_MODE"
     exit 1 ;;
 esac
 exit 0
 ''',
 }
+
+
+# The ranks' markers, written by rundir/markers.py as the ranks write them, for this job and attempt
+# (launcher.identity reads LAUNCHER_JOB_ID and LAUNCHER_ATTEMPT, which the script exports).
+# requeue: global rank 0's marker after a signal; fail-CODE: two ranks started, rank 0 recorded its
+# failure with exit code CODE, rank 1 nothing.
+MARKER_WRITER = """\
+import sys
+from launcher import identity
+from launcher.rundir import markers
+
+run_dir, mode = sys.argv[1], sys.argv[2]
+who = identity.current()
+if mode == "requeue":
+    name = markers.marker_name(markers.REQUEUE, who.job_key, who.attempt)
+    markers.write_marker(run_dir, name, rank=0, node="node-a", reason=markers.REQUEUED, exit_code=3, step=7)
+else:
+    for rank, node in ((0, "node-a"), (1, "node-b")):
+        markers.write_marker(run_dir, markers.marker_name(markers.START, who.job_key, who.attempt, rank),
+                             rank=rank, node=node)
+    markers.write_marker(run_dir, markers.marker_name(markers.EXIT, who.job_key, who.attempt, 0),
+                         rank=0, node="node-a", reason="why", exit_code=int(mode.removeprefix("fail-")))
+"""
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 
 class Sandbox:
@@ -463,6 +491,7 @@ class Sandbox:
         pydir.mkdir(parents=True)
         self.python = pydir / "python"
         self._write(self.python, STUBS["python"])
+        (root / "write_markers.py").write_text(MARKER_WRITER)
 
     @staticmethod
     def _write(path: Path, text: str) -> None:
@@ -472,7 +501,7 @@ class Sandbox:
     def env(self, **extra: str) -> dict[str, str]:
         env = {"PATH": f"{self.bin}:/usr/bin:/bin", "SANDBOX": str(self.root), "HOME": str(self.root),
                "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_JOB_ID": "4242",
-               "SLURM_ARRAY_TASK_ID": "1"}
+               "SLURM_ARRAY_TASK_ID": "1", "REAL_PYTHON": sys.executable, "PYTHONPATH": str(SOURCE_ROOT)}
         env.update(extra)
         return env
 
