@@ -28,7 +28,10 @@ from typing import Any
 
 from launcher.errors import UserError
 from launcher.config.spec import RunSpec
+from launcher.model import load as model_mod
 from launcher.model.load import has_weights
+from launcher.rundir import metrics
+from launcher.rundir.layout import RunDir, open_run_dir, with_overrides
 
 FORGETTING_TOLERANCE = 0.01  # nats per token: a reference-set loss rise above this counts as forgetting
 
@@ -60,7 +63,7 @@ class Target:
 
 def _newest_checkpoint_with_weights(run_dir: Path) -> Path | None:
     ckpts = []
-    for p in (run_dir / "checkpoints").glob("checkpoint-*"):
+    for p in RunDir(run_dir).checkpoints.glob("checkpoint-*"):
         if p.name.split("-")[-1].isdigit() and has_weights(p, adapter=True):
             ckpts.append((int(p.name.split("-")[-1]), p))
     return max(ckpts)[1] if ckpts else None
@@ -70,16 +73,12 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
     """RUN_DIR (its final model, else its newest checkpoint; base: the model it started from) or a
     model directory (full model or peft adapter; base: --base, else the adapter's own base)."""
     from launcher.config import spec as spec_mod
-    from launcher.rundir.layout import with_overrides
 
     path = Path(target).expanduser().resolve()
     if not path.is_dir():
         raise UserError(f"{target}: not a directory; give a run dir (made by `launcher run --out`) or a model "
                         f"directory (save_pretrained output or a peft adapter)")
-    if (path / "spec.yaml").is_file():
-        from launcher.rundir.layout import open_run_dir
-        from launcher.model import load as model_mod
-
+    if RunDir(path).spec_path.is_file():
         rd = open_run_dir(path)
         spec = rd.load_spec()
         if seq_len:
@@ -96,7 +95,7 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
         if base is None:
             base = model_mod.model_source(spec)
             if spec.model.name == model_mod.TINY:
-                base = str(rd.path / model_mod.BASE_DIRNAME)
+                base = str(rd.base)
         return Target(tuned=tuned, base=base, spec=spec, run_dir=rd.path,
                       adapter=(tuned / "adapter_config.json").is_file(), notes=notes)
     adapter = (path / "adapter_config.json").is_file()
@@ -120,7 +119,6 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
 
 def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
     """The run's spec reading `file` instead: same tokenizer and seq_len, no split, no packing."""
-    from launcher.rundir.layout import with_overrides
     from launcher.data.check import sample_records, sft_shape
     from launcher.data.source import data_files
 
@@ -392,22 +390,14 @@ def format_table(res: dict[str, Any]) -> str:
 
 
 def plot_losses(run_dir: str | Path, png: str | Path) -> Path:
-    """PNG of training loss (and eval loss, when the run evaluated) over steps, from logs/metrics.jsonl."""
-    metrics = Path(run_dir) / "logs" / "metrics.jsonl"
-    if not metrics.is_file():
-        raise UserError(f"{metrics} does not exist: --plot needs a run dir whose training wrote its metrics")
-    train, ev = [], []
-    for line in metrics.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "loss" in rec and "step" in rec:
-            train.append((rec["step"], rec["loss"]))
-        elif "eval_loss" in rec and "step" in rec:
-            ev.append((rec["step"], rec["eval_loss"]))
+    """PNG of training loss (and eval loss, when the run evaluated) over steps, from the run's metrics
+    file (RunDir.metrics_path)."""
+    path = RunDir(Path(run_dir)).metrics_path
+    if not path.is_file():
+        raise UserError(f"{path} does not exist: --plot needs a run dir whose training wrote its metrics")
+    train, ev = metrics.loss_points(metrics.read_records(run_dir))
     if not train and not ev:
-        raise UserError(f"{metrics} holds no loss records yet")
+        raise UserError(f"{path} holds no loss records yet")
     import matplotlib
 
     matplotlib.use("Agg")

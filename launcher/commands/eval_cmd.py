@@ -41,8 +41,9 @@ def eval_(target: str, data: tuple[str, ...], base: str | None, as_json: bool, o
     MODEL a model directory or a peft adapter. Runs in this process, on CPU or one GPU.
     """
     from launcher import evaluate as ev
+    from launcher.rundir.layout import RunDir
 
-    is_run = (Path(target) / "spec.yaml").is_file()
+    is_run = RunDir(Path(target)).spec_path.is_file()
     if plot and not is_run:
         raise UserError("--plot reads RUN_DIR/logs/metrics.jsonl; give a run dir")
     res = ev.evaluate(target, data=data, base=base, max_rows=max_rows, batch_size=batch_size, samples=samples,
@@ -50,7 +51,7 @@ def eval_(target: str, data: tuple[str, ...], base: str | None, as_json: bool, o
     text = json.dumps(res, indent=2) + "\n"
     written = []
     if res["run_dir"]:
-        p = Path(res["run_dir"]) / "eval.json"
+        p = RunDir(Path(res["run_dir"])).eval_path
         p.write_text(text)
         written.append(p)
     if out:

@@ -1,5 +1,5 @@
 """`launcher status`, `logs`, `cancel`, `cost` and `cluster check`: readers of Slurm's own tools
-and of the run dir (launcher/jobs). No heavy imports."""
+and of the run dir (launcher/ops, launcher/rundir). No heavy imports."""
 
 from __future__ import annotations
 
@@ -13,14 +13,15 @@ from launcher.errors import UserError
 
 def _run_dirs(paths: tuple[str, ...]) -> list[Path]:
     """The run dirs named, or the current directory when it is one, or the run dirs under ./runs."""
-    from launcher.rundir.layout import open_run_dir
+    from launcher.rundir.layout import RunDir, open_run_dir
 
     if paths:
         return [open_run_dir(p).path for p in paths]
     here = Path.cwd()
-    if (here / "spec.yaml").is_file():
+    if RunDir(here).spec_path.is_file():
         return [open_run_dir(here).path]
-    found = sorted(p.parent for p in (here / "runs").glob("*/jobs.jsonl")) if (here / "runs").is_dir() else []
+    runs = here / "runs"
+    found = sorted(p.parent for p in runs.glob(f"*/{RunDir(runs).jobs_path.name}")) if runs.is_dir() else []
     if not found:
         raise UserError("give one or more RUN_DIRs (directories made by `launcher slurm --out`); the current "
                         "directory is not one and ./runs holds none with submitted jobs")

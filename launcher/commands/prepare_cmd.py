@@ -13,6 +13,7 @@ from launcher.data.build import prepare as prepare_data
 from launcher.data.cache import read_meta
 from launcher.data.check import check_data
 from launcher.model.load import TINY, ensure_tiny_base
+from launcher.rundir.layout import RunDir
 
 
 @click.command()
@@ -28,5 +29,5 @@ def prepare(spec: RunSpec) -> None:
     meta = read_meta(path)
     click.echo(f"prepared {path}")
     click.echo("  " + ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))))
-    if spec.model.name == TINY and (Path(spec.output.dir) / "spec.yaml").is_file():
+    if spec.model.name == TINY and RunDir(Path(spec.output.dir)).spec_path.is_file():
         click.echo(f"base model {ensure_tiny_base(Path(spec.output.dir), spec.optim.seed)}")

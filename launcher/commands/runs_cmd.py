@@ -16,7 +16,7 @@ def runs(root: str, as_json: bool) -> None:
     """List the run dirs under ROOT (default ./runs): name, task/method, model, ranks, step, loss, tokens
     trained, jobs. A completed run's step, loss and tokens come from its manifest.json."""
     from launcher.errors import UserError
-    from launcher.rundir.layout import find_run_dirs, summary
+    from launcher.rundir.summary import find_run_dirs, summary
 
     base = Path(root)
     if not base.is_dir():

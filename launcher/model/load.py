@@ -19,10 +19,10 @@ from launcher import assets
 from launcher.errors import UserError
 from launcher.config.spec import PEFT_METHODS, RunSpec
 from launcher.plan.params import freeze_selection
+from launcher.rundir.layout import RunDir
 
 ATTN_IMPL = {"flash2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
 TINY = "tiny"
-BASE_DIRNAME = "base"  # in the run dir: the initialised tiny model that a LoRA adapter refers to
 # The weight files transformers' from_pretrained reads: each whole, or sharded beside FILE.index.json.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = tuple(f"{f}.index.json" for f in WEIGHT_FILES)
@@ -48,7 +48,7 @@ def model_source(spec: RunSpec) -> str:
     embedded model (made by `ensure_tiny_base`), so every rank, the adapter and `merge` share one base."""
     name = spec.model.name
     if name == TINY:
-        return str(Path(spec.output.dir) / BASE_DIRNAME)
+        return str(RunDir(Path(spec.output.dir)).base)
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
@@ -62,7 +62,7 @@ def ensure_tiny_base(run_dir: Path, seed: int) -> Path:
     """Write the embedded tiny model, initialised from `seed`, to RUN_DIR/base (fp32 safetensors +
     tokenizer) unless it is there. Safe when several processes race: each writes a temporary folder
     and renames it into place; the first rename wins."""
-    dest = Path(run_dir) / BASE_DIRNAME
+    dest = RunDir(Path(run_dir)).base
     if has_weights(dest):
         return dest
     import torch
@@ -92,7 +92,7 @@ def wait_for_tiny_base(run_dir: Path, seed: int, timeout_s: float = 600) -> Path
     """On ranks: `launcher run` or the job's preparation step made the base before any rank started;
     a rank started some other way makes it (global rank 0: transformers' save_pretrained writes
     only there once a process group exists) or waits for it (every other rank, on any node)."""
-    dest = Path(run_dir) / BASE_DIRNAME
+    dest = RunDir(Path(run_dir)).base
     if has_weights(dest):
         return dest
     if int(os.environ.get("RANK", "0")) == 0:

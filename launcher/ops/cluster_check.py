@@ -32,7 +32,7 @@ class Difference:
 
 def _limit(text: str | None) -> int | None:
     t = (text or "").strip().upper()
-    return None if t in ("", "UNLIMITED", "INFINITE", "N/A") else st._int(t)
+    return None if t in ("", "UNLIMITED", "INFINITE", "N/A") else st.parse_int(t)
 
 
 def _fmt_time(seconds: int | None) -> str:
@@ -61,7 +61,7 @@ def compare_partition(pname: str, part: Partition, rec: dict[str, str],
                                 _fmt_time(cluster_time) + f" (MaxTime={rec.get('MaxTime')})"))
     # node limit
     hosts = st.expand_hostlist(rec.get("Nodes"))
-    total = st._int(rec.get("TotalNodes")) or len(hosts)
+    total = st.parse_int(rec.get("TotalNodes")) or len(hosts)
     max_nodes = _limit(rec.get("MaxNodes"))
     effective = min(max_nodes, total) if max_nodes is not None else total
     if part.max_nodes is not None and part.max_nodes != effective:
@@ -88,13 +88,13 @@ def compare_partition(pname: str, part: Partition, rec: dict[str, str],
         elif not count and want_type:
             diffs.append(Difference(nw, "GPU type", want_type, "no GPUs"))
         if part.cpus_per_node is not None:
-            cpus = st._int(node.get("CPUTot"))
+            cpus = st.parse_int(node.get("CPUTot"))
             usable = min(cpus, max_cpus) if max_cpus is not None else cpus
             if usable != part.cpus_per_node:
                 diffs.append(Difference(nw, "CPUs per node", str(part.cpus_per_node),
                                         f"{usable} (CPUTot={cpus}" + (f", MaxCPUsPerNode={max_cpus})" if max_cpus else ")")))
         if part.mem_per_node is not None:
-            mem = st._int(node.get("RealMemory"))
+            mem = st.parse_int(node.get("RealMemory"))
             usable = min(mem, max_mem) if max_mem is not None else mem
             want = mem_mib(part.mem_per_node)
             if abs(want - usable) > 0.01 * max(usable, 1):

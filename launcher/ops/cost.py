@@ -23,10 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher.config import profiles
+from launcher.errors import UserError
 from launcher.ops import slurmtools as st
+from launcher.ops.logs import job_log_files, last_step, read_tail
 from launcher.ops.slurmtools import Attempt
+from launcher.plan import estimate as est
 from launcher.plan import hardware
+from launcher.plan.plan import make_plan
 from launcher.plan.price import usd_per_mtok
+from launcher.rundir import metrics
+from launcher.rundir.jobs import recorded_jobs
+from launcher.rundir.layout import RunDir, open_run_dir
 
 
 @dataclass
@@ -47,9 +55,6 @@ class Prices:
 
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, clusters_file: str | None = None) -> "Prices":
-        from launcher.errors import UserError
-        from launcher.rundir.layout import RunDir
-
         p = cls()
         try:
             spec = RunDir(Path(run_dir)).load_spec()
@@ -59,8 +64,6 @@ class Prices:
         c = spec.cluster
         p.default = Rate(c.usd_per_gpu_hour, c.usd_per_node_hour, None)
         if c.profile:
-            from launcher.config import profiles
-
             try:
                 prof = profiles.load(c.profile, clusters_file)
             except UserError:
@@ -110,22 +113,20 @@ class Prices:
 
 def steps_trained(run_dir: Path) -> tuple[int | None, str]:
     """(last step reached, where it was read)."""
-    from launcher.ops import status
-
-    step, _ = status.metrics_progress(run_dir)
+    rd = RunDir(run_dir)
+    step, _ = metrics.progress(rd.path)
     if step is not None:
-        return step, "logs/metrics.jsonl"
+        return step, str(rd.metrics_path.relative_to(rd.path))
     best = None
-    for jid, kind, _ in status.recorded_jobs(run_dir):
+    for jid, kind, _ in recorded_jobs(rd.path):
         if kind != "train":
             continue
-        s, _, _ = status.last_step(status.read_text(status.job_log_files(run_dir, jid)))
+        s, _, _ = last_step(read_tail(job_log_files(rd.path, jid)))
         if s is not None and (best is None or s > best):
             best = s
     if best is None:
-        logs = run_dir / "logs"
-        for p in sorted(logs.glob("*.out")) if logs.is_dir() else []:
-            s, _, _ = status.last_step(status.read_text([p]))
+        for p in sorted(rd.logs.glob("*.out")) if rd.logs.is_dir() else []:
+            s, _, _ = last_step(read_tail([p]))
             if s is not None and (best is None or s > best):
                 best = s
     return best, "step lines of the train logs"
@@ -133,11 +134,7 @@ def steps_trained(run_dir: Path) -> tuple[int | None, str]:
 
 def tokens_trained(run_dir: Path) -> dict[str, Any]:
     """Tokens the run trained: last step x the plan's tokens per step (sweep tasks summed)."""
-    from launcher.plan.plan import make_plan
-    from launcher.rundir.layout import RunDir
-
-    tasks = sorted((run_dir / "tasks").glob("*/spec.yaml")) if (run_dir / "tasks").is_dir() else []
-    dirs = [p.parent for p in tasks] or [run_dir]
+    dirs = [t.path for t in RunDir(run_dir).task_dirs()] or [run_dir]
     total, parts = 0, []
     any_steps = False
     for d in dirs:
@@ -158,11 +155,6 @@ def tokens_trained(run_dir: Path) -> dict[str, Any]:
 
 def estimate_for(run_dir: Path, prices: Prices) -> dict[str, Any]:
     """The estimator's $ per 1M tokens for the run's spec at the run's price (None where it has none)."""
-    from launcher.plan import estimate as est
-    from launcher.errors import UserError
-    from launcher.plan.plan import make_plan
-    from launcher.rundir.layout import RunDir
-
     spec = RunDir(run_dir).load_spec()
     plan = make_plan(spec)
     c = spec.cluster
@@ -188,20 +180,16 @@ def run_cost(run_dir: str | os.PathLike, clusters_file: str | None = None,
              attempts: dict[str, list[Attempt]] | None = None) -> dict[str, Any]:
     """The cost report of one run dir (JSON-ready). `attempts` (job id -> sacct attempts) is read
     with `sacct -D -X` when not given."""
-    from launcher.ops import status
-    from launcher.rundir.layout import open_run_dir
-
     rd = open_run_dir(run_dir)
-    recorded = status.recorded_jobs(rd.path)
-    kinds = {j: k for j, k, _ in recorded}
+    kinds = {j.job_id: j.kind for j in recorded_jobs(rd.path)}
     if attempts is None:
-        attempts = status._group_attempts(st.sacct(list(kinds))) if kinds else {}
+        attempts = st.group_attempts(st.sacct(list(kinds))) if kinds else {}
     prices = Prices.for_run(rd.path, clusters_file)
     rows: list[dict[str, Any]] = []
     gpu_h = node_h = cpu_h = 0.0
     usd_total, unpriced = 0.0, 0
     for jid, group in attempts.items():
-        kind = kinds.get(jid) or kinds.get(status._base(jid)) or "job"
+        kind = kinds.get(jid) or kinds.get(st.base_job_id(jid)) or "job"
         for i, a in enumerate(group):
             usd, how = prices.price(a)
             hours = a.elapsed_s / 3600
@@ -216,7 +204,7 @@ def run_cost(run_dir: str | os.PathLike, clusters_file: str | None = None,
             rows.append({"job_id": jid, "attempt": i + 1, "kind": kind, "state": a.state, "partition": a.partition,
                          "elapsed_s": a.elapsed_s, "gpus": a.gpus, "nodes": a.nodes, "cpus": a.cpus,
                          "gpu_hours": hours * a.gpus, "usd": usd, "price": how})
-    missing = [j for j in kinds if j not in attempts and not any(status._base(k) == j for k in attempts)]
+    missing = [j for j in kinds if j not in attempts and not any(st.base_job_id(k) == j for k in attempts)]
     tokens = tokens_trained(rd.path)
     usd = usd_total if unpriced < len(rows) or not rows else None
     paid = usd_per_mtok(usd, tokens["tokens"])

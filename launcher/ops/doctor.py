@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from launcher import assets, identity
+from launcher import __version__, assets, identity
+from launcher.rundir import manifest as manifest_file
 
 PREFIX = "LAUNCHER-DOCTOR "  # the probe's result line; anything else a node prints is ignored
 PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
@@ -41,12 +42,8 @@ _PACKAGE_ROOT = assets.PACKAGE_PARENT
 # =========================================================================== the probe (on each node)
 
 def package_versions() -> dict[str, str | None]:
-    from launcher.rundir import layout as rundir
-
-    out = rundir.package_versions(PACKAGES, missing=True)
-    import launcher
-
-    out["launcher"] = launcher.__version__  # the code the node runs, installed or not
+    out = manifest_file.package_versions(PACKAGES, missing=True)
+    out["launcher"] = __version__  # the code the node runs, installed or not
     return out
 
 

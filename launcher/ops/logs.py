@@ -12,11 +12,13 @@ A rank's node is rank // ranks per node (torchrun's node rank is SLURM_NODEID; s
 blocks); node names come from the job's node list (sacct / scontrol).
 
 Following returns once no job of the run is pending or running any more (squeue), after reading
-what the last job wrote.
+what the last job wrote. Also the readers `status` and `cost` share: a job's log files, their tail, the
+log of each attempt, and the last step line.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -26,6 +28,10 @@ from pathlib import Path
 
 from launcher.errors import UserError
 from launcher.ops import slurmtools as st
+from launcher.plan.plan import make_plan
+from launcher.rundir import metrics
+from launcher.rundir.jobs import job_ids
+from launcher.rundir.layout import RunDir
 
 # Each label as (kind, its pattern at the start of a line; group 1: its number).
 _LABELS = (
@@ -64,15 +70,13 @@ def one_label(line: str) -> str:
 
 def log_files(run_dir: Path) -> list[Path]:
     """The run's log files: each recorded job's files in submission order, then any others."""
-    from launcher.ops.status import recorded_jobs
-
-    logs = run_dir / "logs"
+    logs = RunDir(run_dir).logs
     if not logs.is_dir():
         return []
     every = sorted((p for p in logs.iterdir() if p.is_file() and p.suffix in _LOG_SUFFIXES),
                    key=lambda p: (p.stat().st_mtime, p.name))
     ordered: list[Path] = []
-    for jid, _, _ in recorded_jobs(run_dir):
+    for jid in job_ids(run_dir):
         for p in every:
             m = _JOB_OF_FILE.search(p.name)
             if m and m.group(1).split("_")[0] == jid and p not in ordered:
@@ -90,19 +94,14 @@ class Layout:
 
     @classmethod
     def for_run(cls, run_dir: Path, need_nodes: bool) -> "Layout":
-        from launcher.ops.status import recorded_jobs
-
         lay = cls()
         try:
-            from launcher.plan.plan import make_plan
-            from launcher.rundir.layout import RunDir
-
             spec = RunDir(run_dir).load_spec()
             lay.nproc_per_node, lay.launcher = make_plan(spec).nproc_per_node, spec.cluster.launcher
         except Exception:  # a run dir whose spec no longer validates: one rank per node
             pass
         if need_nodes:
-            ids = [j for j, _, _ in recorded_jobs(run_dir)]
+            ids = job_ids(run_dir)
             try:
                 for row in st.sacct(ids, ("JobID", "NodeList")):
                     hosts = st.expand_hostlist(row.get("NodeList"))
@@ -198,9 +197,7 @@ def print_logs(run_dir: Path, write: Callable[[str], None], filt: LineFilter | N
 
 def live_jobs(run_dir: Path) -> list[str] | None:
     """Ids of the run's jobs that are pending or running; None when squeue did not answer."""
-    from launcher.ops.status import recorded_jobs
-
-    ids = [j for j, _, _ in recorded_jobs(run_dir)]
+    ids = job_ids(run_dir)
     if not ids:
         return []
     try:
@@ -269,4 +266,60 @@ def stdout_write(line: str) -> None:
     sys.stdout.flush()
 
 
-__all__ = ["follow", "print_logs", "make_filter", "log_files", "live_jobs", "Layout", "LineFilter", "stdout_write"]
+# --------------------------------------------------------------------------- what status and cost read
+
+# The batch script prints this at the start of every attempt (slurm/job.sbatch.j2).
+_ATTEMPT_BANNER = re.compile(r"^launcher: job (\d+) on ", re.M)
+
+
+def job_log_files(run_dir: Path, job_id: str, extra: str | None = None) -> list[Path]:
+    """The job's log files in RUN_DIR/logs (RunDir.job_logs), plus the path the controller reports
+    (StdOut) when it lies elsewhere."""
+    found = RunDir(run_dir).job_logs(job_id)
+    if extra and extra not in ("", "(null)", "/dev/null"):
+        p = Path(extra)
+        if p.is_file() and p not in found:
+            found.append(p)
+    return found
+
+
+def read_tail(paths: list[Path], limit: int = 4 << 20) -> str:
+    """The last `limit` bytes of each file, joined; unreadable files skipped."""
+    parts = []
+    for p in paths:
+        try:
+            with p.open("rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(0, size - limit))
+                parts.append(f.read().decode("utf-8", "replace"))
+        except OSError:
+            continue
+    return "\n".join(parts)
+
+
+def split_attempts(text: str, job_id: str) -> list[str]:
+    """The log of each attempt (a requeued job appends to its log; the batch script prints a
+    banner at each start). Without banners the whole text is one attempt."""
+    starts = [m.start() for m in _ATTEMPT_BANNER.finditer(text)]
+    if not starts:
+        return [text]
+    segs = [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])]
+    segs[0] = text[: starts[1] if len(starts) > 1 else len(text)]  # preamble joins the first
+    return segs
+
+
+def last_step(text: str) -> tuple[int | None, int | None, float | None]:
+    """(step, max_steps, loss) of a log's last training step line (rundir/metrics.py parse_step, read
+    through the rank labels); a line without a loss keeps the loss of an earlier one."""
+    step = max_steps = None
+    loss = None
+    for line in text.splitlines():
+        found = metrics.parse_step(strip_labels(line.strip()))
+        if found is not None:
+            step, max_steps = found.step, found.max_steps
+            loss = found.loss if found.loss is not None else loss
+    return step, max_steps, loss
+
+
+__all__ = ["follow", "print_logs", "make_filter", "log_files", "live_jobs", "Layout", "LineFilter", "stdout_write",
+           "job_log_files", "read_tail", "split_attempts", "last_step", "strip_labels", "one_label"]

@@ -150,8 +150,8 @@ def gpus_in_tres(text: str | None) -> int:
     """Allocated GPUs in a TRES string: gres/gpu=N, or the sum of typed gres/gpu:TYPE=N entries."""
     tres = parse_tres(text)
     if "gres/gpu" in tres:
-        return _int(tres["gres/gpu"])
-    return sum(_int(v) for k, v in tres.items() if k.startswith("gres/gpu:"))
+        return parse_int(tres["gres/gpu"])
+    return sum(parse_int(v) for k, v in tres.items() if k.startswith("gres/gpu:"))
 
 
 def parse_gres(text: str | None) -> list[tuple[str, str | None, int]]:
@@ -166,9 +166,9 @@ def parse_gres(text: str | None) -> list[tuple[str, str | None, int]]:
         if len(parts) == 1:
             out.append((name, None, 1))
         elif len(parts) == 2:
-            out.append((name, None, _int(parts[1])) if parts[1].isdigit() else (name, parts[1], 1))
+            out.append((name, None, parse_int(parts[1])) if parts[1].isdigit() else (name, parts[1], 1))
         else:
-            out.append((name, parts[1], _int(parts[2])))
+            out.append((name, parts[1], parse_int(parts[2])))
     return out
 
 
@@ -206,7 +206,8 @@ def expand_hostlist(text: str | None) -> list[str]:
     return names
 
 
-def _int(text: Any, default: int = 0) -> int:
+def parse_int(text: Any, default: int = 0) -> int:
+    """An integer field ("4", "4(x)"); `default` where there is none."""
     try:
         return int(str(text).strip())
     except (TypeError, ValueError):
@@ -310,8 +311,8 @@ class Attempt:
         elapsed = row.get("ElapsedRaw", "")
         return cls(
             job_id=row.get("JobID", ""), state=state_word(row.get("State")), exit_code=code, signal=sig,
-            elapsed_s=_int(elapsed) if elapsed.strip().isdigit() else (parse_duration(row.get("Elapsed")) or 0),
-            gpus=gpus_in_tres(row.get("AllocTRES")), cpus=_int(row.get("AllocCPUS")), nodes=_int(row.get("NNodes")),
+            elapsed_s=parse_int(elapsed) if elapsed.strip().isdigit() else (parse_duration(row.get("Elapsed")) or 0),
+            gpus=gpus_in_tres(row.get("AllocTRES")), cpus=parse_int(row.get("AllocCPUS")), nodes=parse_int(row.get("NNodes")),
             node_list=row.get("NodeList", ""), partition=row.get("Partition", ""), start=row.get("Start", ""),
             end=row.get("End", ""), time_limit_s=parse_duration(row.get("Timelimit")), name=row.get("JobName", ""))
 
@@ -319,3 +320,31 @@ class Attempt:
         return {"job_id": self.job_id, "state": self.state, "exit_code": self.exit_code, "signal": self.signal,
                 "elapsed_s": self.elapsed_s, "gpus": self.gpus, "cpus": self.cpus, "nodes": self.nodes,
                 "node_list": self.node_list, "partition": self.partition, "start": self.start, "end": self.end}
+
+
+# --------------------------------------------------------------------------- job ids and attempts
+
+def base_job_id(job_id: str) -> str:
+    """The submitted job's id of an array task or a step: '123_4' and '123.batch' -> '123'."""
+    return job_id.split("_")[0].split(".")[0]
+
+
+def display_id(rec: dict[str, str]) -> str:
+    """An scontrol record's job id as squeue and sacct show it: ARRAYJOB_TASK for an array task."""
+    aj, at = rec.get("ArrayJobId"), rec.get("ArrayTaskId")
+    if aj and at and at not in ("N/A", "(null)"):
+        return f"{aj}_{at}"
+    return rec.get("JobId", "")
+
+
+def group_attempts(rows: list[dict[str, str]]) -> dict[str, list[Attempt]]:
+    """`sacct -D -X` rows as job id -> its attempts, oldest first: by submit time (a requeue submits
+    again), then start, then sacct's order."""
+    out: dict[str, list[tuple[tuple[str, str, str], Attempt]]] = {}
+    for i, row in enumerate(rows):
+        a = Attempt.from_sacct(row)
+        if a.job_id:
+            late = "9999"
+            key = (row.get("Submit") or late, a.start if a.start[:1].isdigit() else late, f"{i:09d}")
+            out.setdefault(a.job_id, []).append((key, a))
+    return {j: [a for _, a in sorted(group, key=lambda x: x[0])] for j, group in out.items()}

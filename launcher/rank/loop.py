@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -21,10 +20,12 @@ from typing import Any, Sequence
 from launcher import identity
 from launcher.errors import UserError
 from launcher.plan.plan import Plan, make_plan
+from launcher.config.checks import unsupported_precision
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 from launcher.rank import checkpoint
 from launcher.rank.stop import STOP, finish_stop, stop_callback
-from launcher.rundir import markers
+from launcher.rundir import markers, metrics
+from launcher.rundir.layout import RunDir
 
 # What each peft method's output is called (spec.MERGEABLE_METHODS: which of them `launcher merge` folds in).
 ADAPTER_NAMES = {"lora": "LoRA", "qlora": "QLoRA (LoRA on the 4-bit base)", "dora": "DoRA", "ia3": "IA3",
@@ -53,7 +54,7 @@ def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, An
     evaluate = spec.data.eval_fraction > 0 and out.eval_every > 0
     run_dir = Path(out.dir)
     kw: dict[str, Any] = dict(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(RunDir(run_dir).checkpoints),
         run_name=spec.name,
         # batch: one source of truth (the Plan), the same numbers the DeepSpeed JSON carries
         per_device_train_batch_size=plan.micro_batch,
@@ -127,7 +128,7 @@ def resume_point(spec: RunSpec) -> Path | None:
     if value == "never":
         return None
     if value == "auto":
-        return newest_checkpoint(Path(spec.output.dir) / "checkpoints")
+        return newest_checkpoint(RunDir(Path(spec.output.dir)).checkpoints)
     p = Path(value).expanduser()
     if not p.is_dir() or not checkpoint.is_complete(p):
         raise UserError(f"output.resume={value!r} is not a complete checkpoint: no {checkpoint.COMPLETE_MARKER} in "
@@ -161,28 +162,10 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
     if plan.device == "cuda" and torch.cuda.device_count() < plan.nproc_per_node:
         raise UserError(f"the plan runs {plan.nproc_per_node} rank(s) per node, one per GPU, but this machine "
                         f"shows {torch.cuda.device_count()} GPU(s); lower --nproc-per-node")
-    if plan.device == "cpu" and spec.precision.dtype == "fp16":
-        raise UserError("precision fp16 does not run on CPU (DeepSpeed has no CPU fp16 kernels); "
-                        "use --precision fp32 or bf16 for CPU ranks")
+    refusal = unsupported_precision(spec, plan)
+    if refusal:
+        raise UserError(refusal)
     choose_attn(spec)
-
-
-def format_step(step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float) -> str:
-    return f"step {step}/{max_steps} loss {loss:.4f} lr {lr:.3e} tokens/s {tokens_per_s:,.0f}"
-
-
-_STEP_LINE = re.compile(r"^step (\d+)/(\d+) loss ([0-9.eE+-]+|nan|inf) lr ([0-9.eE+-]+) tokens/s ([0-9,]+)")
-
-
-def parse_step_lines(text: str) -> list[dict[str, float]]:
-    """The log lines of `format_step` found in text (for tests and tools)."""
-    out = []
-    for line in text.splitlines():
-        m = _STEP_LINE.match(line.strip())
-        if m:
-            out.append({"step": int(m.group(1)), "max_steps": int(m.group(2)), "loss": float(m.group(3)),
-                        "lr": float(m.group(4)), "tokens_per_s": float(m.group(5).replace(",", ""))})
-    return out
 
 
 # --------------------------------------------------------------------------- callback
@@ -208,8 +191,7 @@ def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
                 return
             print(line, flush=True)
             if log_file is not None:
-                with log_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                metrics.append(log_file, record)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.t_last = time.perf_counter()
@@ -234,14 +216,14 @@ def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
                 tps = steps * plan.tokens_per_step / max(now - self.t_last, 1e-9)
                 self.t_last, self.step_last = now, state.global_step
                 lr = self.lr_used if self.lr_used is not None else float(logs.get("learning_rate", 0.0))
-                self._emit(state, format_step(state.global_step, state.max_steps, float(logs["loss"]), lr, tps),
-                           {"step": state.global_step, "loss": float(logs["loss"]), "lr": lr, "tokens_per_s": tps,
-                            "grad_norm": _num(logs.get("grad_norm")), "time": time.time()})
+                loss = float(logs["loss"])
+                self._emit(state, metrics.format_step(state.global_step, state.max_steps, loss, lr, tps),
+                           metrics.step_record(state.global_step, loss, lr, tps, _num(logs.get("grad_norm")), time.time()))
             elif "eval_loss" in logs:
                 loss = float(logs["eval_loss"])
                 ppl = math.exp(loss) if loss < 50 else float("inf")
-                self._emit(state, f"eval step {state.global_step}/{state.max_steps} loss {loss:.4f} perplexity {ppl:.2f}",
-                           {"step": state.global_step, "eval_loss": loss, "perplexity": ppl, "time": time.time()})
+                self._emit(state, metrics.format_eval(state.global_step, state.max_steps, loss, ppl),
+                           metrics.eval_record(state.global_step, loss, ppl, time.time()))
                 self.t_last = time.perf_counter()  # evaluation time is not training throughput
 
     return StepLog()
@@ -354,7 +336,6 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
 
 
 def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainResult:
-    from launcher.rundir.layout import RunDir
     from launcher.rank import watchdog
 
     run_dir = RunDir(Path(spec.output.dir))
@@ -375,7 +356,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
     universal_note = checkpoint.prepare_resume(resume, ds_config) if resume is not None else None
     run_dir.logs.mkdir(parents=True, exist_ok=True)
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.logs / "tb")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.tensorboard)
     # NCCL's async error handling: a failed or timed-out collective aborts the rank instead of hanging it.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if spec.cluster.nccl.async_error_handling else "0")
     _quiet_libraries()
@@ -430,7 +411,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
         data_collator=make_collator(spec, tokenizer),
         processing_class=tokenizer,
         # the hang watchdog after the stop callback, so that it sees a save the stop asks for
-        callbacks=[_make_log_callback(plan, run_dir.logs / "metrics.jsonl"),
+        callbacks=[_make_log_callback(plan, run_dir.metrics_path),
                    *(testing.step_callbacks() if testing else []), stop,
                    watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
                                               on_fire=lambda why: record.end("hang", message=why))],

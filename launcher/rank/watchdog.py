@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import re
 import sys
 import tempfile
 import threading
@@ -46,8 +45,7 @@ FIRST_STEP_FACTOR = 3  # the first step: compilation, autotuning, first collecti
 SAVE_FACTOR = 3  # a checkpoint save after the step
 COLLECTIVE_GRACE_S = 60.0  # extra wait of a rank blocked in a collective (at most the limit itself)
 BACKSTOP_SLACK_S = 5.0  # the C-level backstop fires this long (plus two polls) after the watchdog's deadline
-# The first line of the backstop's dump (faulthandler's own words), as a log shows it.
-BACKSTOP_DUMP = re.compile(r"(?:^|\n)Timeout \(\d+:\d\d:\d\d(?:\.\d+)?\)!")
+# The first line of the backstop's dump, as a log shows it, is a log sign: launcher/ops/reasons.py BACKSTOP_DUMP.
 
 
 class Watchdog:

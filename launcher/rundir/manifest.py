@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher import __version__, assets
-from launcher.config.spec import deep_merge
+from launcher.config.resolve import deep_merge
 from launcher.rundir.layout import RunDir
 
 if TYPE_CHECKING:

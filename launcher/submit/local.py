@@ -27,6 +27,8 @@ from pathlib import Path
 from launcher import assets
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
 from launcher.plan.plan import Plan
+from launcher.ops.reasons import BACKSTOP_DUMP
+from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import RunDir
 from launcher.config.spec import RunSpec
 
@@ -52,7 +54,7 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
         "--master_port", str(master_port),
         "--no_local_rank",
         *(["--log_level", "warning"] if quiet else []),
-        "--module", *entry, str(run_dir / "spec.yaml"),
+        "--module", *entry, str(RunDir(run_dir).spec_path),
     ]
     if quiet:
         env["PYTHONWARNINGS"] = "ignore::FutureWarning,ignore::UserWarning"
@@ -89,7 +91,7 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     clashes, memory fit: exit 2 before any run dir or rank), write the run dir, tokenize the data,
     make the tiny base model."""
     from launcher.config import checks as preflight
-    from launcher.rundir import layout as rundir
+    from launcher.submit.rundir import create
     from launcher.plan.plan import make_plan
     from launcher.data import build as data_mod
     from launcher.rank.loop import check_environment
@@ -101,7 +103,7 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     for note in preflight.check(spec, ignore_fit=ignore_fit, device_memory=local_gpu_memory(plan0)):
         print(f"note: {note}", file=sys.stderr, flush=True)
     check_environment(spec, plan0)  # GPUs, precision, attention kernel: before any rank
-    rd, spec, plan = rundir.create(out, spec, force=force)
+    rd, spec, plan = create(out, spec, force=force)
     prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache
     if spec.model.name == "tiny":
         from launcher.model.load import ensure_tiny_base
@@ -141,17 +143,15 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
     env["LAUNCHER_JOB_ID"] = job
     env["LAUNCHER_ATTEMPT"] = "0"
     rd.logs.mkdir(parents=True, exist_ok=True)
-    log_path = rd.logs / "launch.log"
+    log_path = rd.launch_log
     started = time.time()
-    from launcher.rank.watchdog import BACKSTOP_DUMP
-
     backstop = False  # a rank's watchdog backstop dumped its stacks (a hang holding the GIL: it leaves no marker)
     with log_path.open("a") as log:
         log.write(f"$ {' '.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True, errors="replace", bufsize=1)
-        rd.record_job(job, "local", "started", nproc=plan.nproc_per_node, pid=proc.pid)
+        record_job(rd.path, job, "local", "started", nproc=plan.nproc_per_node, pid=proc.pid)
 
         def forward(signum: int, frame: object) -> None:  # Ctrl-C reaches the whole launch tree
             try:
@@ -197,7 +197,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
             if rec.get("exit_code") == EXIT_HANG]
     if (hung or backstop) and code not in _KNOWN_EXITS | {0}:
         code = EXIT_HANG  # a rank's watchdog fired; the others' failed collectives (exit 1) are its echo
-    rd.record_job(job, "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
+    record_job(rd.path, job, "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
     rd_note = _failure_note(rd, job, backstop) if code not in (0, EXIT_REQUEUE) else ""
     if rd_note:
         sys.stderr.write(rd_note + "\n")
@@ -247,5 +247,5 @@ def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = Tru
         exit_code = code if code in _KNOWN_EXITS else EXIT_FAILED
         why = (": a rank made no progress for cluster.hang_timeout_s and its watchdog stopped it, after writing "
                "every thread's stack to the log" if exit_code == EXIT_HANG else "")
-        raise RunFailed(f"training failed (exit {code}{why}); logs: {rd.logs / 'launch.log'}", exit_code=exit_code)
+        raise RunFailed(f"training failed (exit {code}{why}); logs: {rd.launch_log}", exit_code=exit_code)
     return rd

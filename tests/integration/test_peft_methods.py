@@ -41,7 +41,7 @@ RUNS = [
 
 
 def spec_for(name, stage, extra, out):
-    from launcher.config.spec import resolve
+    from launcher.config.resolve import resolve
 
     return resolve(sets=[*COMMON, f"method.name={name}", f"zero.stage={stage}", *extra, f"output.dir={out}"])
 
@@ -72,7 +72,7 @@ def test_estimated_trainable_count_matches_peft_and_tensors(tmp_path, model, nam
     from launcher import assets
     from launcher.plan import params
     from launcher.plan import modelinfo
-    from launcher.config.spec import resolve
+    from launcher.config.resolve import resolve
     from launcher.model.load import apply_method
 
     if model == "tiny":
@@ -106,7 +106,7 @@ def test_freeze_trains_exactly_the_named_parameters(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher import assets
-    from launcher.config.spec import resolve
+    from launcher.config.resolve import resolve
     from launcher.model.load import apply_method
 
     spec = resolve(sets=["method.name=freeze", "method.freeze.top_layers=1", "method.freeze.train_modules=[norm]",
@@ -133,7 +133,7 @@ def trained(tmp_path_factory, env, train_cases):
 def test_method_trains_one_rank(trained, name, stage, extra):
     from launcher.plan import params
     from launcher.plan import modelinfo
-    from launcher.rank.loop import parse_step_lines
+    from launcher.rundir.metrics import parse_step_lines
 
     root, out, proc, _ = trained
     text = out.get(name, "")
@@ -229,7 +229,7 @@ def test_merge_refuses_virtual_token_adapters_with_the_reason(trained, env, laun
 # --------------------------------------------------------------------------- 2 ranks, launcher run
 
 def test_dora_zero3_two_ranks_through_launcher_run(tmp_path, env, launcher):
-    from launcher.rank.loop import parse_step_lines
+    from launcher.rundir.metrics import parse_step_lines
 
     out = tmp_path / "run"
     proc = launcher(["run", "--method", "dora", "--zero", 3, "--nproc", 2, "--precision", "fp32", "--seq-len", 64,

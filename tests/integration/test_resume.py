@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from launcher.rank.checkpoint import COMPLETE_MARKER
-from launcher.rank.loop import parse_step_lines
+from launcher.rundir.metrics import parse_step_lines
 from launcher.testing.faults import TEST_DUMP_ENV, TEST_DUMP_START_ENV
 
 pytestmark = pytest.mark.integration

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rank.loop import parse_step_lines
+from launcher.rundir.metrics import parse_step_lines
 from launcher.testing.faults import TEST_DUMP_ENV
 
 pytestmark = pytest.mark.integration

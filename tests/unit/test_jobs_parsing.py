@@ -4,7 +4,6 @@ cluster check differences, log attribution and following. No Slurm needed."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -15,9 +14,14 @@ from launcher.errors import UserError
 from launcher.ops import cluster_check
 from launcher.ops import cost
 from launcher.ops import logs
+from launcher.ops import reasons
 from launcher.ops import slurmtools as st
 from launcher.ops import status
-from launcher.ops.status import Sources
+from launcher.ops.sources import Sources
+from launcher.rundir import markers
+from launcher.rundir import metrics
+from launcher.rundir.jobs import record_job
+from launcher.rundir.layout import RunDir
 from launcher.rundir import markers
 from launcher.config.profiles import Partition, Profile
 
@@ -154,7 +158,7 @@ def test_tres_gres_exit_codes_hostlists():
 
 
 def test_attempts_of_a_requeued_job_are_grouped_oldest_first():
-    groups = status._group_attempts(st.parse_delimited(SACCT, st.SACCT_FIELDS))
+    groups = st.group_attempts(st.parse_delimited(SACCT, st.SACCT_FIELDS))
     assert [a.state for a in groups["36"]] == ["REQUEUED", "COMPLETED"]
     assert [(a.elapsed_s, a.gpus, a.nodes) for a in groups["36"]] == [(7, 4, 2), (12, 4, 2)]
     assert groups["39"][0].state == "CANCELLED" and groups["40"][0].time_limit_s == 60
@@ -170,7 +174,7 @@ def test_missing_tools_are_a_clear_user_error(monkeypatch):
 
 def test_status_without_slurm_tools_exits_2_with_one_message(tmp_path, cli):
     run_dir = _run_dir(tmp_path)
-    status_rd(run_dir).record_job("7", "train")
+    record_job(run_dir, "7", "train")
     cp = cli("status", str(run_dir), env={"PATH": "/nonexistent"})
     assert cp.returncode == 2 and "`squeue` is not on the PATH" in cp.stderr and "Traceback" not in cp.stderr
 
@@ -199,7 +203,7 @@ def test_status_without_slurm_tools_exits_2_with_one_message(tmp_path, cli):
     ("FAILED", 137, "srun: error: node1: task 0: Killed", "failed", "srun: error: node1: task 0: Killed"),
 ])
 def test_classify_each_way_a_job_ends(state, code, log, reason, line):
-    got_reason, got_line = status.classify(state, code, 0, log)
+    got_reason, got_line = reasons.classify(state, code, 0, log)
     assert got_reason == reason
     if line is not None:
         assert got_line == line
@@ -208,30 +212,30 @@ def test_classify_each_way_a_job_ends(state, code, log, reason, line):
 
 
 def test_classify_requeues_and_markers():
-    assert status.classify("REQUEUED", 0, 0, "", requeued_after=True)[0] == "preempted and requeued"
-    assert status.classify("PREEMPTED", 0, 0, "", requeued_after=True)[0] == "preempted and requeued"
-    assert status.classify("FAILED", 3, 0, "", requeued_after=True)[0] == "preempted and requeued"
+    assert reasons.classify("REQUEUED", 0, 0, "", requeued_after=True)[0] == "preempted and requeued"
+    assert reasons.classify("PREEMPTED", 0, 0, "", requeued_after=True)[0] == "preempted and requeued"
+    assert reasons.classify("FAILED", 3, 0, "", requeued_after=True)[0] == "preempted and requeued"
     # the ranks' own marker wins: torchrun exits 1 whatever its ranks did
     marker = {"reason": "oom", "message": "torch.OutOfMemoryError: CUDA out of memory (rank 3)"}
-    assert status.classify("FAILED", 1, 0, TRACEBACK_UNDER_TORCHRUN, marker) == (
+    assert reasons.classify("FAILED", 1, 0, TRACEBACK_UNDER_TORCHRUN, marker) == (
         "out of memory", "torch.OutOfMemoryError: CUDA out of memory (rank 3)")
-    assert status.describe("failed", 1, 0, "ValueError: x") == "failed: exit code 1: ValueError: x"
-    assert status.describe("completed", 0, 0, None) == "completed"
+    assert reasons.describe("failed", 1, 0, "ValueError: x") == "failed: exit code 1: ValueError: x"
+    assert reasons.describe("completed", 0, 0, None) == "completed"
 
 
 def test_why_line_skips_library_noise_and_wrappers():
-    assert status.why_line(TRACEBACK_UNDER_TORCHRUN) == "[rank1]: ValueError: bad shard 7"
-    assert status.why_line("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'\n"
+    assert reasons.why_line(TRACEBACK_UNDER_TORCHRUN) == "[rank1]: ValueError: bad shard 7"
+    assert reasons.why_line("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'\n"
                            "all fine\n") is None
 
 
 def test_step_lines_and_attempt_segments():
-    assert status.last_step(REQUEUED_TWICE) == (4, 4, 2.0)  # the eval line is not a training step
-    assert status.last_step("[rank0]: step 7/9 loss 1.5 lr 1e-4 tokens/s 5\n") == (7, 9, 1.5)
-    assert status.last_step("no steps here, step=10 skipped=0\n") == (None, None, None)
-    segs = status.split_attempts(REQUEUED_TWICE, "60")
+    assert logs.last_step(REQUEUED_TWICE) == (4, 4, 2.0)  # the eval line is not a training step
+    assert logs.last_step("[rank0]: step 7/9 loss 1.5 lr 1e-4 tokens/s 5\n") == (7, 9, 1.5)
+    assert logs.last_step("no steps here, step=10 skipped=0\n") == (None, None, None)
+    segs = logs.split_attempts(REQUEUED_TWICE, "60")
     assert len(segs) == 2 and "DUE TO JOB REQUEUE" in segs[0] and "resuming from" in segs[1]
-    assert status.split_attempts("plain log\n", "1") == ["plain log\n"]
+    assert logs.split_attempts("plain log\n", "1") == ["plain log\n"]
 
 
 def test_markers_round_trip(tmp_path, monkeypatch):
@@ -243,8 +247,8 @@ def test_markers_round_trip(tmp_path, monkeypatch):
     markers.write_marker(tmp_path, "exit-77-rank0", reason="completed")
     [m1, m0] = markers.read_markers(tmp_path)
     assert (m1["job_id"], m1["restart"], m1["rank"], m1["exit_code"]) == ("77", 1, 3, 5)
-    assert status.marker_for([m1, m0], "77")["reason"] == "oom"  # a failure wins over 'completed'
-    assert status.marker_for([m1, m0], "77", restart=0) is None
+    assert reasons.marker_for([m1, m0], "77")["reason"] == "oom"  # a failure wins over 'completed'
+    assert reasons.marker_for([m1, m0], "77", restart=0) is None
     with pytest.raises(ValueError):
         markers.write_marker(tmp_path, "../escape", reason="oom")
 
@@ -252,33 +256,27 @@ def test_markers_round_trip(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- status of a run dir
 
 def _run_dir(tmp_path: Path, name: str = "run", **cluster) -> Path:
-    from launcher.rundir import layout as rundir
     from launcher.config.spec import validate
+    from launcher.submit.rundir import create
 
     spec = validate({"name": name, "optim": {"max_steps": 4, "micro_batch": 2}, "data": {"seq_len": 64},
                      "cluster": {"partition": "debug", **cluster}})
-    rd, _, _ = rundir.create(tmp_path / name, spec)
+    rd, _, _ = create(tmp_path / name, spec)
     return rd.path
-
-
-def status_rd(path: Path):
-    from launcher.rundir.layout import RunDir
-
-    return RunDir(path)
 
 
 def test_status_takes_the_first_source_that_knows_each_job(tmp_path):
     run_dir = _run_dir(tmp_path)
-    rd = status_rd(run_dir)
+    logs_dir = RunDir(run_dir).logs
     for jid in ("1", "3", "36", "60", "61"):
-        rd.record_job(jid, "train")
-    (run_dir / "logs" / "run-60.out").write_text(REQUEUED_TWICE)
-    (run_dir / "logs" / "run-61.out").write_text(TRACEBACK_UNDER_TORCHRUN)
-    (run_dir / "logs" / "run-1.out").write_text("step 3/4 loss 2.7500 lr 1e-4 tokens/s 100\n")
+        record_job(run_dir, jid, "train")
+    (logs_dir / "run-60.out").write_text(REQUEUED_TWICE)
+    (logs_dir / "run-61.out").write_text(TRACEBACK_UNDER_TORCHRUN)
+    (logs_dir / "run-1.out").write_text("step 3/4 loss 2.7500 lr 1e-4 tokens/s 100\n")
     src = Sources(
         squeue={r["job_id"]: r for r in st.parse_delimited(SQUEUE, st.SQUEUE_FIELDS)},
         scontrol={"3": st.parse_scontrol_record(SCONTROL_RUNNING)},
-        sacct=status._group_attempts(st.parse_delimited(SACCT, st.SACCT_FIELDS)))
+        sacct=st.group_attempts(st.parse_delimited(SACCT, st.SACCT_FIELDS)))
     got = {j.job_id: j for j in status.job_statuses(run_dir, src)}
     one, three, gpu, requeued, failed = got["1"], got["3"], got["36"], got["60"], got["61"]
     assert (one.state, one.source, one.live, one.step, one.max_steps, one.loss) == ("RUNNING", "squeue", True, 3, 4, 2.75)
@@ -297,54 +295,51 @@ def test_status_takes_the_first_source_that_knows_each_job(tmp_path):
 
 def test_status_reads_markers_and_array_tasks(tmp_path, monkeypatch):
     run_dir = _run_dir(tmp_path)
-    status_rd(run_dir).record_job("70", "train", array_tasks=2)
+    record_job(run_dir, "70", "train", array_tasks=2)
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     markers.write_marker(run_dir, "exit-70_1-rank0", reason="collective_timeout", message="gloo timed out")
     fields = ("JobID", "State", "ExitCode", "ElapsedRaw", "AllocTRES", "NNodes", "Submit")
     rows = st.parse_delimited("70_1|FAILED|1:0|30|cpu=1,node=1|1|2026-01-01T00:00:00\n"
                               "70_0|COMPLETED|0:0|40|cpu=1,node=1|1|2026-01-01T00:00:00\n", fields)
-    got = status.job_statuses(run_dir, Sources(sacct=status._group_attempts(rows)))
+    got = status.job_statuses(run_dir, Sources(sacct=st.group_attempts(rows)))
     assert [j.job_id for j in got] == ["70_0", "70_1"]
     assert (got[1].reason, got[1].transient, got[1].log_line) == ("collective timeout", True, "gloo timed out")
 
 
 def test_the_ranks_markers_name_the_cause_not_its_echoes(tmp_path):
-    # markers as launcher/rank/resilience.py writes them (exit-JOB-aN-rankR), job 90 requeued once
+    # markers as the ranks write them (exit-JOB-aN-rankR), job 90 requeued once
     run_dir = _run_dir(tmp_path)
-    rd = status_rd(run_dir)
-    rd.record_job("90", "train")
-    rd.record_job("90", "requeue", reason="ranks stopped at step 2 on a signal after a complete checkpoint",
-                  task="", attempt=0)
-    d = run_dir / "markers"
-    d.mkdir()
+    record_job(run_dir, "90", "train")
+    record_job(run_dir, "90", "requeue", reason="ranks stopped at step 2 on a signal after a complete checkpoint",
+               task="", attempt=0)
     for name, rec in {
         "requeue-90-a0": {"reason": "requeue", "exit_code": 3, "message": "stopped at step 2 on SIGUSR1", "time": 1},
         "exit-90-a1-rank1": {"reason": "oom", "exit_code": 5, "message": "rank 1 on node2: out of memory", "time": 3},
         "exit-90-a1-rank0": {"reason": "collective_timeout", "exit_code": 1, "message": "rank 0: a collective failed",
                              "time": 4},
     }.items():
-        (d / f"{name}.json").write_text(json.dumps({"name": name, "job_id": "90", "restart": int(name.split("-a")[1][0]), **rec}))
+        markers.write_marker(run_dir, name, job_id="90", restart=int(name.split("-a")[1][0]), **rec)
     fields = ("JobID", "State", "ExitCode", "ElapsedRaw", "Submit")
     rows = st.parse_delimited("90|REQUEUED|0:0|50|2026-01-01T00:00:00\n90|FAILED|1:0|20|2026-01-01T00:01:00\n", fields)
-    [job] = status.job_statuses(run_dir, Sources(sacct=status._group_attempts(rows)))
+    [job] = status.job_statuses(run_dir, Sources(sacct=st.group_attempts(rows)))
     assert [a["reason"] for a in job.attempts] == ["preempted and requeued", "out of memory"]
     assert job.attempts[0]["log_line"] == "stopped at step 2 on SIGUSR1"
     assert (job.reason, job.log_line, job.transient) == ("out of memory", "rank 1 on node2: out of memory", False)
     assert (job.requeues, job.retries, job.restarts) == (1, 0, 1)
     # the batch script's per-rank summary is the line that says why
     log = "launcher: job step ended with status 1\nlauncher: rank 2 on node2 ended without an exit record: killed\n"
-    assert status.why_line(log) == "launcher: rank 2 on node2 ended without an exit record: killed"
+    assert reasons.why_line(log) == "launcher: rank 2 on node2 ended without an exit record: killed"
 
 
 def test_a_killed_rank_is_a_transient_failure_an_oom_is_not(tmp_path):
     run_dir = _run_dir(tmp_path)
-    rd = status_rd(run_dir)
-    rd.record_job("80", "train")
-    rd.record_job("81", "train")
-    (run_dir / "logs" / "run-80.out").write_text("srun: error: node1: task 0: Killed\n"
+    logs_dir = RunDir(run_dir).logs
+    record_job(run_dir, "80", "train")
+    record_job(run_dir, "81", "train")
+    (logs_dir / "run-80.out").write_text("srun: error: node1: task 0: Killed\n"
                                                  "launcher: job step ended with status 137\n")
-    (run_dir / "logs" / "run-81.out").write_text(OOM + "launcher: job step ended with status 1\n")
+    (logs_dir / "run-81.out").write_text(OOM + "launcher: job step ended with status 1\n")
     killed, oom = status.job_statuses(run_dir, Sources())
     assert (killed.reason, killed.exit_code, killed.transient) == ("failed", 137, True)
     assert (oom.reason, oom.transient) == ("out of memory", False)
@@ -354,12 +349,11 @@ def test_a_killed_rank_is_a_transient_failure_an_oom_is_not(tmp_path):
 
 def test_cost_sums_every_attempt_at_the_partition_price_and_compares_with_the_estimate(tmp_path):
     run_dir = _run_dir(tmp_path, nodes=2, gpus_per_node=2, usd_per_gpu_hour=3.6, usd_per_node_hour=1.2)
-    rd = status_rd(run_dir)
-    rd.record_job("36", "train")
-    rd.record_job("42", "prep")
-    (run_dir / "logs" / "metrics.jsonl").write_text(
-        "\n".join(json.dumps({"step": s, "loss": 3.0 - s / 10}) for s in (1, 2, 3)) + "\n")
-    attempts = status._group_attempts(st.parse_delimited(SACCT, st.SACCT_FIELDS))
+    record_job(run_dir, "36", "train")
+    record_job(run_dir, "42", "prep")
+    for s in (1, 2, 3):
+        metrics.append(RunDir(run_dir).metrics_path, metrics.step_record(s, 3.0 - s / 10, 1e-4, 100.0, None, 0.0))
+    attempts = st.group_attempts(st.parse_delimited(SACCT, st.SACCT_FIELDS))
     attempts = {k: v for k, v in attempts.items() if k in ("36", "42")}
     c = cost.run_cost(run_dir, attempts=attempts)
     assert c["gpu_hours"] == pytest.approx((7 + 12) * 4 / 3600)
@@ -464,15 +458,15 @@ def test_labels_come_off_for_reading_and_one_stays_for_showing():
     log = ("launcher: job 7 on n[1-2], rendezvous n1:15007, spec /r/spec.yaml\n[rank0]:step 3/10 loss 2.5000 lr 1e-3\n"
            "[rank1]:[rank1]: Traceback (most recent call last):\n[rank1]:[rank1]:   File \"/x.py\", line 1, in f\n"
            "[rank1]:[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n")
-    assert status.classify("FAILED", 5, 0, log) == (status.OUT_OF_MEMORY, "[rank1]: torch.OutOfMemoryError: CUDA out of memory. "
+    assert reasons.classify("FAILED", 5, 0, log) == (reasons.OUT_OF_MEMORY, "[rank1]: torch.OutOfMemoryError: CUDA out of memory. "
                                                           "Tried to allocate 2 GiB")
-    assert status.last_step(log) == (3, 10, 2.5)
+    assert logs.last_step(log) == (3, 10, 2.5)
 
 
 def test_follow_prints_new_lines_and_returns_when_the_jobs_end(tmp_path):
     run_dir = _run_dir(tmp_path)
-    status_rd(run_dir).record_job("5", "train")
-    log = run_dir / "logs" / "run-5.out"
+    record_job(run_dir, "5", "train")
+    log = RunDir(run_dir).logs / "run-5.out"
     log.write_text("line 1\n")
     ended = threading.Event()
 
@@ -501,11 +495,11 @@ def test_follow_prints_new_lines_and_returns_when_the_jobs_end(tmp_path):
 
 def test_print_logs_heads_each_file_when_there_are_several(tmp_path):
     run_dir = _run_dir(tmp_path)
-    rd = status_rd(run_dir)
-    rd.record_job("8", "prep")
-    rd.record_job("9", "train")
-    (run_dir / "logs" / "run-9.out").write_text("train\n")
-    (run_dir / "logs" / "prep-8.out").write_text("prep\n")
+    logs_dir = RunDir(run_dir).logs
+    record_job(run_dir, "8", "prep")
+    record_job(run_dir, "9", "train")
+    (logs_dir / "run-9.out").write_text("train\n")
+    (logs_dir / "prep-8.out").write_text("prep\n")
     out: list[str] = []
     assert logs.print_logs(run_dir, out.append) == 2
     assert out == [f"==> {run_dir}/logs/prep-8.out <==", "prep", f"==> {run_dir}/logs/run-9.out <==", "train"]

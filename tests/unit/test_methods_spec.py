@@ -13,7 +13,8 @@ import pytest
 from launcher.plan import params
 from launcher.plan import modelinfo
 from launcher.errors import SpecError, UserError
-from launcher.config.spec import MethodSpec, resolve
+from launcher.config.resolve import resolve
+from launcher.config.spec import MethodSpec
 
 METHODS = ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]
 

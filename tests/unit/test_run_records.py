@@ -136,7 +136,7 @@ def test_runs_prefers_the_manifest_final_numbers(cli, tmp_path):
 def test_plan_txt_names_the_trainable_count_of_every_method(cli, tmp_path, method):
     from launcher.plan import params
     from launcher.plan import modelinfo
-    from launcher.config.spec import resolve
+    from launcher.config.resolve import resolve
 
     sets = ["method.freeze.top_layers=1"] if method == "freeze" else []
     args = [x for s in sets for x in ("--set", s)]

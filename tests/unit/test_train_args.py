@@ -19,8 +19,8 @@ from launcher.submit.local import launch_command
 from launcher.plan.plan import make_plan
 from launcher.render.deepspeed import render
 from launcher.config.resolve import resolve
-from launcher.rank.loop import (check_world_size, format_step, newest_checkpoint, parse_step_lines, resume_point,
-                                 training_arguments_kwargs)
+from launcher.rank.loop import check_world_size, newest_checkpoint, resume_point, training_arguments_kwargs
+from launcher.rundir.metrics import format_step, parse_step_lines
 
 CASES = [
     # (flags, sets)

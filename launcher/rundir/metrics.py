@@ -1,0 +1,139 @@
+"""Rank 0's numbers at each logging step: the step line it prints and the record it appends to
+RUN_DIR/logs/metrics.jsonl. One format for each and one parser for each, used by the loop, status,
+cost, `launcher runs` and `launcher eval --plot`.
+
+The step line:  step N/M loss X lr Y tokens/s Z        (format_step; README shows it)
+                eval step N/M loss X perplexity P      (format_eval; not a training step)
+A metrics record: {"step", "loss", "lr", "tokens_per_s", "grad_norm", "time"} for a training step,
+{"step", "eval_loss", "perplexity", "time"} for an evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from launcher.rundir.layout import RunDir
+
+# --------------------------------------------------------------------------- the step line
+
+
+def format_step(step: int, max_steps: int, loss: float, lr: float, tokens_per_s: float) -> str:
+    return f"step {step}/{max_steps} loss {loss:.4f} lr {lr:.3e} tokens/s {tokens_per_s:,.0f}"
+
+
+def format_eval(step: int, max_steps: int, loss: float, perplexity: float) -> str:
+    return f"eval step {step}/{max_steps} loss {loss:.4f} perplexity {perplexity:.2f}"
+
+
+_NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
+# Read tolerantly: other spacing, case, "loss=" or "loss:", words between the fields (older or foreign
+# lines); "step" must not be part of a longer word or name ("max_step 3/4", "x.step 3/4").
+_STEP = re.compile(rf"(?<![\w.])step\s+(\d+)\s*/\s*(\d+)\b"
+                   rf"(?:.*?\bloss[\s=:]+({_NUM}))?(?:.*?\blr[\s=:]+({_NUM}))?(?:.*?\btokens/s[\s=:]+([\d,]+(?:\.\d+)?))?",
+                   re.I)
+
+
+@dataclass(frozen=True)
+class StepLine:
+    step: int
+    max_steps: int
+    loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+
+    def complete(self) -> bool:
+        return None not in (self.loss, self.lr, self.tokens_per_s)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"step": self.step, "max_steps": self.max_steps, "loss": self.loss, "lr": self.lr,
+                "tokens_per_s": self.tokens_per_s}  # type: ignore[dict-item]
+
+
+def parse_step(line: str) -> StepLine | None:
+    """The numbers of a training step line (without rank labels), or None: an eval line, or a line that
+    only mentions a step ("... step 3/10" with text before it and no loss)."""
+    s = line.strip()
+    if s.lower().startswith("eval"):
+        return None
+    m = _STEP.search(s)
+    if not m or not (m.group(3) or not s[: m.start()].strip()):
+        return None
+    num = (lambda g: float(g) if g is not None else None)
+    return StepLine(int(m.group(1)), int(m.group(2)), num(m.group(3)), num(m.group(4)),
+                    float(m.group(5).replace(",", "")) if m.group(5) else None)
+
+
+def parse_step_lines(text: str) -> list[dict[str, float]]:
+    """Every complete step line in text (format_step's five numbers), as dicts, in order."""
+    found = (parse_step(line) for line in text.splitlines())
+    return [s.to_dict() for s in found if s is not None and s.complete()]
+
+
+# --------------------------------------------------------------------------- metrics.jsonl
+
+def step_record(step: int, loss: float, lr: float, tokens_per_s: float, grad_norm: float | None,
+                time: float) -> dict[str, Any]:
+    return {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "grad_norm": grad_norm,
+            "time": time}
+
+
+def eval_record(step: int, loss: float, perplexity: float, time: float) -> dict[str, Any]:
+    return {"step": step, "eval_loss": loss, "perplexity": perplexity, "time": time}
+
+
+def append(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Append one record to a metrics file (RunDir.metrics_path)."""
+    with Path(path).open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every record of the run's metrics file in order; lines that are not a JSON object are skipped
+    (a rank killed mid-write leaves half a line). [] when there is no file."""
+    try:
+        text = RunDir(Path(run_dir)).metrics_path.read_text(errors="replace")
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def is_train(rec: dict[str, Any]) -> bool:
+    return "loss" in rec
+
+
+def is_eval(rec: dict[str, Any]) -> bool:
+    return "eval_loss" in rec and "loss" not in rec
+
+
+def last_train(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last training record, or {}."""
+    return next((r for r in reversed(records) if is_train(r)), {})
+
+
+def progress(run_dir: str | os.PathLike) -> tuple[int | None, float | None]:
+    """(last step, its loss): the highest step of a training record (its last record on a tie)."""
+    step = loss = None
+    for rec in read_records(run_dir):
+        if is_train(rec) and isinstance(rec.get("step"), int) and (step is None or rec["step"] >= step):
+            step, loss = rec["step"], rec["loss"]
+    return step, loss
+
+
+def loss_points(records: list[dict[str, Any]]) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+    """(train (step, loss) points, eval (step, eval_loss) points)."""
+    train = [(r["step"], r["loss"]) for r in records if is_train(r) and "step" in r]
+    ev = [(r["step"], r["eval_loss"]) for r in records if is_eval(r) and "step" in r]
+    return train, ev

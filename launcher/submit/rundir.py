@@ -1,0 +1,81 @@
+"""Make a run dir where a run is launched: resolve its paths, plan it, and write spec.yaml, ds_config.json,
+plan.txt and what produced it into manifest.json (with the data files' fingerprints)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from launcher.config.spec import RunSpec, validate
+from launcher.data.source import data_files
+from launcher.errors import UserError
+from launcher.plan.plan import Plan, make_plan
+from launcher.render.deepspeed import render as render_deepspeed
+from launcher.render.presets import dumps as dumps_json
+from launcher.rundir.layout import RunDir
+from launcher.rundir.manifest import launch_manifest, update_manifest
+
+_HASH_WHOLE = 256 << 20
+_HASH_PART = 16 << 20
+
+
+def _absolute_paths(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Paths the ranks will read, made absolute: ranks may start in another working directory."""
+    tree = spec.to_dict()
+    tree["output"]["dir"] = str(run_dir)
+    for section, key in (("data", "path"), ("data", "cache_dir"), ("model", "name"), ("zero", "nvme_path")):
+        value = tree[section][key]
+        if value and Path(value).expanduser().exists():
+            tree[section][key] = str(Path(value).expanduser().resolve())
+    return tree
+
+
+def data_fingerprints(spec: RunSpec) -> list[dict[str, Any]]:
+    """Path, size, mtime and a content hash of each data file (hub data: its name and revision)."""
+    fmt, files = data_files(spec)
+    if fmt == "hub":
+        return [{"hub": spec.data.path, "split": spec.data.split}]
+    out = []
+    for f in files:
+        st = f.stat()
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            if st.st_size <= _HASH_WHOLE:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:  # large files: head and tail, so launching never reads terabytes
+                h.update(fh.read(_HASH_PART))
+                fh.seek(st.st_size - _HASH_PART)
+                h.update(fh.read(_HASH_PART))
+        kind = "sha256" if st.st_size <= _HASH_WHOLE else "sha256_head_tail_16MiB"
+        out.append({"path": str(f), "bytes": st.st_size, "mtime": st.st_mtime, kind: h.hexdigest()})
+    return out
+
+
+def create(path: str | Path, spec: RunSpec, *, force: bool = False) -> tuple[RunDir, RunSpec, Plan]:
+    """Make the run dir and write spec.yaml, ds_config.json, plan.txt and manifest.json into it.
+
+    An existing non-empty directory is refused unless `force`; even then only these generated
+    files are replaced (an existing manifest keeps what the new one does not set), nothing else the
+    directory holds is touched.
+    """
+    root = Path(path).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise UserError(f"run dir {root} exists and is not a directory; choose another --out")
+    if root.is_dir() and any(root.iterdir()) and not force:
+        raise UserError(f"run dir {root} is not empty; choose a new --out, or pass --force to write into it "
+                        f"(generated files are replaced, nothing else is removed)")
+    spec = validate(_absolute_paths(spec, root))
+    plan = make_plan(spec)
+    rd = RunDir(root)
+    root.mkdir(parents=True, exist_ok=True)
+    os.chmod(root, 0o700)  # run dirs may name credential paths; user-only
+    for sub in (rd.logs, rd.checkpoints):
+        sub.mkdir(exist_ok=True)
+    rd.spec_path.write_text(spec.to_yaml())
+    rd.ds_config_path.write_text(dumps_json(render_deepspeed(spec, plan)))
+    rd.plan_path.write_text("\n".join(plan.summary()) + "\n")
+    update_manifest(root, **launch_manifest(spec, plan, data_fingerprints(spec)))
+    return rd, spec, plan
