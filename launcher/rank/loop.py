@@ -218,7 +218,8 @@ def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
                 lr = self.lr_used if self.lr_used is not None else float(logs.get("learning_rate", 0.0))
                 loss = float(logs["loss"])
                 self._emit(state, metrics.format_step(state.global_step, state.max_steps, loss, lr, tps),
-                           metrics.step_record(state.global_step, loss, lr, tps, _num(logs.get("grad_norm")), time.time()))
+                           metrics.step_record(state.global_step, loss, lr, tps, _num(logs.get("grad_norm")),
+                                               time.time()))
             elif "eval_loss" in logs:
                 loss = float(logs["eval_loss"])
                 ppl = math.exp(loss) if loss < 50 else float("inf")

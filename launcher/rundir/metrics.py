@@ -34,8 +34,9 @@ _NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 # Read tolerantly: other spacing, case, "loss=" or "loss:", words between the fields (older or foreign
 # lines); "step" must not be part of a longer word or name ("max_step 3/4", "x.step 3/4").
 _STEP = re.compile(rf"(?<![\w.])step\s+(\d+)\s*/\s*(\d+)\b"
-                   rf"(?:.*?\bloss[\s=:]+({_NUM}))?(?:.*?\blr[\s=:]+({_NUM}))?(?:.*?\btokens/s[\s=:]+([\d,]+(?:\.\d+)?))?",
-                   re.I)
+                   rf"(?:.*?\bloss[\s=:]+({_NUM}))?"
+                   rf"(?:.*?\blr[\s=:]+({_NUM}))?"
+                   rf"(?:.*?\btokens/s[\s=:]+([\d,]+(?:\.\d+)?))?", re.I)
 
 
 @dataclass(frozen=True)

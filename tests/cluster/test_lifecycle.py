@@ -23,6 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launcher.rundir.jobs import job_ids, record_job
+from launcher.rundir.layout import JOB_LOG_PATTERN, RunDir
+
 ROOT = Path(__file__).resolve().parents[2]
 GPU_PRICE = 3.6  # $/GPU-hour in the lab profile
 NODE_PRICE = 1.2  # $/node-hour
@@ -76,13 +79,11 @@ def hand_written_run(lab, base: Path, name: str, body: str, *directives: str) ->
     cp = launcher(lab, "slurm", "--out", str(run_dir), "--partition", "debug", "--name", name)
     assert cp.returncode == 0, cp.stderr
     script = run_dir / f"{name}.sh"
-    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={run_dir}/logs/%x-%j.out",
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={name}", f"#SBATCH --output={RunDir(run_dir).logs}/{JOB_LOG_PATTERN}",
              "#SBATCH --oversubscribe", *(f"#SBATCH {d}" for d in directives), textwrap.dedent(body)]
     script.write_text("\n".join(lines) + "\n")
     job = str(lab.sbatch(script, cwd=run_dir))
-    from launcher.rundir.layout import RunDir
-
-    RunDir(run_dir).record_job(job, "train")
+    record_job(run_dir, job, "train")
     return run_dir, job
 
 
@@ -189,7 +190,7 @@ def test_gpu_shaped_two_node_script_is_scheduled_with_four_gpus_and_logs_follow_
     assert test_only.returncode == 0 and "to start at" in test_only.stderr, test_only.stderr
     run_dir, job = jobs["gpu"]
     follow = jobs["gpu_follow"]
-    log = lambda: "\n".join(p.read_text(errors="replace") for p in (run_dir / "logs").glob("*.out"))  # noqa: E731
+    log = lambda: "\n".join(p.read_text(errors="replace") for p in RunDir(run_dir).logs.glob("*.out"))  # noqa: E731
 
     # Requeue the first attempt while it runs: the job then has two attempts to account for.
     wait_until(lambda: log().count("STUB node=") >= 2, 180, "both nodes of the GPU job to start")
@@ -306,7 +307,7 @@ def test_cost_is_the_sum_over_attempts_of_sacct_elapsed_times_allocation_times_p
     assert len(gpu["attempts"]) == 2 and gpu["tokens"] is None
 
     # every job of the run is paid for: the training job, and its preparation job when the cache lacked the data
-    tiny_ids = [j["job_id"] for j in map(json.loads, (tiny_run / "jobs.jsonl").read_text().splitlines())]
+    tiny_ids = job_ids(tiny_run)
     assert tiny_ids[-1] == tiny_job
     rows = [r for j in tiny_ids for r in slurm_lab.sacct(j, ["ElapsedRaw", "NNodes"], all_attempts=True)]
     node_seconds = sum(int(r["ElapsedRaw"]) * int(r["NNodes"]) for r in rows)

@@ -238,6 +238,51 @@ def test_step_lines_and_attempt_segments():
     assert logs.split_attempts("plain log\n", "1") == ["plain log\n"]
 
 
+def test_one_step_line_parser_reads_the_loop_line_and_older_or_foreign_ones():
+    line = metrics.format_step(7, 40, 3.14159, 2.5e-4, 12345.6)
+    assert line == "step 7/40 loss 3.1416 lr 2.500e-04 tokens/s 12,346"
+    assert metrics.parse_step(line) == metrics.StepLine(7, 40, 3.1416, 2.5e-4, 12346.0)
+    assert metrics.parse_step("Step 3 / 10 Loss: 2.5") == metrics.StepLine(3, 10, 2.5)
+    assert metrics.parse_step("step 3/10") == metrics.StepLine(3, 10)  # nothing before it: a step
+    for other in ("foo step 3/10", "max_step 3/4 loss 1", "x.step 3/4 loss 1", "step=10 skipped=0",
+                  metrics.format_eval(3, 10, 2.0, 7.39)):
+        assert metrics.parse_step(other) is None, other
+    # only complete lines count as the loop's; a line without lr or tokens/s is status's business
+    assert metrics.parse_step_lines(f"noise\n{line}\nstep 8/40 loss 3.0\n") == [
+        {"step": 7, "max_steps": 40, "loss": 3.1416, "lr": 2.5e-4, "tokens_per_s": 12346.0}]
+
+
+def test_metrics_file_round_trip_skips_broken_lines(tmp_path):
+    path = RunDir(tmp_path).metrics_path
+    path.parent.mkdir()
+    metrics.append(path, metrics.step_record(1, 3.0, 1e-3, 10.0, 0.5, 1.0))
+    metrics.append(path, metrics.eval_record(1, 2.9, 18.2, 2.0))
+    with path.open("a") as f:
+        f.write('{"step": 2, "loss"\n')  # a rank killed mid-write
+    metrics.append(path, metrics.step_record(2, 2.5, 1e-3, 10.0, None, 3.0))
+    records = metrics.read_records(tmp_path)
+    assert len(records) == 3 and metrics.last_train(records)["loss"] == 2.5
+    assert metrics.progress(tmp_path) == (2, 2.5)
+    assert metrics.loss_points(records) == ([(1, 3.0), (2, 2.5)], [(1, 2.9)])
+    assert metrics.progress(tmp_path / "none") == (None, None) and metrics.read_records(tmp_path / "none") == []
+
+
+def test_jobs_file_groups_each_job_with_its_requeues(tmp_path):
+    from launcher.rundir import jobs
+
+    jobs.record_job(tmp_path, "5", "prep")
+    jobs.record_job(tmp_path, "6", "train", after="5", array_tasks=2)
+    with RunDir(tmp_path).jobs_path.open("a") as f:  # the line the batch script's requeue appends (printf)
+        f.write('{"job_id": "6", "kind": "requeue", "task": "1", "time": 9, "attempt": 0, "reason": "signal"}\n')
+    recorded = [(j.job_id, j.kind, len(j.lines)) for j in jobs.recorded_jobs(tmp_path)]
+    assert recorded == [("5", "prep", 1), ("6", "train", 2)]
+    assert jobs.job_ids(tmp_path) == ["5", "6"]
+    lines = jobs.recorded_jobs(tmp_path)[1].lines
+    assert jobs.count_kind(jobs.lines_of_task(lines, "train", "1"), jobs.REQUEUE, "1") == 1
+    assert jobs.count_kind(jobs.lines_of_task(lines, "train", "0"), jobs.REQUEUE, "0") == 0
+    assert jobs.read_jobs(tmp_path / "none") == []
+
+
 def test_markers_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")

@@ -7,6 +7,10 @@ import json
 import pytest
 import yaml
 
+from launcher.rundir import metrics
+from launcher.rundir.layout import RunDir
+from launcher.rundir.manifest import read_manifest
+
 
 def _without_paths(spec_text: str) -> dict:
     tree = yaml.safe_load(spec_text)
@@ -19,7 +23,7 @@ def test_manifest_records_what_produced_the_run(cli, tmp_path):
     data.write_text('{"text": "hello world"}\n' * 20)
     run = tmp_path / "a"
     cli("slurm", "--data", str(data), "--seq-len", "64", "--set", "optim.seed=7", "--out", str(run), check=True)
-    m = json.loads((run / "manifest.json").read_text())
+    m = read_manifest(run)
     assert m["packages"]["transformers"] and m["packages"]["deepspeed"] and m["launcher_version"]
     assert m["seed"] == 7 and m["plan"]["world_size"] == 1
     [fp] = m["data"]
@@ -60,7 +64,7 @@ def test_runs_lists_run_dirs_with_key_numbers(cli, tmp_path):
     root = tmp_path / "runs"
     cli("slurm", "--name", "alpha", "--out", str(root / "a"), check=True)
     cli("slurm", "--name", "beta", "--method", "lora", "--out", str(root / "nested" / "b"), check=True)
-    (root / "a" / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 5, "loss": 2.5}) + "\n")
+    metrics.append(RunDir(root / "a").metrics_path, metrics.step_record(5, 2.5, 1e-4, 100.0, None, 0.0))
     rows = [json.loads(x) for x in cli("runs", str(root), "--json", check=True).stdout.splitlines()]
     by_name = {r["name"]: r for r in rows}
     assert set(by_name) == {"alpha", "beta"}
@@ -79,7 +83,7 @@ def test_each_attempt_is_appended_never_overwritten(tmp_path):
     record_attempt(tmp_path, "77", 0, start=1.0, nodes="node[1-2]", slurm_job_id="77")
     record_attempt(tmp_path, "77", 0, end=2.0, exit_reason="requeue", end_step=4)
     record_attempt(tmp_path, "77", 1, start=3.0, start_step=4)  # the requeued job: same id, next attempt
-    m = json.loads((tmp_path / "manifest.json").read_text())
+    m = read_manifest(tmp_path)
     assert m["name"] == "r" and m["plan"] == {"world_size": 1}  # the launch record stays
     first, second = m["attempts"]
     assert first == {"job_id": "77", "attempt": 0, "start": 1.0, "nodes": "node[1-2]", "slurm_job_id": "77",
@@ -124,7 +128,7 @@ def test_runs_prefers_the_manifest_final_numbers(cli, tmp_path):
     cli("slurm", "--name", "done", "--out", str(root / "a"), check=True)
     record_attempt(root / "a", "5", 0, start_step=0, end_step=100, tokens_per_step=4096, exit_reason="completed")
     update_manifest(root / "a", final={"steps": 100, "loss": 1.25, "tokens": 409_600, "eval_loss": 1.5})
-    (root / "a" / "logs" / "metrics.jsonl").write_text(json.dumps({"step": 99, "loss": 9.0}) + "\n")
+    metrics.append(RunDir(root / "a").metrics_path, metrics.step_record(99, 9.0, 1e-4, 100.0, None, 0.0))
     [row] = [json.loads(x) for x in cli("runs", str(root), "--json", check=True).stdout.splitlines()]
     assert (row["step"], row["loss"], row["tokens"], row["eval_loss"]) == (100, 1.25, 409_600, 1.5)
     assert row["last_exit"] == "completed" and row["attempts"] == 1
