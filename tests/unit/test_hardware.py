@@ -1,12 +1,13 @@
 """The hardware table: every name a user or torch gives a GPU model (table key, cluster profile
-`gpu_type`, torch device name, any case) resolves to one Device, and the estimator, cost's pricing
-and pre-flight's fit check all resolve it the same way."""
+`gpu_type`, torch device name, any case) resolves to one Device, and the estimator, cost's pricing,
+pre-flight's fit check and the bench's peak all resolve it the same way."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
+from launcher.bench import report
 from launcher.config import checks
 from launcher.config.spec import validate
 from launcher.errors import UserError
@@ -128,6 +129,16 @@ def test_preflight_reads_every_profile_gpu_type_as_the_same_device(tmp_path, mon
         "gpu": {"gpu_type": name, "gpus_per_node": 8}}}}))
     monkeypatch.setenv("LAUNCHER_CLUSTERS", str(clusters))
     assert checks.profile_device(_gpu_spec(profile="lab", partition="gpu")) == key
+
+
+@pytest.mark.parametrize("name,key", [*NAMES, *sorted(OTHER_BOARDS.items()), ("cpu (2 cores)", None)])
+def test_the_bench_reads_every_torch_name_and_peak_from_the_same_device(name, key):
+    assert report.device_key(name) == key
+    for dtype in ("bf16", "fp32"):
+        spec = validate({"precision": dtype})
+        want = hardware.peak_tflops(hardware.DEVICES[key], dtype) if key else None
+        assert report.peak_tflops(spec, name, None) == want
+        assert report.peak_tflops(spec, name, 123.0) == 123.0  # --device-tflops wins
 
 
 def test_dollars_per_million_tokens_from_a_price_per_device_hour_or_from_dollars_paid():
