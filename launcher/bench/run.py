@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from launcher import assets
 from launcher.bench.matrix import Options, Setup, baseline_key, baseline_label, baseline_setups, bench_spec
-from launcher.bench.report import RESULTS_JSONL, error_row, finish, make_row, read_results
+from launcher.bench.report import RESULTS_JSONL, error_row, finish, make_row, read_results, write_meta
 from launcher.config.resolve import resolve
 from launcher.config.spec import RunSpec
 from launcher.data.check import check_data
