@@ -24,6 +24,7 @@ from launcher.errors import UserError
 from launcher.plan.plan import make_plan
 from launcher.rank.loop import train
 from launcher.rank.entry import leave_process_group
+from launcher.rundir import markers
 from launcher.rundir.layout import RunDir
 
 
@@ -179,9 +180,7 @@ def rank_main(spec_path: str) -> int:
     try:
         train(spec, callbacks=[probe])
     except BaseException as exc:
-        import torch
-
-        oom = isinstance(exc, torch.OutOfMemoryError)
+        oom = markers.is_oom(exc)
         record = {**probe.record(), "error": ("out of memory: " if oom else f"{type(exc).__name__}: ") + str(exc)[:500],
                   "oom": oom}
         out.write_text(json.dumps(record) + "\n")
