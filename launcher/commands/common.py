@@ -8,8 +8,11 @@ from typing import Any, Callable
 
 import click
 
+from launcher.config import profiles
 from launcher.config.flags import CLUSTER, CLUSTER_FLAGS, SPEC, SPEC_FLAGS
 from launcher.config.spec import RunSpec
+from launcher.errors import UserError
+from launcher.rundir.layout import open_run_dir
 
 _FLAG_NAMES = {f.name for f in SPEC + CLUSTER}
 
@@ -18,7 +21,6 @@ def spec_options(*, spec_required: bool = False, cluster_flags: bool = False,
                  allow_from: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add SPEC and the shared flags (and, with cluster_flags, the Slurm settings) to a command;
     the command receives `spec: RunSpec` instead."""
-
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         names = _FLAG_NAMES | {"spec_path", "from_run"}
 
@@ -42,14 +44,9 @@ def spec_options(*, spec_required: bool = False, cluster_flags: bool = False,
 
 
 def resolve_from_cli(picked: dict[str, Any]) -> RunSpec:
-    from launcher.config import profiles
-
     spec_path = picked.pop("spec_path", None)
     from_run = picked.pop("from_run", None)
     if from_run:
-        from launcher.errors import UserError
-        from launcher.rundir.layout import open_run_dir
-
         if spec_path:
             raise UserError("give a SPEC or --from RUN_DIR, not both")
         spec_path = open_run_dir(from_run).spec_path

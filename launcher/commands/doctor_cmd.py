@@ -7,6 +7,9 @@ import json
 
 import click
 
+from launcher.config import profiles
+from launcher.ops.doctor import Target, collect, format_report
+
 
 @click.command()
 @click.option("--cluster", default=None, metavar="NAME",
@@ -34,12 +37,8 @@ def doctor(cluster: str | None, clusters: str | None, partition: str | None, nod
     Exits 1 when a check fails: versions that differ between nodes, an output dir that is not shared,
     a node that did not answer, srun that failed. Without srun on the PATH it probes this machine once.
     """
-    from launcher.ops.doctor import Target, collect, format_report
-
     target = Target(nodes=nodes, partition=partition, gpus_per_node=gpus_per_node or 0)
     if cluster:
-        from launcher.config import profiles
-
         profile = profiles.load(cluster, clusters)
         name, part = profile.partition(partition)
         target.partition = name

@@ -8,8 +8,11 @@ import re
 import click
 
 from launcher.commands.common import spec_options
+from launcher.config.resolve import deep_merge
+from launcher.config.spec import RunSpec, validate
 from launcher.errors import UserError
-from launcher.config.spec import RunSpec
+from launcher.plan import estimate as est
+from launcher.plan.plan import make_plan
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -44,11 +47,6 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     DeepSpeed's ZeRO estimators where those apply; activations, logits, LoRA/QLoRA and DeepSpeed's
     buffers are counted from tensor shapes.
     """
-    from launcher.plan import estimate as est
-    from launcher.plan.plan import make_plan
-    from launcher.config.resolve import deep_merge
-    from launcher.config.spec import validate
-
     plan = make_plan(spec)
     notes = []
     if gpu is None and spec.cluster.gpus_per_node > 0:

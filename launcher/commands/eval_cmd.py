@@ -7,7 +7,9 @@ from pathlib import Path
 
 import click
 
+from launcher import evaluate as ev
 from launcher.errors import UserError
+from launcher.rundir.layout import RunDir
 
 
 @click.command("eval")
@@ -40,9 +42,6 @@ def eval_(target: str, data: tuple[str, ...], base: str | None, as_json: bool, o
     RUN_DIR is a run dir (its final model or newest checkpoint; results also go to RUN_DIR/eval.json);
     MODEL a model directory or a peft adapter. Runs in this process, on CPU or one GPU.
     """
-    from launcher import evaluate as ev
-    from launcher.rundir.layout import RunDir
-
     is_run = RunDir(Path(target)).spec_path.is_file()
     if plot and not is_run:
         raise UserError("--plot reads RUN_DIR/logs/metrics.jsonl; give a run dir")

@@ -8,13 +8,18 @@ from pathlib import Path
 
 import click
 
+from launcher.config import profiles
 from launcher.errors import UserError
+from launcher.ops import logs as logs_mod
+from launcher.ops import slurmtools as st
+from launcher.ops.cluster_check import check as check_profile
+from launcher.ops.cost import format_cost, run_cost
+from launcher.ops.status import format_run, run_status
+from launcher.rundir.layout import RunDir, open_run_dir
 
 
 def _run_dirs(paths: tuple[str, ...]) -> list[Path]:
     """The run dirs named, or the current directory when it is one, or the run dirs under ./runs."""
-    from launcher.rundir.layout import RunDir, open_run_dir
-
     if paths:
         return [open_run_dir(p).path for p in paths]
     here = Path.cwd()
@@ -40,8 +45,6 @@ def status(run_dirs: tuple[str, ...], as_json: bool) -> None:
     Asks squeue, then scontrol, then sacct (every attempt), then the run dir's markers and logs, so
     it answers after the controller has forgotten a job.
     """
-    from launcher.ops.status import format_run, run_status
-
     _echo_results([run_status(d) for d in _run_dirs(run_dirs)], format_run, as_json)
 
 
@@ -57,9 +60,6 @@ def logs(run_dir: str, follow: bool, rank: int | None, node: str | None) -> None
     torchrun's own, or any line of a local run's launch.log) count as rank 0 and the first node.
     Each rank's own stdout and stderr are also kept under RUN_DIR/logs/ranks/ (torchrun).
     """
-    from launcher.ops import logs as logs_mod
-    from launcher.rundir.layout import open_run_dir
-
     rd = open_run_dir(run_dir)
     filt = logs_mod.make_filter(rd.path, rank, node)
     if follow:
@@ -78,10 +78,6 @@ def logs(run_dir: str, follow: bool, rank: int | None, node: str | None) -> None
 @click.argument("run_dir", type=click.Path(file_okay=False))
 def cancel(run_dir: str) -> None:
     """Cancel every pending or running job of RUN_DIR (scancel), requeued and chained ones included."""
-    from launcher.ops import logs as logs_mod
-    from launcher.ops import slurmtools as st
-    from launcher.rundir.layout import open_run_dir
-
     rd = open_run_dir(run_dir)
     live = logs_mod.live_jobs(rd.path)
     if live is None:
@@ -105,9 +101,6 @@ def cost(run_dirs: tuple[str, ...], clusters: str | None, as_json: bool) -> None
     attempt of every job, failed, requeued, preparation and chained ones included; CPU jobs per
     node-hour), tokens trained, and $ per 1M tokens paid beside the estimate for the spec.
     """
-    from launcher.ops.cost import format_cost, run_cost
-    from launcher.rundir.layout import open_run_dir
-
     _echo_results([run_cost(open_run_dir(d).path, clusters) for d in run_dirs], format_cost, as_json)
 
 
@@ -138,9 +131,6 @@ def check(name: str, clusters: str | None, as_json: bool) -> int:
     GPU type and count per node, CPUs, memory, time limit, node limit. Lists every difference and
     exits 1 when there is any.
     """
-    from launcher.config import profiles
-    from launcher.ops.cluster_check import check as check_profile
-
     result = check_profile(profiles.load(name, clusters))
     if as_json:
         click.echo(json.dumps(result, indent=2))

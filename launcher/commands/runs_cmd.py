@@ -8,6 +8,9 @@ from pathlib import Path
 
 import click
 
+from launcher.errors import UserError
+from launcher.rundir.summary import find_run_dirs, summary
+
 
 @click.command()
 @click.argument("root", required=False, default="runs", type=click.Path(file_okay=False))
@@ -15,9 +18,6 @@ import click
 def runs(root: str, as_json: bool) -> None:
     """List the run dirs under ROOT (default ./runs): name, task/method, model, ranks, step, loss, tokens
     trained, jobs. A completed run's step, loss and tokens come from its manifest.json."""
-    from launcher.errors import UserError
-    from launcher.rundir.summary import find_run_dirs, summary
-
     base = Path(root)
     if not base.is_dir():
         raise UserError(f"{base} is not a folder; give the folder that holds your run dirs")

@@ -7,8 +7,11 @@ from pathlib import Path
 import click
 
 from launcher.commands.common import spec_options
-from launcher.errors import UserError
 from launcher.config.spec import RunSpec
+from launcher.errors import UserError
+from launcher.plan.plan import make_plan
+from launcher.render import presets
+from launcher.render.deepspeed import render
 
 
 @click.command()
@@ -30,10 +33,6 @@ def config(spec: RunSpec, output: str | None, force: bool, presets_dir: str | No
     Batch numbers (train_batch_size = micro x accumulation x world size) come from the same plan
     the trainer uses; every value is explicit, so the file also works with the plain deepspeed CLI.
     """
-    from launcher.render import presets
-    from launcher.plan.plan import make_plan
-    from launcher.render.deepspeed import render
-
     if presets_dir:
         for path in presets.write_all(Path(presets_dir)):
             click.echo(f"wrote {path}")

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -121,7 +122,7 @@ def test_unexpected_exception_is_a_bug_with_traceback(cli, tmp_path):
     """A catch-all that dresses bugs up as bad input would hide them: bugs exit 1 with a traceback."""
     code = ("import launcher.commands.spec_cmds as m\n"
             "def boom(*a, **k):\n    raise ZeroDivisionError('bug')\n"
-            "import launcher.plan.plan\nlauncher.plan.plan.make_plan = boom\n"
+            "m.make_plan = boom\n"
             "from launcher.cli import main\nmain(['config'])\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ZeroDivisionError" in proc.stderr
@@ -135,3 +136,27 @@ def test_spec_prints_shorthands_in_their_full_form(cli, tmp_path):
     resolved = yaml.safe_load(cli("spec", str(spec_file), check=True).stdout)
     assert resolved["model"]["name"] == "tiny" and resolved["method"]["name"] == "lora"
     assert resolved["precision"]["dtype"] == "fp32" and "lora" in resolved["method"]
+
+
+def test_spec_flags_take_their_types_and_choices_from_the_spec_fields():
+    import typing
+
+    from launcher.config import flags
+    from launcher.config.spec import Dtype, MethodName
+
+    for decls, kw in flags.SPEC_FLAGS + flags.CLUSTER_FLAGS:
+        opt = click.Option(list(decls), **kw)
+        f = next(f for f in flags.SPEC + flags.CLUSTER if f.name == opt.name)
+        if f.field is None:
+            continue
+        ann = flags.annotation(f.field)
+        if typing.get_origin(ann) is typing.Literal and isinstance(opt.type, click.Choice):
+            assert list(opt.type.choices) == list(typing.get_args(ann)), f.name
+        elif ann is bool:
+            assert opt.is_flag and opt.secondary_opts and opt.default is None, f.name
+    by_name = {click.Option(list(d), **kw).name: click.Option(list(d), **kw) for d, kw in flags.SPEC_FLAGS}
+    assert list(by_name["method"].type.choices) == list(typing.get_args(MethodName))
+    assert list(by_name["precision"].type.choices) == list(typing.get_args(Dtype))
+    assert (by_name["zero"].type.min, by_name["zero"].type.max) == (0, 3)
+    assert by_name["nproc_per_node"].opts == ["--nproc-per-node", "--nproc"]
+    assert set(flags.FLAG_FIELDS) >= {o.name for o in by_name.values()} - {"sets", "cluster", "clusters"}
