@@ -4,8 +4,8 @@ The training job (slurm/job.sbatch.j2) and the one-task jobs chained around it (
 `prep` tokenizes the data before training, `merge` and `eval` follow it. The `#SBATCH` directives are
 built here, one per line and sorted. Every value that reaches a script is quoted here, or checked
 against a strict pattern, and the templates refuse any string that is not marked as such (`Sh`).
-The names of the run dir's files and of the ranks' markers reach the templates from their homes,
-rundir/layout.py and rundir/markers.py.
+The names of the run dir's files, of the ranks' markers and the kinds of the jobs.jsonl lines the
+script writes reach the templates from their homes: rundir/layout.py, rundir/markers.py, rundir/jobs.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from launcher import assets
 from launcher.config.spec import ClusterSpec, RunSpec
 from launcher.errors import SpecError
 from launcher.plan.plan import Plan
-from launcher.rundir import markers
+from launcher.rundir import jobs, markers
 from launcher.rundir.layout import ARRAY_LOG_PATTERN, CHAIN_SCRIPTS, JOB_LOG_PATTERN, RunDir
 
 TEMPLATE = "job.sbatch.j2"
@@ -248,6 +248,11 @@ def _marker_names() -> dict[str, Sh]:
     return out
 
 
+def _job_kinds() -> dict[str, Sh]:
+    """The kinds of the jobs.jsonl lines the job script appends when it requeues itself (rundir/jobs.py)."""
+    return {"requeue": _plain(jobs.REQUEUE), "retry": _plain(jobs.RETRY)}
+
+
 def _hub_environment(spec: RunSpec) -> list[tuple[str, str]]:
     """cluster.hf_home: every job reads the shared Hugging Face cache and never the network (compute
     nodes often have none; a hub download on every rank would race)."""
@@ -371,6 +376,7 @@ def render_sbatch(
         prepare_step=prepare_step,
         path=_run_dir_names(run_dir),
         marker=_marker_names(),
+        job_kind=_job_kinds(),
         entry=Sh(" ".join(shlex.quote(x) for x in entry)),
     )
     return text

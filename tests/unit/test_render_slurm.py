@@ -8,7 +8,6 @@ and review the diff (git diff tests/golden/slurm) before committing it.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -23,11 +22,12 @@ from typing import Any
 import pytest
 
 from launcher import assets
+from launcher.config.spec import RunSpec, validate
 from launcher.errors import SpecError
 from launcher.plan.plan import make_plan
 from launcher.render import slurm as render
 from launcher.render.slurm import render_chain_sbatch, render_sbatch, sbatch_quote
-from launcher.config.spec import RunSpec, validate
+from launcher.rundir.jobs import read_jobs
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "slurm"
 RECORD = os.environ.get("LAUNCHER_RECORD_GOLDEN") == "1"
@@ -750,8 +750,7 @@ def _requeue_script(sb: Sandbox, **cluster: Any) -> str:
 
 
 def _jobs(sb: Sandbox) -> list[dict[str, Any]]:
-    path = sb.root / "run" / "jobs.jsonl"
-    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+    return read_jobs(sb.root / "run")  # the lines the script appended, read as status and cost read them
 
 
 def test_requeue_marker_requeues_the_job_until_max_requeues_is_spent(tmp_path):
