@@ -325,7 +325,7 @@ class OutputSpec(_Section):
 
 
 class RunSpec(_Section):
-    """Everything about one run. Immutable; build it with `resolve()`."""
+    """Everything about one run. Immutable; build it with `launcher.config.resolve.resolve()`."""
 
     name: str = Field("run", description="run name; also the default Slurm job name")
     task: Task = "pretrain"

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from launcher import assets
-from launcher.config import checks as preflight
+from launcher.config import checks
 from launcher.cli import main
 from launcher.errors import UserError
 from launcher.config.resolve import resolve
@@ -109,17 +109,17 @@ def test_a_run_that_fits_passes_and_cpu_runs_skip_the_fit(tmp_path, monkeypatch)
     monkeypatch.setenv("LAUNCHER_CLUSTERS", str(profiles(tmp_path, "h100")))
     fits = resolve(None, flags={"model": str(model_dir(tmp_path)), "gpus_per_node": 8, "precision": "bf16"},
                    sets=[f"output.dir={tmp_path / 'r'}", "cluster.profile=lab"])
-    assert preflight.check(fits, slurm=True) == []
+    assert checks.check(fits, slurm=True) == []
     big = tmp_path / "big"
     big.mkdir()
     cpu = resolve(None, flags={"model": str(model_dir(big, LLAMA_8B))}, sets=[])
-    assert preflight.check(cpu) == []  # CPU ranks: no GPU memory to fit, even for 8B
+    assert checks.check(cpu) == []  # CPU ranks: no GPU memory to fit, even for 8B
 
 
 def test_hub_models_are_noted_not_refused(tmp_path):
     spec = resolve(None, flags={"model": "meta-llama/Llama-3.1-8B", "method": "lora", "gpus_per_node": 8,
                                 "precision": "bf16"}, sets=[])
-    notes = preflight.check(spec, slurm=True)
+    notes = checks.check(spec, slurm=True)
     assert any("hub id" in n for n in notes)
 
 
@@ -128,9 +128,9 @@ def test_resume_from_a_complete_checkpoint_passes(tmp_path):
     ckpt.mkdir()
     spec = resolve(None, flags={}, sets=[f"output.resume={ckpt}"])
     with pytest.raises(UserError, match="output.resume"):
-        preflight.check(spec)
+        checks.check(spec)
     (ckpt / "launcher-complete.json").write_text("{}")
-    assert preflight.check(spec) == []
+    assert checks.check(spec) == []
 
 
 def test_slurm_dry_run_with_preflight_imports_no_heavy_library(tmp_path):
@@ -159,9 +159,9 @@ def test_fp16_on_cpu_is_refused_with_one_text_by_pre_flight_and_by_the_ranks(tmp
     from launcher.rank.loop import check_environment
 
     spec = resolve(None, flags={"precision": "fp16"}, sets=[])
-    refusal = preflight.unsupported_precision(spec, make_plan(spec))
+    refusal = checks.unsupported_precision(spec, make_plan(spec))
     with pytest.raises(UserError) as pre:
-        preflight.check(spec)
+        checks.check(spec)
     with pytest.raises(UserError) as rank:
         check_environment(spec, make_plan(spec))
     assert refusal and str(pre.value) == str(rank.value) == refusal and pre.value.field == "precision.dtype"
