@@ -124,7 +124,7 @@ def exit_reason(exc: BaseException) -> str:
 
 # --------------------------------------------------------------------------- writer
 
-def write_marker(run_dir: str | os.PathLike[str], name: str, **fields: Any) -> Path:
+def write_marker(run_dir: str | os.PathLike[str], name: str, /, **fields: Any) -> Path:
     """RUN_DIR/markers/NAME.json, written atomically, with who wrote it (job, attempt as "restart",
     rank, node, host, pid, time) and `fields`. Keys in a fixed order, one line: the batch script
     reads "node", "rank", "reason", "step" and "exit_code" with sed."""
@@ -142,8 +142,8 @@ def write_marker(run_dir: str | os.PathLike[str], name: str, **fields: Any) -> P
     return path
 
 
-def write_own(run_dir: str | os.PathLike[str], kind: str, **fields: Any) -> Path:
-    """This process's marker of `kind` (own_name)."""
+def write_own(run_dir: str | os.PathLike[str], kind: str, /, **fields: Any) -> Path:
+    """This process's marker of `kind` (own_name); `fields` may have a "kind" of their own."""
     return write_marker(run_dir, own_name(kind), **fields)
 
 

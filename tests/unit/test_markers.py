@@ -68,6 +68,8 @@ def test_markers_round_trip_and_silent_ranks(tmp_path, job):
     assert markers.silent_ranks(tmp_path, "90", 0) == []
     assert [m["name"] for m in markers.read_markers(tmp_path)][-1] == "exit-90-a1-rank1"  # oldest first
     assert markers.read_marker(tmp_path, "exit-90-a0-rank1") is None
+    fault = markers.write_own(tmp_path, markers.FAULT, kind="stall", step=3)  # a field named like the argument
+    assert markers.read_marker(tmp_path, fault.stem)["kind"] == "stall"
     assert markers.read_markers(tmp_path / "nowhere") == []
     with pytest.raises(ValueError):
         markers.write_marker(tmp_path, "../escape", reason="oom")
