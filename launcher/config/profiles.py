@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from launcher import yamlio
 from launcher.errors import SpecError
 from launcher.config.resolve import deep_merge, user_tree
-from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, _explain_with_root, register_model,
+from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, explain_errors_of, register_model,
                                   validate)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
@@ -135,7 +135,7 @@ def load(name: str, path: str | None = None) -> Profile:
     try:
         return Profile.model_validate({**(data[name] or {}), "name": name})
     except ValidationError as exc:
-        raise SpecError(_explain_with_root(exc, f"{file}: {name}")) from None
+        raise SpecError(explain_errors_of(exc, f"{file}: {name}")) from None
 
 
 def check_limits(spec: RunSpec, profile: Profile) -> list[str]:

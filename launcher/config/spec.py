@@ -465,7 +465,7 @@ def _model_at(loc: tuple[Any, ...], root: type[BaseModel] | None = None) -> type
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _explain_with_root(exc: ValidationError, where: str) -> list[str]:
+def explain_errors_of(exc: ValidationError, where: str) -> list[str]:
     """Messages for a model other than RunSpec (e.g. a cluster profile), prefixed with its place."""
     return [f"{where}: {m}" for m in _explain(exc, root=exc.title and _MODELS.get(exc.title))]
 
