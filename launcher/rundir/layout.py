@@ -1,7 +1,7 @@
-"""The run directory's layout: the name of every file and folder in a run dir, and nothing else.
-
-Every later command (status, logs, cost, merge, eval, --from) and every rank finds a run-dir path here;
-the batch templates take these names rendered in.
+"""The run directory's layout: the name of every file and folder in a run dir (RunDir), and opening an
+existing one. Every later command (status, logs, cost, merge, eval, --from) and every rank finds a run-dir
+path here; the batch templates take these names rendered in. Each file's format lives in its own module
+beside this one (jobs.py, manifest.py, markers.py, metrics.py).
 """
 
 from __future__ import annotations
