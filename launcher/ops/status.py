@@ -190,7 +190,7 @@ def _one(run_dir: Path, jid: str, kind: str, recs: list[dict[str, Any]], src: So
         d = a.to_dict()
         if a.state not in st.LIVE_STATES or i < n - 1:
             reason, line = reasons.classify(a.state, a.exit_code, a.signal, seg_for.get(i, ""),
-                                    reasons.marker_for(markers, jid, i), requeued_after=i < n - 1)
+                                            reasons.marker_for(markers, jid, i), requeued_after=i < n - 1)
             d.update(reason=reason, log_line=line)
         js.attempts.append(d)
 
@@ -205,10 +205,10 @@ def _one(run_dir: Path, jid: str, kind: str, recs: list[dict[str, Any]], src: So
     if not js.live and js.state not in ("UNKNOWN",) and js.state not in st.LIVE_STATES:
         last_text = segments[-1] if segments else text
         reason, line = reasons.classify(js.state, js.exit_code, js.signal, last_text,
-                                reasons.marker_for(markers, jid, n - 1 if n else js.restarts))
+                                        reasons.marker_for(markers, jid, n - 1 if n else js.restarts))
         js.reason, js.log_line = reason, line
-        js.transient = reason in reasons.TRANSIENT or (reason == reasons.FAILED and
-                                                      reasons.killed(js.exit_code, js.signal, last_text))
+        js.transient = reason in reasons.TRANSIENT or (
+            reason == reasons.FAILED and reasons.killed(js.exit_code, js.signal, last_text))
         js.detail = reasons.describe(reason, js.exit_code, js.signal, line)
     elif js.state == "UNKNOWN":
         js.detail = "no record in squeue, scontrol or sacct, and nothing in the run dir says how it ended"
