@@ -226,7 +226,7 @@ def test_classify_requeues_and_markers():
 def test_why_line_skips_library_noise_and_wrappers():
     assert reasons.why_line(TRACEBACK_UNDER_TORCHRUN) == "[rank1]: ValueError: bad shard 7"
     assert reasons.why_line("Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'\n"
-                           "all fine\n") is None
+                            "all fine\n") is None
 
 
 def test_step_lines_and_attempt_segments():
@@ -503,8 +503,8 @@ def test_labels_come_off_for_reading_and_one_stays_for_showing():
     log = ("launcher: job 7 on n[1-2], rendezvous n1:15007, spec /r/spec.yaml\n[rank0]:step 3/10 loss 2.5000 lr 1e-3\n"
            "[rank1]:[rank1]: Traceback (most recent call last):\n[rank1]:[rank1]:   File \"/x.py\", line 1, in f\n"
            "[rank1]:[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB\n")
-    assert reasons.classify("FAILED", 5, 0, log) == (reasons.OUT_OF_MEMORY, "[rank1]: torch.OutOfMemoryError: CUDA out of memory. "
-                                                          "Tried to allocate 2 GiB")
+    assert reasons.classify("FAILED", 5, 0, log) == (
+        reasons.OUT_OF_MEMORY, "[rank1]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB")
     assert logs.last_step(log) == (3, 10, 2.5)
 
 
