@@ -35,6 +35,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# What every launcher (deepspeed's runner, torchrun, srun) starts on each rank, before the spec path:
+# `python -m launcher train RUN_DIR/spec.yaml`. The bench passes its own entry instead.
+TRAIN_ENTRY: tuple[str, ...] = ("launcher", "train")
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted(COMMANDS)

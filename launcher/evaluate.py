@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher.errors import UserError
+from launcher.config.resolve import with_overrides
 from launcher.config.spec import RunSpec
+from launcher.errors import UserError
 from launcher.model import load as model_mod
-from launcher.model.load import has_weights
+from launcher.model.load import ADAPTER_CONFIG, has_weights
 from launcher.rundir import metrics
-from launcher.rundir.layout import RunDir, open_run_dir, with_overrides
+from launcher.rundir.layout import RunDir, open_run_dir
 
 FORGETTING_TOLERANCE = 0.01  # nats per token: a reference-set loss rise above this counts as forgetting
 
@@ -97,20 +98,20 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
             if spec.model.name == model_mod.TINY:
                 base = str(rd.base)
         return Target(tuned=tuned, base=base, spec=spec, run_dir=rd.path,
-                      adapter=(tuned / "adapter_config.json").is_file(), notes=notes)
-    adapter = (path / "adapter_config.json").is_file()
+                      adapter=(tuned / ADAPTER_CONFIG).is_file(), notes=notes)
+    adapter = (path / ADAPTER_CONFIG).is_file()
     if not adapter and not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run dir (spec.yaml), a model (config.json) nor a peft adapter "
                         f"(adapter_config.json)")
     if adapter and base is None:
-        base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not base:
             raise UserError(f"{path}/adapter_config.json names no base model; give --base MODEL")
     model_name = base if adapter else str(path)
     tree: dict[str, Any] = {"model": {"name": model_name}, "data": {"seq_len": seq_len or 256},
                             "precision": {"dtype": "fp32"}}
     if adapter:
-        method = json.loads((path / "adapter_config.json").read_text()).get("peft_type", "LORA")
+        method = json.loads((path / ADAPTER_CONFIG).read_text()).get("peft_type", "LORA")
         tree["method"] = {"name": {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix",
                                    "PROMPT_TUNING": "prompt"}.get(str(method), "lora")}
     spec = spec_mod.validate(tree)

@@ -10,11 +10,12 @@ from typing import Any, Iterable
 
 from launcher import yamlio
 from launcher.config import profiles
-from launcher.config.resolve import deep_merge, user_tree
-from launcher.config.spec import RunSpec, validate
+from launcher.config.resolve import deep_merge, user_tree, with_overrides
+from launcher.config.spec import RunSpec, expand_shorthands, validate
 from launcher.errors import SpecError, UserError
 from launcher.plan import hardware
 from launcher.plan.plan import make_plan
+from launcher.plan.price import usd_per_device_hour as profile_price
 
 # Axes of a matrix, each a spec field, in the order a setup's label names them.
 AXES: dict[str, str] = {
@@ -103,7 +104,7 @@ def resolve_base(matrix_base: dict[str, Any], spec_path: str | None, flags: dict
                  cluster: str | None = None, clusters_file: str | None = None) -> RunSpec:
     """The spec every setup starts from: profile < matrix base < SPEC < flags < --set (as
     profiles.resolve, with the matrix's base one layer under the spec file)."""
-    tree = deep_merge(matrix_base, user_tree(spec_path, flags, sets))
+    tree = deep_merge(expand_shorthands(matrix_base), user_tree(spec_path, flags, sets))
     if not cluster:
         return validate(tree)
     profile = profiles.load(cluster, clusters_file)
@@ -182,13 +183,13 @@ def bench_spec(spec: RunSpec, out_dir: Path, steps: int, warmup: int, index: int
     """The setup's spec as the bench runs it: warmup + steps optimizer steps and one more, untimed,
     in which the held tensors are counted; no checkpoints, no eval, no TensorBoard, never resumed."""
     total = warmup + steps + 1
-    return validate(deep_merge(spec.to_dict(), {
+    return with_overrides(spec, {
         "name": f"bench-{index}",
         # the learning-rate warm-up does not change a step's cost; kept below the step count it must be under
         "optim": {"max_steps": total, "warmup_steps": min(spec.optim.warmup_steps, total - 1)},
         "data": {"eval_fraction": 0.0},
         "output": {"dir": str(out_dir), "save_every": 0, "log_every": 1, "resume": "never", "tensorboard": False},
-    }))
+    })
 
 
 @dataclass(frozen=True)
@@ -213,14 +214,6 @@ class Bench:
 
     setups: list[Setup]
     options: Options
-
-
-def _profile_price(spec: RunSpec) -> float | None:
-    """The cluster section's price of one device-hour, as `launcher estimate` takes it."""
-    c = spec.cluster
-    nproc = c.nproc_per_node or (c.gpus_per_node or 1)
-    return c.usd_per_gpu_hour if c.gpus_per_node else (
-        c.usd_per_node_hour / nproc if c.usd_per_node_hour is not None else None)
 
 
 def make_bench(*, matrix: str | None, spec: str | None, axes: dict[str, str | None], flags: dict[str, Any],
@@ -249,7 +242,7 @@ def make_bench(*, matrix: str | None, spec: str | None, axes: dict[str, str | No
                         f"`python benchmarks/make_model.py llama-3.2-1b|llama-3-8b --out {base.model.name}`")
     price = usd_per_device_hour if usd_per_device_hour is not None else m.usd_per_device_hour
     if price is None:
-        price = _profile_price(base)
+        price = profile_price(base.cluster)
     opts = Options(
         steps=steps or m.steps or DEFAULT_STEPS,
         warmup=warmup if warmup is not None else (m.warmup if m.warmup is not None else DEFAULT_WARMUP),

@@ -22,8 +22,8 @@ from launcher.bench.run import RANK_ENTRY, read_task, run_baseline, task_options
 from launcher.config.resolve import resolve
 from launcher.errors import UserError
 from launcher.plan.plan import make_plan
-from launcher.rank.loop import train
 from launcher.rank.entry import leave_process_group
+from launcher.rank.loop import train
 from launcher.rundir import markers
 from launcher.rundir.layout import RunDir
 

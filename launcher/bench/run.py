@@ -35,7 +35,6 @@ BASELINE_SCRIPT = assets.PACKAGE_PARENT / "benchmarks" / "baseline_hf.py"
 # What each rank of a setup runs (`python -m launcher.bench.probe rank RUN_DIR/spec.yaml`), in place of
 # `launcher train`: the same training with the measuring callback added.
 RANK_ENTRY = ("launcher.bench.probe", "rank")
-TASK_FILE = "bench_task.json"  # in each setup's run dir: what its ranks measure and how
 
 
 # =========================================================================== the task file
@@ -44,13 +43,13 @@ TASK_FILE = "bench_task.json"  # in each setup's run dir: what its ranks measure
 # (launcher or baseline), its axis values and the bench's options.
 
 def write_task(run_dir: Path, kind: str, values: dict[str, Any], opts: Options) -> None:
-    (run_dir / TASK_FILE).write_text(json.dumps({"kind": kind, "values": values, **opts.to_dict()}, indent=2) + "\n")
+    RunDir(run_dir).bench_task.write_text(json.dumps({"kind": kind, "values": values, **opts.to_dict()}, indent=2) + "\n")
 
 
 def read_task(run_dir: Path) -> dict[str, Any]:
-    p = run_dir / TASK_FILE
+    p = RunDir(run_dir).bench_task
     if not p.is_file():
-        raise UserError(f"{run_dir} has no {TASK_FILE}: not a bench setup (made by `launcher bench`)")
+        raise UserError(f"{run_dir} has no {p.name}: not a bench setup (made by `launcher bench`)")
     return json.loads(p.read_text())
 
 

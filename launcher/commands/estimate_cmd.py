@@ -8,10 +8,11 @@ import re
 import click
 
 from launcher.commands.common import spec_options
-from launcher.config.resolve import deep_merge
-from launcher.config.spec import RunSpec, validate
+from launcher.config.resolve import with_overrides
+from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.plan import estimate as est
+from launcher.plan import price
 from launcher.plan.plan import make_plan
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
@@ -53,9 +54,7 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
         gpu = "H100-80GB"
         notes.append("device assumed H100-80GB; pass --gpu")
     if usd_per_device_hour is None:  # the cluster profile's price, if the spec came with one
-        c = spec.cluster
-        usd_per_device_hour = c.usd_per_gpu_hour if c.gpus_per_node else (
-            c.usd_per_node_hour / plan.nproc_per_node if c.usd_per_node_hour is not None else None)
+        usd_per_device_hour = price.usd_per_device_hour(spec.cluster)
     kw = dict(device=gpu, device_memory=parse_bytes(device_memory) if device_memory else None,
               usd_per_device_hour=usd_per_device_hour, train_tokens=int(train_tokens) if train_tokens else None,
               mfu=mfu or est.DEFAULT_MFU)
@@ -68,7 +67,7 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
             raise UserError(f"no micro batch fits {_gib(probe.device_memory_bytes)}: even 1 needs "
                             f"{_gib(est.estimate(spec, plan, micro_batch=1, **kw).peak_bytes_per_gpu)}; "
                             f"raise --zero, add --offload-optimizer cpu, --grad-ckpt or more GPUs")
-        spec = validate(deep_merge(spec.to_dict(), {"optim": {"micro_batch": best}}))
+        spec = with_overrides(spec, {"optim": {"micro_batch": best}})
         plan = make_plan(spec)
         notes.append(f"--fit: micro batch {best}")
     e = est.estimate(spec, plan, **kw)

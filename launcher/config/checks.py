@@ -20,7 +20,8 @@ from launcher.plan import hardware
 from launcher.plan.estimate import GiB, estimate
 from launcher.plan.params import lora_params
 from launcher.plan.plan import Plan, make_plan
-from launcher.rank.checkpoint import is_complete
+from launcher.rundir import checkpoints
+from launcher.rundir.layout import RunDir
 from launcher.submit.stage import check_cached
 
 
@@ -123,14 +124,7 @@ def _model(spec: RunSpec, plan: Plan) -> list[str]:
 
 
 def _resume(spec: RunSpec) -> None:
-    value = spec.output.resume
-    if value in ("auto", "never"):
-        return
-    p = Path(value).expanduser()
-    if not p.is_dir() or not is_complete(p):
-        raise UserError(f"output.resume={value!r} is not a complete checkpoint (a checkpoint-N folder with its "
-                        f"completion marker); give one, or 'auto' (the newest complete one in the run dir) or 'never'",
-                        field="output.resume")
+    checkpoints.resume_point(spec.output.resume, RunDir(Path(spec.output.dir)).checkpoints)
 
 
 def profile_device(spec: RunSpec) -> str | None:

@@ -25,8 +25,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher import yamlio
-from launcher.errors import SpecError
 from launcher.config.resolve import deep_merge, user_tree
+from launcher.errors import SpecError
 from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, explain_errors_of, register_model,
                                   validate)
 

@@ -91,3 +91,8 @@ def resolve(
 ) -> RunSpec:
     """Merge profile < file < flags < --set and validate once. Raises SpecError with every problem."""
     return validate(deep_merge(expand_shorthands(profile or {}), user_tree(spec_path, flags, sets)))
+
+
+def with_overrides(spec: RunSpec, tree: dict[str, Any]) -> RunSpec:
+    """`spec` with the fields of `tree` set over it, validated again."""
+    return validate(deep_merge(spec.to_dict(), tree))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from launcher import assets
 from launcher.data.source import data_files
 from launcher.errors import UserError
+from launcher.rundir.layout import RunDir
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.spec import RunSpec
@@ -102,7 +103,7 @@ def require_prepared(spec: RunSpec, tokenizer: Any = None) -> Path:
     """
     path = prepared_path(spec, tokenizer)
     if not (path / "meta.json").is_file():
-        spec_file = Path(spec.output.dir) / "spec.yaml"
+        spec_file = RunDir(Path(spec.output.dir)).spec_path
         target = str(spec_file) if spec_file.is_file() else "SPEC"
         raise UserError(f"the tokenized data for this run is not in the cache: {path} is missing or incomplete "
                         f"(no meta.json). Ranks only read the cache; run `launcher prepare SPEC` first "

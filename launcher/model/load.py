@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from launcher import assets
-from launcher.errors import UserError
 from launcher.config.spec import PEFT_METHODS, RunSpec
+from launcher.errors import UserError
 from launcher.plan.params import freeze_selection
 from launcher.rundir.layout import RunDir
 
@@ -26,6 +26,7 @@ TINY = "tiny"
 # The weight files transformers' from_pretrained reads: each whole, or sharded beside FILE.index.json.
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 WEIGHT_INDEXES = tuple(f"{f}.index.json" for f in WEIGHT_FILES)
+ADAPTER_CONFIG = "adapter_config.json"  # peft's file in an adapter folder: the method and its base model
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes
 
 

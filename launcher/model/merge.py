@@ -11,9 +11,9 @@ from typing import Any
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.model import load as model_mod
+from launcher.model.load import ADAPTER_CONFIG
 from launcher.rundir.layout import RunDir, open_run_dir
 
-ADAPTER_CONFIG = "adapter_config.json"  # peft's file in an adapter folder
 # peft types that add virtual tokens (a learned key/value prefix, or input embeddings) instead of changing weights
 _VIRTUAL_TOKENS = {"PREFIX_TUNING": "prefix tuning", "PROMPT_TUNING": "prompt tuning", "P_TUNING": "p-tuning",
                    "MULTITASK_PROMPT_TUNING": "multitask prompt tuning"}

@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.ops import slurmtools as st
 from launcher.config.profiles import Partition, Profile, mem_mib
+from launcher.ops import slurmtools as st
 
 
 @dataclass(frozen=True)

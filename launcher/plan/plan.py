@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from launcher.config.spec import RunSpec, ZeroSpec
+from launcher.config.spec import ClusterSpec, RunSpec, ZeroSpec
 from launcher.errors import SpecError, UserError
 from launcher.plan import modelinfo
 from launcher.plan.modelinfo import ModelInfo
@@ -103,9 +103,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def ranks_per_node(cluster: ClusterSpec) -> int:
+    """cluster.nproc_per_node, else one rank per GPU, else one CPU rank."""
+    return cluster.nproc_per_node or (cluster.gpus_per_node if cluster.gpus_per_node > 0 else 1)
+
+
 def make_plan(spec: RunSpec) -> Plan:
     c, o = spec.cluster, spec.optim
-    nproc = c.nproc_per_node or (c.gpus_per_node if c.gpus_per_node > 0 else 1)
+    nproc = ranks_per_node(c)
     world = c.nodes * nproc
     seq = spec.data.seq_len
     micro = o.micro_batch

@@ -1,7 +1,21 @@
 """Dollars per 1M trained tokens: from dollars paid over tokens trained, or from a price per
-device-hour over a throughput. Estimate, bench and cost all price tokens here."""
+device-hour over a throughput, and the price of a device-hour a cluster section names. Estimate, bench
+and cost all price tokens here."""
 
 from __future__ import annotations
+
+from launcher.config.spec import ClusterSpec
+from launcher.plan.plan import ranks_per_node
+
+
+def usd_per_device_hour(cluster: ClusterSpec) -> float | None:
+    """The price of one device-hour the cluster section carries (from its profile): a GPU-hour on GPU
+    nodes; on CPU nodes a node-hour shared by the node's ranks. None when it names no price."""
+    if cluster.gpus_per_node:
+        return cluster.usd_per_gpu_hour
+    if cluster.usd_per_node_hour is None:
+        return None
+    return cluster.usd_per_node_hour / ranks_per_node(cluster)
 
 
 def usd_per_mtok(usd: float | None, tokens: float | None) -> float | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -21,58 +20,8 @@ from typing import Any, Callable
 from launcher import identity
 from launcher.errors import UserError
 from launcher.rank.stop import agree, barrier
-
-COMPLETE_MARKER = "launcher-complete.json"  # written last into a checkpoint, before its rename
-STAGING_PREFIX = ".staging-"  # checkpoints/.staging-checkpoint-N/checkpoint-N while it is written
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = _CHECKPOINT.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def is_complete(path: Path) -> bool:
-    """A checkpoint-N folder is complete when, and only when, it carries launcher's completion marker:
-    written last, after every rank saved its part, before the rename. Nothing else counts: the Trainer
-    writes trainer_state.json on rank 0 while other ranks may still be writing their shards, so a folder
-    with it but no marker may be cut off mid-save (a save stopped midway normally stays in its staging
-    folder; a checkpoint-N without the marker came from elsewhere or was moved by hand)."""
-    return (path / COMPLETE_MARKER).is_file()
-
-
-def complete_checkpoints(checkpoints: Path) -> list[tuple[int, Path]]:
-    if not checkpoints.is_dir():
-        return []
-    found = []
-    for p in checkpoints.iterdir():
-        step = checkpoint_step(p)
-        if step is not None and p.is_dir() and is_complete(p):
-            found.append((step, p))
-    return sorted(found)
-
-
-def incomplete_checkpoints(checkpoints: Path) -> list[Path]:
-    """Checkpoints cut off mid-save: staging folders left by a crash, and checkpoint-N folders
-    without a completion marker."""
-    if not checkpoints.is_dir():
-        return []
-    out = []
-    for p in sorted(checkpoints.iterdir()):
-        if p.is_dir() and p.name.startswith(STAGING_PREFIX):
-            out.append(p)
-        elif checkpoint_step(p) is not None and p.is_dir() and not is_complete(p):
-            out.append(p)
-    return out
-
-
-def checkpoint_info(path: Path) -> dict[str, Any]:
-    try:
-        rec = json.loads((path / COMPLETE_MARKER).read_text())
-        return rec if isinstance(rec, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
+from launcher.rundir.checkpoints import (COMPLETE_MARKER, checkpoint_info, checkpoint_name, complete_checkpoints,
+                                         incomplete_checkpoints, staging_name)
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -164,8 +113,8 @@ def trainer_class() -> type:
         def _save_checkpoint(self, model: Any, trial: Any) -> None:
             root = Path(self.args.output_dir)
             step = self.state.global_step
-            name = f"checkpoint-{step}"
-            staging = root / f"{STAGING_PREFIX}{name}"
+            name = checkpoint_name(step)
+            staging = root / staging_name(step)
             final = root / name
             if identity.rank() == 0:
                 root.mkdir(parents=True, exist_ok=True)

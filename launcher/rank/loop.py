@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launcher import identity
-from launcher.errors import UserError
-from launcher.plan.plan import Plan, make_plan
 from launcher.config.checks import unsupported_precision
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
+from launcher.errors import UserError
+from launcher.plan.plan import Plan, make_plan
 from launcher.rank import checkpoint
 from launcher.rank.stop import STOP, finish_stop, stop_callback
-from launcher.rundir import markers, metrics
+from launcher.rundir import checkpoints, markers, metrics
 from launcher.rundir.layout import RunDir
 
 # What each peft method's output is called (spec.MERGEABLE_METHODS: which of them `launcher merge` folds in).
@@ -115,27 +115,8 @@ HF_SCHEDULERS = {"linear": "linear",  # ... linear decay to 0 at max_steps
                  "constant": "constant_with_warmup"}  # ... constant
 
 
-def newest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint-N: launcher's completion marker, written last, is in it. A folder
-    without it (cut off mid-save, even with the Trainer's trainer_state.json) is never newest
-    (checkpoint.is_complete)."""
-    found = checkpoint.complete_checkpoints(checkpoints)
-    return found[-1][1] if found else None
-
-
 def resume_point(spec: RunSpec) -> Path | None:
-    value = spec.output.resume
-    if value == "never":
-        return None
-    if value == "auto":
-        return newest_checkpoint(RunDir(Path(spec.output.dir)).checkpoints)
-    p = Path(value).expanduser()
-    if not p.is_dir() or not checkpoint.is_complete(p):
-        raise UserError(f"output.resume={value!r} is not a complete checkpoint: no {checkpoint.COMPLETE_MARKER} in "
-                        f"it (launcher writes it last, once every rank saved; without it the save may have been cut "
-                        f"off). Give a checkpoint-N folder of a launcher run, 'auto' (the newest complete one in the "
-                        f"run dir) or 'never'", field="output.resume")
-    return p
+    return checkpoints.resume_point(spec.output.resume, RunDir(Path(spec.output.dir)).checkpoints)
 
 
 def check_world_size(plan: Plan, env: dict[str, str] | None = None) -> None:
@@ -352,7 +333,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
 
     require_prepared(spec)
     resume = resume_point(spec)
-    record.start(resume, checkpoint.checkpoint_step(resume) if resume is not None else None)
+    record.start(resume, checkpoints.checkpoint_step(resume) if resume is not None else None)
     # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
     universal_note = checkpoint.prepare_resume(resume, ds_config) if resume is not None else None
@@ -441,8 +422,8 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
 
     if stop.stopped_at is not None:
         step = stop.stopped_at
-        ckpt = run_dir.checkpoints / f"checkpoint-{step}"
-        finish_stop(run_dir.path, step, ckpt if checkpoint.is_complete(ckpt) else None)
+        ckpt = run_dir.checkpoints / checkpoints.checkpoint_name(step)
+        finish_stop(run_dir.path, step, ckpt if checkpoints.is_complete(ckpt) else None)
         say(f"stopped      at step {step}/{plan.max_steps} on {STOP.signal_name or 'a signal'}; "
             f"checkpoint {ckpt}; exit 3 (requeue me): the next start resumes from it")
         sys.stdout.flush()

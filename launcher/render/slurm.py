@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from launcher import assets
+from launcher.cli import TRAIN_ENTRY
 from launcher.config.spec import ClusterSpec, RunSpec
 from launcher.errors import SpecError
 from launcher.plan.plan import Plan
@@ -28,7 +29,6 @@ CHAIN_TEMPLATE = "chain.sbatch.j2"
 # The one-task jobs around training (each with its script in the run dir): what each runs is fixed
 # here, never taken from the spec.
 CHAIN_KINDS = tuple(CHAIN_SCRIPTS)
-CHAIN_FILES = CHAIN_SCRIPTS
 # Python in a container or after the spec's set-up lines: whatever those put first on the PATH.
 PATH_PYTHON = "python3"
 # torchrun's shutdown timeout when the spec asks for no warning signal (torchrun's own default).
@@ -332,7 +332,7 @@ def render_sbatch(
     python: str,
     array_specs: Sequence[RunSpec] | None = None,
     prepare_step: bool = True,
-    entry: Sequence[str] = ("launcher", "train"),
+    entry: Sequence[str] = TRAIN_ENTRY,
 ) -> str:
     """The batch script for `spec` run from `run_dir` (absolute; the run's spec and logs live there).
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from launcher.config.resolve import deep_merge, resolve
-from launcher.config.spec import RunSpec, validate
+from launcher.config.resolve import resolve
+from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 
 SPEC_FILE = "spec.yaml"
@@ -20,6 +19,7 @@ MANIFEST_FILE = "manifest.json"
 JOB_LOG_PATTERN = "%x-%j.out"
 ARRAY_LOG_PATTERN = "%x-%A_%a.out"
 # The batch scripts of the follow-up jobs, by kind.
+JOB_SCRIPT = "job.sbatch"  # the training job's batch script
 CHAIN_SCRIPTS = {"prep": "prepare.sbatch", "merge": "merge.sbatch", "eval": "eval.sbatch"}
 # Folders inside a run dir that are never run dirs themselves (`launcher runs` skips them).
 OWN_FOLDERS = ("checkpoints", "logs", "final")
@@ -59,7 +59,7 @@ class RunDir:
     @property
     def job_script(self) -> Path:
         """The training job's batch script."""
-        return self.path / "job.sbatch"
+        return self.path / JOB_SCRIPT
 
     def chain_script(self, kind: str) -> Path:
         """The batch script of a follow-up job: prep, merge or eval."""
@@ -146,6 +146,11 @@ class RunDir:
 
     # ------------------------------------------------------------ the bench's files in a setup's run dir
     @property
+    def bench_task(self) -> Path:
+        """What the setup's ranks measure and how (written by `launcher bench`)."""
+        return self.path / "bench_task.json"
+
+    @property
     def bench(self) -> Path:
         """Each rank's measurement (rank<N>.json) and the baseline's (baseline.json)."""
         return self.path / "bench"
@@ -188,8 +193,3 @@ def open_run_dir(path: str | Path) -> RunDir:
         raise UserError(f"{root} is not a run dir (no spec.yaml); give a directory made by "
                         f"`launcher slurm --out` or `launcher run --out`")
     return rd
-
-
-def with_overrides(spec: RunSpec, tree: dict[str, Any]) -> RunSpec:
-    """`spec` with the fields of `tree` set over it, validated again."""
-    return validate(deep_merge(spec.to_dict(), tree))

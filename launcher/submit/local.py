@@ -1,7 +1,7 @@
 """Local launch: prepare the data here, write the run dir, spawn the ranks through the deepspeed
 launcher, stream their output to the terminal and to RUN_DIR/logs/, and return their exit code.
 
-Launcher choice. The issue asks for the deepspeed launcher, and that is what runs:
+Launcher choice: the deepspeed launcher runs the ranks:
 `python -m deepspeed.launcher.runner --num_gpus N --no_local_rank --module launcher train SPEC`
 (the `deepspeed` command, through this interpreter). On CPU it works unchanged: `--num_gpus N` makes N
 slots whatever the CPU "accelerator" count is (1 here, one NUMA node), and each rank talks gloo.
@@ -25,12 +25,13 @@ import time
 from pathlib import Path
 
 from launcher import assets
+from launcher.cli import TRAIN_ENTRY
+from launcher.config.spec import RunSpec
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
-from launcher.plan.plan import Plan
 from launcher.ops.reasons import BACKSTOP_DUMP
+from launcher.plan.plan import Plan
 from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import RunDir
-from launcher.config.spec import RunSpec
 
 _PACKAGE_ROOT = assets.PACKAGE_PARENT
 _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
@@ -39,7 +40,7 @@ _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
 def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: int = 29500,
                    base_env: dict[str, str] | None = None, cpu_count: int | None = None,
                    quiet: bool = False,
-                   entry: tuple[str, ...] = ("launcher", "train")) -> tuple[list[str], dict[str, str]]:
+                   entry: tuple[str, ...] = TRAIN_ENTRY) -> tuple[list[str], dict[str, str]]:
     """argv and environment that start `nproc` ranks of `launcher train RUN_DIR/spec.yaml`. Pure.
 
     `quiet` drops the launcher's INFO lines and Python FutureWarnings (quickstart output). `entry`:
@@ -91,10 +92,10 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     clashes, memory fit: exit 2 before any run dir or rank), write the run dir, tokenize the data,
     make the tiny base model."""
     from launcher.config import checks as preflight
-    from launcher.submit.rundir import create
-    from launcher.plan.plan import make_plan
     from launcher.data import build as data_mod
+    from launcher.plan.plan import make_plan
     from launcher.rank.loop import check_environment
+    from launcher.submit.rundir import create
 
     if spec.cluster.nodes > 1:
         raise UserError(f"`launcher run` starts ranks on this machine only; cluster.nodes={spec.cluster.nodes}. "

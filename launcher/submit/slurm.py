@@ -22,14 +22,14 @@ from typing import Any, Callable
 
 from launcher import yamlio
 from launcher.config import checks
-from launcher.config.resolve import parse_set
+from launcher.config.resolve import parse_set, with_overrides
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 from launcher.data.cache import prepared_path
 from launcher.errors import RunFailed, SpecError, UserError
 from launcher.plan.plan import make_plan
-from launcher.render.slurm import CHAIN_FILES, render_chain_sbatch, render_sbatch
+from launcher.render.slurm import render_chain_sbatch, render_sbatch
 from launcher.rundir.jobs import record_job
-from launcher.rundir.layout import with_overrides
+from launcher.rundir.layout import CHAIN_SCRIPTS, JOB_SCRIPT
 from launcher.submit.rundir import create
 
 THEN_KINDS = ("merge", "eval")
@@ -78,7 +78,7 @@ def write_run(spec: RunSpec, out: str | Path, *, force: bool = False, submit: bo
     if dry_run:
         emit(script)
         for kind, text in chain.items():
-            emit(f"\n# ==== {CHAIN_FILES[kind]} ({kind} job) ====\n")
+            emit(f"\n# ==== {CHAIN_SCRIPTS[kind]} ({kind} job) ====\n")
             emit(text)
         for i, t in enumerate(tasks):
             say(f"task {i}: {t.describe()}")
@@ -92,7 +92,7 @@ def write_run(spec: RunSpec, out: str | Path, *, force: bool = False, submit: bo
     created = [create(rd.task(i).path, t.spec, force=force)[1] for i, t in enumerate(tasks)]
     script = render_sbatch(spec, plan, rd.path, python=python, array_specs=created or None, prepare_step=False)
     files = {"train": _write_script(rd.job_script, script)}
-    for kind in CHAIN_FILES:
+    for kind in CHAIN_SCRIPTS:
         path = rd.chain_script(kind)
         if kind in kinds:
             files[kind] = _write_script(path, render_chain(spec, kind, rd.path, python, created or None))
@@ -163,7 +163,7 @@ def chain_kinds(with_prep: bool, then: tuple[str, ...] | list[str]) -> list[str]
 
 
 def describe_chain(kinds: list[str]) -> str:
-    names = {"train": "job.sbatch", **CHAIN_FILES}
+    names = {"train": JOB_SCRIPT, **CHAIN_SCRIPTS}
     return ", then ".join(f"{names[k]} ({k})" for k in kinds) + (" (each after the one before succeeds)"
                                                                   if len(kinds) > 1 else "")
 

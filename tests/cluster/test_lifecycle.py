@@ -1,4 +1,4 @@
-"""Operating runs on the real lab cluster (issue 9): `cluster check` against the live partitions,
+"""Operating runs on the real lab cluster: `cluster check` against the live partitions,
 a GPU-shaped 2-node script scheduled with its GPUs, `status` for every way a job ends (also after
 the controller forgot the job), `logs -f` returning when the job ends, `cancel`, and `cost`
 against sacct's own numbers.

@@ -123,10 +123,10 @@ HOSTILE_ENV = {"H_QUOTE": f"x'; touch {MARK} #", "H_SUBST": f"$(touch {MARK})", 
 
 @pytest.mark.parametrize("launch", ["torchrun", "srun"])
 def test_hostile_values_are_submitted_verbatim_and_run_nothing(slurm_lab, tmp_path, launch):
+    from launcher.config.spec import validate
     from launcher.ops.logs import strip_labels
     from launcher.plan.plan import make_plan
     from launcher.render.slurm import render_sbatch
-    from launcher.config.spec import validate
 
     # The job's interpreter is a stand-in that prints what reached it (argv and environment), in a
     # folder whose name is hostile too; everything between (sbatch, the batch shell, srun, bash -c,

@@ -67,9 +67,9 @@ _TRAIN_ALL = r"""
 import json, os, sys, traceback
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                   MASTER_PORT=sys.argv[1])
-from launcher.submit import local as launch
 from launcher.config.spec import validate
 from launcher.rank import loop
+from launcher.submit import local as launch
 cases, each = json.loads(sys.argv[2]), sys.argv[3] == "each"
 prepare = lambda tree: launch.prepare_run(validate(tree), tree["output"]["dir"])[1]
 specs = {} if each else {name: prepare(tree) for name, tree in cases}

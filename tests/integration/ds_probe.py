@@ -20,9 +20,9 @@ os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
 os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
 os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
+from launcher.config.resolve import resolve  # noqa: E402
 from launcher.plan.plan import make_plan  # noqa: E402
 from launcher.render.deepspeed import render  # noqa: E402
-from launcher.config.resolve import resolve  # noqa: E402
 
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("none", "cpu", "nvme")

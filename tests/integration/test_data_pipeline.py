@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from launcher import assets
-from launcher.errors import UserError
 from launcher.config.spec import validate
 from launcher.data import build
 from launcher.data.cache import cache_dir, cache_key, read_meta
 from launcher.data.collate import make_collator
+from launcher.errors import UserError
 from launcher.model.load import load_tokenizer_from
 
 pytestmark = pytest.mark.integration

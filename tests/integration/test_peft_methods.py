@@ -70,10 +70,10 @@ def test_estimated_trainable_count_matches_peft_and_tensors(tmp_path, model, nam
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher import assets
-    from launcher.plan import params
-    from launcher.plan import modelinfo
     from launcher.config.resolve import resolve
     from launcher.model.load import apply_method
+    from launcher.plan import params
+    from launcher.plan import modelinfo
 
     if model == "tiny":
         src = assets.tiny_dir()

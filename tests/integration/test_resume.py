@@ -7,7 +7,7 @@ checkpoint through the Trainer and DeepSpeed, writes the requeue marker and exit
 exits 3 and prints the resume command, which the test then runs (the run dir's own spec.yaml, --out
 the same dir, --force). The resumed run must print exactly the remaining steps, with the reference's
 losses at the same steps (data position, RNG and schedule restored), and end with the reference's
-weights (bitwise; 1e-6 is the tolerance the issue allows). The weights come from the test-only hook
+weights (bitwise; the assertion allows 1e-6). The weights come from the test-only hook
 LAUNCHER_TEST_DUMP_FINAL_WEIGHTS (every trainable parameter, gathered under ZeRO-3).
 
 Dropout: the model is the embedded tiny Llama saved with attention_dropout=0.1, and LoRA's own
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.rank.checkpoint import COMPLETE_MARKER
+from launcher.rundir.checkpoints import COMPLETE_MARKER
 from launcher.rundir.metrics import parse_step_lines
 from launcher.testing.faults import TEST_DUMP_ENV, TEST_DUMP_START_ENV
 
@@ -265,7 +265,8 @@ def test_out_of_memory_on_a_rank_exits_5_and_is_recorded(tmp_path, env, launcher
 # --------------------------------------------------------------------------- checkpoint bookkeeping (no ranks)
 
 def test_only_complete_checkpoints_count_and_keep_last_prunes_the_rest(tmp_path):
-    from launcher.rank.checkpoint import complete_checkpoints, incomplete_checkpoints, prune
+    from launcher.rank.checkpoint import prune
+    from launcher.rundir.checkpoints import complete_checkpoints, incomplete_checkpoints
 
     for step, complete in ((2, True), (4, True), (6, True), (8, False)):
         d = tmp_path / f"checkpoint-{step}"

@@ -253,8 +253,8 @@ def test_qlora_grad_ckpt_one_rank(qlora_gc, env, launcher, merge_errors, tmp_pat
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from launcher.rundir.layout import open_run_dir
     from launcher.model.load import fix_bnb_cpu_inference, quantization_config
+    from launcher.rundir.layout import open_run_dir
 
     proc, out = qlora_gc
     assert "world size 1" in proc.stdout and "(qlora)" in proc.stdout

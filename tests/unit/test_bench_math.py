@@ -13,11 +13,11 @@ import pytest
 
 from launcher.bench import matrix, report
 from launcher.bench.run import RANK_ENTRY, rank_command
+from launcher.config.resolve import resolve
 from launcher.errors import UserError
 from launcher.plan.plan import make_plan
 from launcher.plan.price import usd_per_mtok_at
 from launcher.rundir.layout import RunDir
-from launcher.config.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import UserError
 from launcher.config.spec import validate
 from launcher.data.check import check_data
+from launcher.errors import UserError
 
 
 def spec(path, task="pretrain", **data):

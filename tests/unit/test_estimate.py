@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from launcher.config.resolve import resolve
 from launcher.plan.estimate import estimate, fit_micro_batch
 from launcher.plan.plan import make_plan
-from launcher.config.resolve import resolve
 
 SHAPES = {  # published hyper-parameters
     "llama-3.2-1b": dict(hidden_size=2048, num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=16,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from launcher.config.resolve import resolve
 from launcher.plan.plan import make_plan
 from launcher.render.deepspeed import render
-from launcher.config.resolve import resolve
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

@@ -147,3 +147,13 @@ def test_dollars_per_million_tokens_from_a_price_per_device_hour_or_from_dollars
     assert usd_per_mtok_at(2.5, 8, 0) is None
     assert usd_per_mtok(3.0, 1_500_000) == 3.0 / 1_500_000 * 1e6
     assert usd_per_mtok(None, 10) is None and usd_per_mtok(3.0, None) is None and usd_per_mtok(3.0, 0) is None
+
+
+def test_a_device_hour_is_priced_once_for_estimate_and_bench():
+    from launcher.config.spec import ClusterSpec
+    from launcher.plan.price import usd_per_device_hour
+
+    assert usd_per_device_hour(ClusterSpec(gpus_per_node=8, usd_per_gpu_hour=2.5, usd_per_node_hour=30)) == 2.5
+    # CPU ranks share the node-hour: 4 ranks on a $2 node-hour pay $0.50 each
+    assert usd_per_device_hour(ClusterSpec(nproc_per_node=4, usd_per_node_hour=2.0)) == 0.5
+    assert usd_per_device_hour(ClusterSpec(gpus_per_node=8)) is None

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from launcher.config.profiles import Partition, Profile
 from launcher.errors import UserError
 from launcher.ops import cluster_check
 from launcher.ops import cost
@@ -18,12 +19,9 @@ from launcher.ops import reasons
 from launcher.ops import slurmtools as st
 from launcher.ops import status
 from launcher.ops.sources import Sources
-from launcher.rundir import markers
-from launcher.rundir import metrics
+from launcher.rundir import markers, metrics
 from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import RunDir
-from launcher.rundir import markers
-from launcher.config.profiles import Partition, Profile
 
 # --------------------------------------------------------------------------- recorded tool output
 

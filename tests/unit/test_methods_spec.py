@@ -10,11 +10,11 @@ import sys
 
 import pytest
 
-from launcher.plan import params
-from launcher.plan import modelinfo
-from launcher.errors import SpecError, UserError
 from launcher.config.resolve import resolve
 from launcher.config.spec import MethodSpec
+from launcher.errors import SpecError, UserError
+from launcher.plan import params
+from launcher.plan import modelinfo
 
 METHODS = ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]
 

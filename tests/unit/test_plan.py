@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from launcher.config.resolve import resolve
 from launcher.errors import SpecError
 from launcher.plan.plan import make_plan
-from launcher.config.resolve import resolve
 
 
 def plan_for(*sets: str, model: str | None = None):

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from launcher import assets
-from launcher.config import checks
 from launcher.cli import main
-from launcher.errors import UserError
+from launcher.config import checks
 from launcher.config.resolve import resolve
+from launcher.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
@@ -165,3 +165,16 @@ def test_fp16_on_cpu_is_refused_with_one_text_by_pre_flight_and_by_the_ranks(tmp
     with pytest.raises(UserError) as rank:
         check_environment(spec, make_plan(spec))
     assert refusal and str(pre.value) == str(rank.value) == refusal and pre.value.field == "precision.dtype"
+
+
+def test_preflight_and_the_ranks_refuse_an_incomplete_resume_with_one_text(tmp_path):
+    from launcher.rank.loop import resume_point
+
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    spec = resolve(None, flags={}, sets=[f"output.resume={ckpt}", f"output.dir={tmp_path}"])
+    with pytest.raises(UserError) as before:
+        checks.check(spec)
+    with pytest.raises(UserError) as on_rank:
+        resume_point(spec)
+    assert str(on_rank.value) in str(before.value) and "launcher-complete.json" in str(on_rank.value)

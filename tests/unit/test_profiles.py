@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from launcher.errors import SpecError
 from launcher.config.profiles import resolve
+from launcher.errors import SpecError
 
 PROFILES = textwrap.dedent("""
     lab:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher.render import presets
-from launcher.plan.plan import make_plan
-from launcher.render.deepspeed import render
 from launcher.config.resolve import resolve
+from launcher.plan.plan import make_plan
+from launcher.render import presets
+from launcher.render.deepspeed import render
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "deepspeed"

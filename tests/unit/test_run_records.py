@@ -138,9 +138,9 @@ def test_runs_prefers_the_manifest_final_numbers(cli, tmp_path):
 
 @pytest.mark.parametrize("method", ["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"])
 def test_plan_txt_names_the_trainable_count_of_every_method(cli, tmp_path, method):
+    from launcher.config.resolve import resolve
     from launcher.plan import params
     from launcher.plan import modelinfo
-    from launcher.config.resolve import resolve
 
     sets = ["method.freeze.top_layers=1"] if method == "freeze" else []
     args = [x for s in sets for x in ("--set", s)]

@@ -6,9 +6,9 @@ import textwrap
 
 import pytest
 
-from launcher.errors import SpecError
 from launcher.config.resolve import resolve
 from launcher.config.spec import RunSpec
+from launcher.errors import SpecError
 
 
 def write(tmp_path, text: str):

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from launcher.config import checks as preflight
-from launcher.errors import UserError
 from launcher.config.resolve import resolve
+from launcher.errors import UserError
 from launcher.hubcache import HubItem, cached_snapshot
 from launcher.submit.stage import check_cached, hub_items, is_hub_model
 

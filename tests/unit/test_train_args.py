@@ -14,13 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from launcher.errors import UserError
-from launcher.submit.local import launch_command
-from launcher.plan.plan import make_plan
-from launcher.render.deepspeed import render
 from launcher.config.resolve import resolve
-from launcher.rank.loop import check_world_size, newest_checkpoint, resume_point, training_arguments_kwargs
+from launcher.errors import UserError
+from launcher.plan.plan import make_plan
+from launcher.rank.loop import check_world_size, resume_point, training_arguments_kwargs
+from launcher.render.deepspeed import render
+from launcher.rundir.checkpoints import COMPLETE_MARKER, incomplete_checkpoints, is_complete, newest_checkpoint
 from launcher.rundir.metrics import format_step, parse_step_lines
+from launcher.submit.local import launch_command
 
 CASES = [
     # (flags, sets)
@@ -198,7 +199,6 @@ def test_world_size_check(tmp_path):
 
 
 def test_newest_complete_checkpoint(tmp_path):
-    from launcher.rank.checkpoint import COMPLETE_MARKER
 
     assert newest_checkpoint(tmp_path / "none") is None
     for n, complete in ((5, True), (20, True), (100, False), (9, True)):
@@ -214,7 +214,7 @@ def test_newest_complete_checkpoint(tmp_path):
 def test_trainer_state_without_the_completion_marker_is_not_a_complete_checkpoint(tmp_path):
     """rank 0 writes trainer_state.json while other ranks may still write their shards: only the marker,
     written last after a barrier, makes a checkpoint complete, for auto resume and for an explicit path."""
-    from launcher.rank.checkpoint import COMPLETE_MARKER, incomplete_checkpoints, is_complete, prune
+    from launcher.rank.checkpoint import prune
 
     cps = tmp_path / "run" / "checkpoints"
     good, cut = cps / "checkpoint-2", cps / "checkpoint-4"
