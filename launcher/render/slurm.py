@@ -250,7 +250,10 @@ def _marker_names() -> dict[str, Sh]:
 
 def _job_kinds() -> dict[str, Sh]:
     """The kinds of the jobs.jsonl lines the job script appends when it requeues itself (rundir/jobs.py)."""
-    return {"requeue": _plain(jobs.REQUEUE), "retry": _plain(jobs.RETRY)}
+    return {"requeue": _plain(jobs.REQUEUE), "retry": _plain(jobs.RETRY),
+            # the line itself, as printf's format and (inside double quotes) the grep that counts such lines
+            "printf": Sh(jobs.script_line_format()),
+            "grep": Sh(jobs.script_line_prefix("$SUBMIT_ID", "$1", "$TASK").replace('"', '\\"'))}
 
 
 def _hub_environment(spec: RunSpec) -> list[tuple[str, str]]:

@@ -1,6 +1,6 @@
 """RUN_DIR/jobs.jsonl: one JSON line per submission or attempt of a run's jobs (job id, kind, time,
 reason and any extra fields), appended by `launcher slurm --submit`, `launcher run`, the bench and the
-batch script's requeue (which writes the same keys, job_id, kind and task first, and counts its own
+batch script's requeue (which writes the same keys with printf, script_line_format, and counts its own
 lines with grep). Requeues and retries are counted here, not from SLURM_RESTART_COUNT.
 """
 
@@ -17,6 +17,23 @@ from launcher.rundir.layout import RunDir
 # Kinds of the lines the batch script appends when the job requeues itself.
 REQUEUE = "requeue"  # after a preemption or time-limit signal and a complete checkpoint
 RETRY = "retry"  # after a transient failure
+
+
+# The batch script appends its requeue and retry lines in shell (printf): these keys in this order, job_id,
+# kind and task first, so that one fixed-string grep counts a job's lines of one kind.
+SCRIPT_KEYS = ("job_id", "kind", "task", "time", "attempt", "reason")
+_SCRIPT_NUMBERS = ("time", "attempt")
+
+
+def script_line_format() -> str:
+    """printf's format of the batch script's line; its arguments are SCRIPT_KEYS' values in order."""
+    fields = (f'"{k}": %s' if k in _SCRIPT_NUMBERS else f'"{k}": "%s"' for k in SCRIPT_KEYS)
+    return "{" + ", ".join(fields) + "}\\n"
+
+
+def script_line_prefix(job_id: str, kind: str, task: str) -> str:
+    """How a batch-script line of this job, kind and array task begins (for grep -F)."""
+    return "{" + ", ".join(f'"{k}": "{v}"' for k, v in zip(SCRIPT_KEYS, (job_id, kind, task))) + ","
 
 
 def record_job(run_dir: str | os.PathLike, job_id: str, kind: str, reason: str = "", **extra: Any) -> None:

@@ -546,3 +546,19 @@ def test_print_logs_heads_each_file_when_there_are_several(tmp_path):
     out: list[str] = []
     assert logs.print_logs(run_dir, out.append) == 2
     assert out == [f"==> {run_dir}/logs/prep-8.out <==", "prep", f"==> {run_dir}/logs/run-9.out <==", "train"]
+
+
+def test_the_batch_scripts_jobs_line_is_read_and_counted_like_record_jobs(tmp_path):
+    """The script appends its requeue line with printf; the same line must parse, count, and start with
+    the prefix its grep counts."""
+    from launcher.rundir import jobs
+
+    record_job(tmp_path, "77", "train")
+    fmt = jobs.script_line_format().replace("\\n", "\n")
+    line = fmt % ("77", jobs.REQUEUE, "", 1700000000, 0, "preempted")
+    with RunDir(tmp_path).jobs_path.open("a") as f:
+        f.write(line)
+    assert line.startswith(jobs.script_line_prefix("77", jobs.REQUEUE, ""))
+    [job] = jobs.recorded_jobs(tmp_path)
+    assert job.kind == "train" and jobs.count_kind(job.lines, jobs.REQUEUE) == 1
+    assert job.lines[-1]["reason"] == "preempted" and job.lines[-1]["attempt"] == 0
