@@ -6,18 +6,14 @@ Heavy libraries are imported inside the library functions these commands call.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
 from launcher.commands.common import spec_options
 from launcher.config.spec import RunSpec
-from launcher.errors import EXIT_OK, EXIT_REQUEUE, UserError
+from launcher.errors import UserError
 from launcher.model.merge import merge_run
-from launcher.rank.entry import leave_process_group, mark_exit, run_rank
-from launcher.rank.loop import train as train_loop
-from launcher.rank.stop import ignore_stop_signals
-from launcher.rundir import markers
+from launcher.rank import entry
 from launcher.submit import local
 from launcher.submit.quickstart import quickstart as run_quickstart
 
@@ -32,15 +28,9 @@ def train(spec: RunSpec) -> None:
     Rank, world size and master address come from the launcher's environment. USR1 or TERM: the
     ranks save a checkpoint at the same optimizer step and exit 3; the next start resumes from it.
     """
-    out_dir = Path(spec.output.dir)
-    result = run_rank(out_dir, lambda: train_loop(spec))
-    ignore_stop_signals()
-    leave_process_group()
-    if result.stopped_at is not None:
-        mark_exit(out_dir, markers.REQUEUED, EXIT_REQUEUE, f"stopped at step {result.stopped_at} after a signal; "
-                  f"checkpoint saved", step=result.stopped_at)
-        sys.exit(EXIT_REQUEUE)
-    mark_exit(out_dir, markers.COMPLETED, EXIT_OK)
+    code = entry.train(spec)
+    if code:
+        sys.exit(code)
 
 
 @click.command()

@@ -1,7 +1,7 @@
-"""The rank's run wrapper: its start and exit markers, its exit code (README "Exit codes") and how it
-leaves. `launcher train` and the bench rank run their training through it.
+"""A rank from start to exit: `launcher train` (train), the run wrapper with its start and exit markers and
+exit codes (README "Exit codes"), and how a rank leaves its process group.
 
-Torch is imported inside the functions; the rest is stdlib.
+Torch and the other heavy libraries are imported inside functions, here and in the loop.
 """
 
 from __future__ import annotations
@@ -12,9 +12,27 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launcher import identity
-from launcher.errors import EXIT_FAILED, EXIT_OOM, UserError
-from launcher.rank.stop import install_signal_handlers, tell
+from launcher.config.spec import RunSpec
+from launcher.errors import EXIT_FAILED, EXIT_OK, EXIT_OOM, EXIT_REQUEUE, UserError
+from launcher.rank.loop import train as train_loop
+from launcher.rank.stop import ignore_stop_signals, install_signal_handlers, tell
 from launcher.rundir import markers
+
+
+def train(spec: RunSpec) -> int:
+    """`launcher train`: this rank's whole run (markers, the training loop, leaving the process group) and
+    its exit code: 0 done, 3 stopped at the same step as every rank after a complete checkpoint (requeue
+    me). Failures leave through run_rank (exit 1, 2, 5)."""
+    run_dir = Path(spec.output.dir)
+    result = run_rank(run_dir, lambda: train_loop(spec))
+    ignore_stop_signals()
+    leave_process_group()
+    if result.stopped_at is not None:
+        markers.write_exit(run_dir, markers.REQUEUED, EXIT_REQUEUE, f"stopped at step {result.stopped_at} after a "
+                           f"signal; checkpoint saved", step=result.stopped_at)
+        return EXIT_REQUEUE
+    markers.write_exit(run_dir, markers.COMPLETED, EXIT_OK)
+    return EXIT_OK
 
 
 def run_rank(run_dir: Path, body: Callable[[], Any]) -> Any:
@@ -37,7 +55,7 @@ def run_rank(run_dir: Path, body: Callable[[], Any]) -> Any:
         who = identity.current()
         if reason == markers.OOM:
             msg = f"rank {who.rank} on {who.node}: out of memory: {exc}"
-            mark_exit(run_dir, reason, EXIT_OOM, msg)
+            markers.write_exit(run_dir, reason, EXIT_OOM, msg)
             _hard_exit(EXIT_OOM, f"error: {msg}. Lower optim.micro_batch or --seq-len, turn on --grad-ckpt, "
                                  f"or use a higher ZeRO stage / offload")
         if reason == markers.COLLECTIVE_TIMEOUT:
@@ -45,19 +63,11 @@ def run_rank(run_dir: Path, body: Callable[[], Any]) -> Any:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             msg = (f"rank {who.rank} on {who.node}: a collective failed (collective timeout {timeout} s): "
                    f"another rank died or hung: {type(exc).__name__}: {first}")
-            mark_exit(run_dir, reason, EXIT_FAILED, msg)
+            markers.write_exit(run_dir, reason, EXIT_FAILED, msg)
             _hard_exit(EXIT_FAILED, f"error: {msg}")
-        mark_exit(run_dir, reason, markers.EXIT_CODES[reason], str(exc) if isinstance(exc, UserError)
+        markers.write_exit(run_dir, reason, markers.EXIT_CODES[reason], str(exc) if isinstance(exc, UserError)
                   else f"{type(exc).__name__}: {exc}")
         raise
-
-
-def mark_exit(run_dir: Path, reason: str, code: int, message: str = "", **extra: Any) -> None:
-    """This rank's exit marker (a marker that cannot be written never fails the exit)."""
-    try:
-        markers.write_own(run_dir, markers.EXIT, reason=reason, exit_code=code, message=message[:2000], **extra)
-    except OSError:
-        pass
 
 
 def leave_process_group() -> None:

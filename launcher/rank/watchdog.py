@@ -38,7 +38,6 @@ from typing import Any, Callable
 
 from launcher import identity
 from launcher.errors import EXIT_HANG
-from launcher.rank.entry import mark_exit
 from launcher.rundir import markers
 
 FIRST_STEP_FACTOR = 3  # the first step: compilation, autotuning, first collectives
@@ -153,7 +152,7 @@ class Watchdog:
         why = (f"rank {who.rank} on {who.node} made no progress for {idle:.0f} s ({where}, "
                f"cluster.hang_timeout_s={self.timeout_s:g}); the watchdog wrote every thread's stack to the log")
         if self.out_dir is not None:
-            mark_exit(self.out_dir, markers.HANG, EXIT_HANG, why, step=step, watchdog=True)
+            markers.write_exit(self.out_dir, markers.HANG, EXIT_HANG, why, step=step, watchdog=True)
         if self.on_fire is not None:
             try:
                 self.on_fire(why)

@@ -146,6 +146,15 @@ def write_own(run_dir: str | os.PathLike[str], kind: str, /, **fields: Any) -> P
     return write_marker(run_dir, own_name(kind), **fields)
 
 
+def write_exit(run_dir: str | os.PathLike[str], reason: str, code: int, message: str = "", **extra: Any) -> None:
+    """This process's exit marker: its reason, exit code and message. A marker that cannot be written never
+    fails the exit it records."""
+    try:
+        write_own(run_dir, EXIT, reason=reason, exit_code=code, message=message[:2000], **extra)
+    except OSError:
+        pass
+
+
 # --------------------------------------------------------------------------- readers
 
 def _read(path: Path) -> dict[str, Any] | None:
