@@ -359,6 +359,28 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
     }
 
 
+def evaluate_and_write(target: str | Path, *, out: str | None = None, plot: str | None = None,
+                       **kw: Any) -> tuple[dict[str, Any], list[Path]]:
+    """`launcher eval`: evaluate, then write the results as JSON into RUN_DIR/eval.json (a run dir) and
+    `out`, and with `plot` the run's loss curves; the results and the files written."""
+    if plot and not RunDir(Path(target)).spec_path.is_file():
+        raise UserError("--plot reads RUN_DIR/logs/metrics.jsonl; give a run dir")
+    res = evaluate(target, **kw)
+    text = json.dumps(res, indent=2) + "\n"
+    written = []
+    if res["run_dir"]:
+        p = RunDir(Path(res["run_dir"])).eval_path
+        p.write_text(text)
+        written.append(p)
+    if out:
+        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(out).expanduser().write_text(text)
+        written.append(Path(out))
+    if plot:
+        written.append(plot_losses(target, plot))
+    return res, written
+
+
 def format_table(res: dict[str, Any]) -> str:
     def f(x: Any, spec: str = ".4f") -> str:
         return "-" if x is None else format(x, spec)

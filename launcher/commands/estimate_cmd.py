@@ -8,12 +8,9 @@ import re
 import click
 
 from launcher.commands.common import spec_options
-from launcher.config.resolve import with_overrides
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.plan import estimate as est
-from launcher.plan import price
-from launcher.plan.plan import make_plan
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -26,8 +23,6 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:,.2f} GiB"
 
 
 @click.command()
@@ -48,46 +43,25 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     DeepSpeed's ZeRO estimators where those apply; activations, logits, LoRA/QLoRA and DeepSpeed's
     buffers are counted from tensor shapes.
     """
-    plan = make_plan(spec)
-    notes = []
-    if gpu is None and spec.cluster.gpus_per_node > 0:
-        gpu = "H100-80GB"
-        notes.append("device assumed H100-80GB; pass --gpu")
-    if usd_per_device_hour is None:  # the cluster profile's price, if the spec came with one
-        usd_per_device_hour = price.usd_per_device_hour(spec.cluster)
-    kw = dict(device=gpu, device_memory=parse_bytes(device_memory) if device_memory else None,
-              usd_per_device_hour=usd_per_device_hour, train_tokens=int(train_tokens) if train_tokens else None,
-              mfu=mfu or est.DEFAULT_MFU)
-    if fit:
-        probe = est.estimate(spec, plan, **kw)
-        if probe.device_memory_bytes is None:
-            raise UserError("--fit needs a device memory: pass --gpu NAME or --device-memory SIZE")
-        best = est.fit_micro_batch(spec, plan, probe.device_memory_bytes, **kw)
-        if best is None:
-            raise UserError(f"no micro batch fits {_gib(probe.device_memory_bytes)}: even 1 needs "
-                            f"{_gib(est.estimate(spec, plan, micro_batch=1, **kw).peak_bytes_per_gpu)}; "
-                            f"raise --zero, add --offload-optimizer cpu, --grad-ckpt or more GPUs")
-        spec = with_overrides(spec, {"optim": {"micro_batch": best}})
-        plan = make_plan(spec)
-        notes.append(f"--fit: micro batch {best}")
-    e = est.estimate(spec, plan, **kw)
-    e.notes[:0] = notes
+    plan, e = est.estimate_run(spec, gpu=gpu, device_memory=parse_bytes(device_memory) if device_memory else None,
+                               usd_per_device_hour=usd_per_device_hour,
+                               train_tokens=int(train_tokens) if train_tokens else None, mfu=mfu, fit=fit)
     if as_json:
         click.echo(json.dumps({"micro_batch": plan.micro_batch, **e.to_dict()}, indent=2))
         return
     rows = [
         ("parameters", f"{e.params:,} ({e.trainable_params:,} trainable)"),
         ("ranks", f"{plan.world_size}, micro batch {plan.micro_batch} x seq {plan.seq_len}"),
-        ("weights", _gib(e.weights_bytes_per_gpu)),
-        ("gradients", _gib(e.gradients_bytes_per_gpu)),
-        ("optimizer states", _gib(e.optimizer_bytes_per_gpu)),
-        ("gathered (ZeRO-3)", _gib(e.gathered_params_bytes_per_gpu)),
-        ("= model states", _gib(e.model_states_bytes_per_gpu)),
-        ("activations", f"{_gib(e.activation_bytes_per_gpu)} (logits peak {_gib(e.logits_bytes_per_gpu)})"),
-        ("DeepSpeed buffers", _gib(e.buffer_bytes_per_gpu)),
-        ("peak per GPU", _gib(e.peak_bytes_per_gpu)),
-        ("offloaded per node", _gib(e.cpu_offload_bytes_per_node)),
-        ("device", f"{e.device or '-'} {_gib(e.device_memory_bytes)}; fits: "
+        ("weights", est.gib(e.weights_bytes_per_gpu)),
+        ("gradients", est.gib(e.gradients_bytes_per_gpu)),
+        ("optimizer states", est.gib(e.optimizer_bytes_per_gpu)),
+        ("gathered (ZeRO-3)", est.gib(e.gathered_params_bytes_per_gpu)),
+        ("= model states", est.gib(e.model_states_bytes_per_gpu)),
+        ("activations", f"{est.gib(e.activation_bytes_per_gpu)} (logits peak {est.gib(e.logits_bytes_per_gpu)})"),
+        ("DeepSpeed buffers", est.gib(e.buffer_bytes_per_gpu)),
+        ("peak per GPU", est.gib(e.peak_bytes_per_gpu)),
+        ("offloaded per node", est.gib(e.cpu_offload_bytes_per_node)),
+        ("device", f"{e.device or '-'} {est.gib(e.device_memory_bytes)}; fits: "
                    f"{'-' if e.fits is None else ('yes' if e.fits else 'NO')}"),
         ("FLOPs per token", f"model {e.model_flops_per_token:.3e}, hardware {e.hardware_flops_per_token:.3e}"),
         ("step time", "-" if e.step_time_s is None else f"{e.step_time_s:.3f} s at MFU {e.assumed_mfu:.0%}"),

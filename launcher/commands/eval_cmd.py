@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
 from launcher import evaluate as ev
-from launcher.errors import UserError
-from launcher.rundir.layout import RunDir
 
 
 @click.command("eval")
@@ -42,25 +39,11 @@ def eval_(target: str, data: tuple[str, ...], base: str | None, as_json: bool, o
     RUN_DIR is a run dir (its final model or newest checkpoint; results also go to RUN_DIR/eval.json);
     MODEL a model directory or a peft adapter. Runs in this process, on CPU or one GPU.
     """
-    is_run = RunDir(Path(target)).spec_path.is_file()
-    if plot and not is_run:
-        raise UserError("--plot reads RUN_DIR/logs/metrics.jsonl; give a run dir")
-    res = ev.evaluate(target, data=data, base=base, max_rows=max_rows, batch_size=batch_size, samples=samples,
-                      max_new_tokens=max_new_tokens, device=device, seq_len=seq_len, tolerance=tolerance)
-    text = json.dumps(res, indent=2) + "\n"
-    written = []
-    if res["run_dir"]:
-        p = RunDir(Path(res["run_dir"])).eval_path
-        p.write_text(text)
-        written.append(p)
-    if out:
-        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(out).expanduser().write_text(text)
-        written.append(Path(out))
-    if plot:
-        written.append(ev.plot_losses(target, plot))
+    res, written = ev.evaluate_and_write(target, out=out, plot=plot, data=data, base=base, max_rows=max_rows,
+                                         batch_size=batch_size, samples=samples, max_new_tokens=max_new_tokens,
+                                         device=device, seq_len=seq_len, tolerance=tolerance)
     if as_json:
-        click.echo(text, nl=False)
+        click.echo(json.dumps(res, indent=2))
     else:
         click.echo(ev.format_table(res))
         for p in written:

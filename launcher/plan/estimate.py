@@ -11,13 +11,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from launcher.config.resolve import with_overrides
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.plan.hardware import DEVICES, find, peak_tflops
 from launcher.plan.modelinfo import ModelInfo
 from launcher.plan.params import Params, count_params, lora_params
-from launcher.plan.plan import Plan
+from launcher.plan.plan import Plan, make_plan
 from launcher.plan.price import usd_per_mtok_at
+from launcher.plan.price import usd_per_device_hour as usd_per_device_hour_of
 
 GiB = 1024**3
 DEFAULT_MFU = 0.40  # a typical achieved model-FLOPs utilisation for dense LLM training on one node
@@ -218,3 +220,40 @@ def fit_micro_batch(spec: RunSpec, plan: Plan, memory: int, **kw: Any) -> int | 
             break
         best = mb
     return best
+
+
+def estimate_run(spec: RunSpec, *, gpu: str | None = None, device_memory: int | None = None,
+                 usd_per_device_hour: float | None = None, train_tokens: int | None = None,
+                 mfu: float | None = None, fit: bool = False) -> tuple[Plan, Estimate]:
+    """What `launcher estimate` reports: the device (H100-80GB assumed for a GPU spec without one), the
+    price (the cluster section's when none is given) and, with `fit`, the largest micro batch that fits
+    the device, planned again with it. The notes say what was assumed or chosen."""
+    plan = make_plan(spec)
+    notes = []
+    if gpu is None and spec.cluster.gpus_per_node > 0:
+        gpu = "H100-80GB"
+        notes.append("device assumed H100-80GB; pass --gpu")
+    if usd_per_device_hour is None:
+        usd_per_device_hour = usd_per_device_hour_of(spec.cluster)
+    kw: dict[str, Any] = dict(device=gpu, device_memory=device_memory, usd_per_device_hour=usd_per_device_hour,
+                              train_tokens=train_tokens, mfu=mfu or DEFAULT_MFU)
+    if fit:
+        probe = estimate(spec, plan, **kw)
+        if probe.device_memory_bytes is None:
+            raise UserError("--fit needs a device memory: pass --gpu NAME or --device-memory SIZE")
+        best = fit_micro_batch(spec, plan, probe.device_memory_bytes, **kw)
+        if best is None:
+            raise UserError(f"no micro batch fits {gib(probe.device_memory_bytes)}: even 1 needs "
+                            f"{gib(estimate(spec, plan, micro_batch=1, **kw).peak_bytes_per_gpu)}; "
+                            f"raise --zero, add --offload-optimizer cpu, --grad-ckpt or more GPUs")
+        spec = with_overrides(spec, {"optim": {"micro_batch": best}})
+        plan = make_plan(spec)
+        notes.append(f"--fit: micro batch {best}")
+    e = estimate(spec, plan, **kw)
+    e.notes[:0] = notes
+    return plan, e
+
+
+def gib(n: int | None) -> str:
+    """Bytes as GiB for a person (two decimals), "-" for unknown."""
+    return "-" if n is None else f"{n / 2**30:,.2f} GiB"
