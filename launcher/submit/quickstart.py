@@ -11,6 +11,7 @@ from typing import Callable
 from launcher.config.resolve import resolve
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
+from launcher.model.load import load_tokenizer_from
 from launcher.rundir.layout import RunDir
 from launcher.submit import local
 
@@ -50,9 +51,9 @@ def quickstart_spec(out: Path, gpu: bool) -> RunSpec:
 
 def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 40, seed: int = 0) -> str:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = load_tokenizer_from(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     ids = tok(prompt, return_tensors="pt")
