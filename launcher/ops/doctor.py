@@ -1,7 +1,7 @@
 """`launcher doctor`: the environment on each node, as a job sees it, before a real job finds out.
 
 One task per node (`srun --nodes=N --ntasks-per-node=1`) runs the probe of this module,
-`python -m launcher.ops.doctor probe ...`, which prints one JSON line: hostname, Python and package
+`python -m launcher.ops.doctor probe OUT_DIR --id ID ...`, which prints one JSON line: hostname, Python and package
 versions, torch/CUDA/NCCL versions, whether flash_attn imports and bitsandbytes' CUDA library loads with
 this torch, the GPUs, free disk under the output dir, whether that dir is shared (each node writes a
 token file there and reads the others'), and the network interface that carries the route to the first
@@ -222,7 +222,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launcher.ops.doctor")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("probe", help="probe this node and print one JSON line")
-    p.add_argument("--out", required=True, help="output dir whose free disk and sharing are checked")
+    p.add_argument("out", metavar="OUT_DIR", help="output dir whose free disk and sharing are checked")
     p.add_argument("--id", required=True, help="this doctor run's id (names the token folder)")
     p.add_argument("--expect", type=int, default=1, help="how many nodes take part")
     p.add_argument("--wait", type=float, default=60, help="seconds to wait for the other nodes' tokens")
@@ -262,7 +262,7 @@ def srun_command(t: Target, out_dir: Path, run_id: str, python: str = sys.execut
         argv.append(f"--qos={t.qos}")
     if t.gpus_per_node:
         argv.append(f"--gpus-per-node={t.gpus_per_node}")
-    return argv + [python, "-m", "launcher.ops.doctor", "probe", "--out", str(out_dir), "--id", run_id,
+    return argv + [python, "-m", "launcher.ops.doctor", "probe", str(out_dir), "--id", run_id,
                    "--expect", str(t.nodes), "--wait", str(wait_s)]
 
 
@@ -387,7 +387,7 @@ def collect(target: Target, out_dir: str | os.PathLike[str], *, timeout_s: float
 
         raise UserError(f"--out {out}: cannot create it ({exc}); give a folder on the file system the runs use")
     if srun is None:
-        argv = [sys.executable, "-m", "launcher.ops.doctor", "probe", "--out", str(out), "--id", run_id,
+        argv = [sys.executable, "-m", "launcher.ops.doctor", "probe", str(out), "--id", run_id,
                 "--expect", "1", "--wait", "0"]
         report = Report("local", argv, str(out), expected=1)
         report.notes.append("srun is not on the PATH: probed this machine once (no Slurm, so no node comparison "

@@ -38,7 +38,8 @@ def test_srun_line_runs_one_probe_per_node_with_the_profile_settings():
     assert argv[:7] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--ntasks=4", "--time=10",
                         "--job-name=launcher-doctor", "--kill-on-bad-exit=0"]
     assert {"--partition=gpu", "--account=ml", "--qos=high", "--gpus-per-node=8"} <= set(argv)
-    assert argv[-12:] == ["/venv/bin/python", "-m", "launcher.ops.doctor", "probe", "--out", "/shared/runs",
+    # the rank entry points' one style: MODULE VERB PATH [options] (launcher train SPEC, bench.probe rank SPEC)
+    assert argv[-11:] == ["/venv/bin/python", "-m", "launcher.ops.doctor", "probe", "/shared/runs",
                           "--id", "abc", "--expect", "4", "--wait", "60"]
 
 
@@ -89,7 +90,7 @@ def test_probe_lines_are_found_among_other_output():
 
 
 def test_probe_on_this_machine_and_the_token_it_leaves(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launcher.ops.doctor", "probe", "--out", str(tmp_path), "--id", "t1",
+    proc = subprocess.run([sys.executable, "-m", "launcher.ops.doctor", "probe", str(tmp_path), "--id", "t1",
                            "--wait", "0"], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
