@@ -22,7 +22,7 @@ from launcher.bench.run import RANK_ENTRY, read_task, run_baseline, task_options
 from launcher.config.resolve import resolve
 from launcher.errors import UserError
 from launcher.plan.plan import make_plan
-from launcher.rank.entry import leave_process_group
+from launcher.rank.entry import finish, leave_process_group
 from launcher.rank.loop import train
 from launcher.rundir import markers
 from launcher.rundir.layout import RunDir
@@ -166,7 +166,8 @@ def make_probe() -> Any:
 
 def rank_main(spec_path: str) -> int:
     """On each rank: train SPEC's run dir through the launcher's loop with the probe, and write
-    RUN_DIR/bench/rank<R>.json (or, for a baseline task of a --slurm bench, run the baseline on rank 0)."""
+    RUN_DIR/bench/rank<R>.json (or, for a baseline task of a --slurm bench, run the baseline on rank 0).
+    A rank that trained ends the process here (entry.finish), as `launcher train` does."""
     spec = resolve(spec_path)
     rd = RunDir(Path(spec.output.dir))
     task = read_task(rd.path)
@@ -187,7 +188,7 @@ def rank_main(spec_path: str) -> int:
         raise
     out.write_text(json.dumps({**probe.record(), "error": None}) + "\n")
     leave_process_group()
-    return 0
+    finish(0)
 
 
 USAGE = f"usage: python -m {' '.join(RANK_ENTRY)} RUN_DIR/spec.yaml  (started by `launcher bench`)"

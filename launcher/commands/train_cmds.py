@@ -5,7 +5,6 @@ Heavy libraries are imported inside the library functions these commands call.
 
 from __future__ import annotations
 
-import sys
 
 import click
 
@@ -28,9 +27,7 @@ def train(spec: RunSpec) -> None:
     Rank, world size and master address come from the launcher's environment. USR1 or TERM: the
     ranks save a checkpoint at the same optimizer step and exit 3; the next start resumes from it.
     """
-    code = entry.train(spec)
-    if code:
-        sys.exit(code)
+    entry.finish(entry.train(spec))  # done (0) or stopped after a checkpoint (3); failures raise
 
 
 @click.command()

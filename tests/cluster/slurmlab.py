@@ -400,11 +400,18 @@ class SlurmLab:
     def scontrol_show_job(self, job_id: int | str) -> dict[str, str]:
         """``scontrol show job -o`` as a dict (JobState, Restarts, Reason, NodeList, ...).
         Returns {} once the controller has forgotten the job (after MinJobAge)."""
-        cp = self.cmd("scontrol", "show", "job", "-o", str(job_id), check=False, timeout=30)
-        if cp.returncode != 0:
+        # A controller busy starting an array's tasks on this 2-core machine now and then fails a query
+        # with no message (seen once in CI for a task of a just-submitted array): ask again, briefly.
+        for tries_left in (2, 1, 0):
+            cp = self.cmd("scontrol", "show", "job", "-o", str(job_id), check=False, timeout=30)
+            if cp.returncode == 0:
+                break
             if "Invalid job id" in cp.stderr or "Invalid job id" in cp.stdout:
                 return {}
-            raise SlurmLabError(f"scontrol show job {job_id} failed: {cp.stderr.strip()}")
+            if not tries_left:
+                raise SlurmLabError(f"scontrol show job {job_id} failed (exit {cp.returncode}): "
+                                    f"{(cp.stderr or cp.stdout).strip()}")
+            time.sleep(2)
         line = cp.stdout.strip().splitlines()[0] if cp.stdout.strip() else ""
         return _parse_scontrol_line(line)
 
