@@ -1,1 +1,1 @@
-"""The run description: the typed spec, its layers and flags, and the checks made before anything starts."""
+"""The run description: the typed spec with its combination checks, its layers (profile < file < flags <\n--set), the flags derived from it, and cluster profiles."""

@@ -174,3 +174,13 @@ def _trainable(model: ModelInfo | None, spec: RunSpec) -> int | None:
         return count_params(model, spec).trainable
     except UserError:
         return None
+
+
+def unsupported_precision(spec: RunSpec, plan: Plan) -> str | None:
+    """Why the plan's device cannot run the spec's precision, or None. Pre-flight reports it, and every
+    rank checks it again before DeepSpeed starts (the bench's job array and a hand-written run dir
+    reach the ranks without pre-flight)."""
+    if plan.device == "cpu" and spec.precision.dtype == "fp16":
+        return ("precision.dtype=fp16 does not run on CPU ranks (cluster.gpus_per_node=0: DeepSpeed has no "
+                "CPU fp16 kernels); use --precision fp32 or bf16, or --gpus-per-node N")
+    return None

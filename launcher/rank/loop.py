@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launcher import identity
-from launcher.config.checks import unsupported_precision
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 from launcher.errors import UserError
-from launcher.plan.plan import Plan, make_plan
+from launcher.plan.plan import Plan, make_plan, unsupported_precision
 from launcher.rank import checkpoint
 from launcher.rank.stop import STOP, finish_stop, stop_callback
 from launcher.rundir import checkpoints, markers, metrics

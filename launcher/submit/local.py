@@ -91,7 +91,7 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     """Everything before the ranks start, in this process: pre-flight (spec, model, a data sample,
     clashes, memory fit: exit 2 before any run dir or rank), write the run dir, tokenize the data,
     make the tiny base model."""
-    from launcher.config import checks as preflight
+    from launcher.submit import preflight
     from launcher.data import build as data_mod
     from launcher.plan.plan import make_plan
     from launcher.rank.loop import check_environment

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from launcher import yamlio
-from launcher.config import checks
 from launcher.config.resolve import parse_set, with_overrides
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 from launcher.data.cache import prepared_path
@@ -30,6 +29,7 @@ from launcher.plan.plan import make_plan
 from launcher.render.slurm import render_chain_sbatch, render_sbatch
 from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import CHAIN_SCRIPTS, JOB_SCRIPT
+from launcher.submit import preflight
 from launcher.submit.rundir import create
 
 THEN_KINDS = ("merge", "eval")
@@ -70,7 +70,7 @@ def write_run(spec: RunSpec, out: str | Path, *, force: bool = False, submit: bo
     for each in (spec, *(t.spec for t in tasks)):
         # pre-flight, torch-free: model config and weights, LoRA targets, a data sample (missing, empty or
         # malformed file: exit 2 with the line), option clashes, the memory estimate against the GPU
-        for note in checks.check(each, slurm=True, ignore_fit=ignore_fit):
+        for note in preflight.check(each, slurm=True, ignore_fit=ignore_fit):
             say(f"note: {note}")
     missing = unprepared(task_specs or [spec])
     kinds = chain_kinds(prep and bool(missing), then)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from launcher.bench import report
-from launcher.config import checks
+from launcher.submit import preflight
 from launcher.config.spec import validate
 from launcher.errors import UserError
 from launcher.ops import cost
@@ -128,7 +128,7 @@ def test_preflight_reads_every_profile_gpu_type_as_the_same_device(tmp_path, mon
     clusters.write_text(yaml.safe_dump({"lab": {"default_partition": "gpu", "partitions": {
         "gpu": {"gpu_type": name, "gpus_per_node": 8}}}}))
     monkeypatch.setenv("LAUNCHER_CLUSTERS", str(clusters))
-    assert checks.profile_device(_gpu_spec(profile="lab", partition="gpu")) == key
+    assert preflight.profile_device(_gpu_spec(profile="lab", partition="gpu")) == key
 
 
 @pytest.mark.parametrize("name,key", [*NAMES, *sorted(OTHER_BOARDS.items()), ("cpu (2 cores)", None)])

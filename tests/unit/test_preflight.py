@@ -14,7 +14,7 @@ import yaml
 
 from launcher import assets
 from launcher.cli import main
-from launcher.config import checks
+from launcher.submit import preflight
 from launcher.config.resolve import resolve
 from launcher.errors import UserError
 
@@ -109,17 +109,17 @@ def test_a_run_that_fits_passes_and_cpu_runs_skip_the_fit(tmp_path, monkeypatch)
     monkeypatch.setenv("LAUNCHER_CLUSTERS", str(profiles(tmp_path, "h100")))
     fits = resolve(None, flags={"model": str(model_dir(tmp_path)), "gpus_per_node": 8, "precision": "bf16"},
                    sets=[f"output.dir={tmp_path / 'r'}", "cluster.profile=lab"])
-    assert checks.check(fits, slurm=True) == []
+    assert preflight.check(fits, slurm=True) == []
     big = tmp_path / "big"
     big.mkdir()
     cpu = resolve(None, flags={"model": str(model_dir(big, LLAMA_8B))}, sets=[])
-    assert checks.check(cpu) == []  # CPU ranks: no GPU memory to fit, even for 8B
+    assert preflight.check(cpu) == []  # CPU ranks: no GPU memory to fit, even for 8B
 
 
 def test_hub_models_are_noted_not_refused(tmp_path):
     spec = resolve(None, flags={"model": "meta-llama/Llama-3.1-8B", "method": "lora", "gpus_per_node": 8,
                                 "precision": "bf16"}, sets=[])
-    notes = checks.check(spec, slurm=True)
+    notes = preflight.check(spec, slurm=True)
     assert any("hub id" in n for n in notes)
 
 
@@ -128,9 +128,9 @@ def test_resume_from_a_complete_checkpoint_passes(tmp_path):
     ckpt.mkdir()
     spec = resolve(None, flags={}, sets=[f"output.resume={ckpt}"])
     with pytest.raises(UserError, match="output.resume"):
-        checks.check(spec)
+        preflight.check(spec)
     (ckpt / "launcher-complete.json").write_text("{}")
-    assert checks.check(spec) == []
+    assert preflight.check(spec) == []
 
 
 def test_slurm_dry_run_with_preflight_imports_no_heavy_library(tmp_path):
@@ -155,13 +155,13 @@ def test_every_problem_is_reported_at_once_in_one_error(tmp_path, capsys):
 
 
 def test_fp16_on_cpu_is_refused_with_one_text_by_pre_flight_and_by_the_ranks(tmp_path):
-    from launcher.plan.plan import make_plan
+    from launcher.plan.plan import make_plan, unsupported_precision
     from launcher.rank.loop import check_environment
 
     spec = resolve(None, flags={"precision": "fp16"}, sets=[])
-    refusal = checks.unsupported_precision(spec, make_plan(spec))
+    refusal = unsupported_precision(spec, make_plan(spec))
     with pytest.raises(UserError) as pre:
-        checks.check(spec)
+        preflight.check(spec)
     with pytest.raises(UserError) as rank:
         check_environment(spec, make_plan(spec))
     assert refusal and str(pre.value) == str(rank.value) == refusal and pre.value.field == "precision.dtype"
@@ -174,7 +174,7 @@ def test_preflight_and_the_ranks_refuse_an_incomplete_resume_with_one_text(tmp_p
     ckpt.mkdir()
     spec = resolve(None, flags={}, sets=[f"output.resume={ckpt}", f"output.dir={tmp_path}"])
     with pytest.raises(UserError) as before:
-        checks.check(spec)
+        preflight.check(spec)
     with pytest.raises(UserError) as on_rank:
         resume_point(spec)
     assert str(on_rank.value) in str(before.value) and "launcher-complete.json" in str(on_rank.value)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.config import checks as preflight
+from launcher.submit import preflight
 from launcher.config.resolve import resolve
 from launcher.errors import UserError
 from launcher.hubcache import HubItem, cached_snapshot

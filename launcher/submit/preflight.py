@@ -19,7 +19,7 @@ from launcher.model.load import WEIGHT_FILES, has_weights
 from launcher.plan import hardware
 from launcher.plan.estimate import GiB, estimate
 from launcher.plan.params import lora_params
-from launcher.plan.plan import Plan, make_plan
+from launcher.plan.plan import Plan, make_plan, unsupported_precision
 from launcher.rundir import checkpoints
 from launcher.rundir.layout import RunDir
 from launcher.submit.stage import check_cached
@@ -74,16 +74,6 @@ def check(spec: RunSpec, *, slurm: bool = False, ignore_fit: bool = False, devic
     if problems:
         raise PreflightError(problems)
     return notes
-
-
-def unsupported_precision(spec: RunSpec, plan: Plan) -> str | None:
-    """Why the plan's device cannot run the spec's precision, or None. Pre-flight reports it, and every
-    rank checks it again before DeepSpeed starts (the bench's job array and a hand-written run dir
-    reach the ranks without pre-flight)."""
-    if plan.device == "cpu" and spec.precision.dtype == "fp16":
-        return ("precision.dtype=fp16 does not run on CPU ranks (cluster.gpus_per_node=0: DeepSpeed has no "
-                "CPU fp16 kernels); use --precision fp32 or bf16, or --gpus-per-node N")
-    return None
 
 
 def _clashes(spec: RunSpec, plan: Plan | None, *, slurm: bool) -> list[UserError]:
