@@ -395,7 +395,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
         callbacks=[_make_log_callback(plan, run_dir.metrics_path),
                    *(testing.step_callbacks() if testing else []), stop,
                    watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
-                                              on_fire=lambda why: record.end("hang", message=why))],
+                                              on_fire=lambda why: record.end(markers.HANG, message=why))],
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,10 @@ class Attempt:
         self.start_step = 0
         self.trainer: Any = None  # set once built: the end record reads its state
         self.ended = False
+        # The hang watchdog may end the attempt from its thread just as the main thread does (a rank whose
+        # collective failed when its peer died, at the deadline of its own watchdog): one end is written,
+        # whole, before the watchdog's exit.
+        self._ending = threading.Lock()
 
     def _write(self, **fields: Any) -> None:
         if not self.writer:
@@ -158,6 +163,15 @@ class Attempt:
         self._write(devices=found)
 
     def end(self, reason: str, *, message: str = "") -> None:
+        # Waits (a bounded time: the writer may itself be what hangs) for an end being written elsewhere.
+        if not self._ending.acquire(timeout=10):
+            return
+        try:
+            self._end(reason, message)
+        finally:
+            self._ending.release()
+
+    def _end(self, reason: str, message: str) -> None:
         if self.ended:
             return
         self.ended = True

@@ -166,3 +166,33 @@ def test_merge_refuses_virtual_token_adapters(cli, tmp_path, peft_type):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "cannot be merged" in proc.stderr and "8 learned virtual tokens" in proc.stderr
     assert "AutoPeftModelForCausalLM" in proc.stderr and not (tmp_path / "m").exists()
+
+
+def test_the_watchdog_ending_the_attempt_waits_for_the_main_threads_end(tmp_path, monkeypatch):
+    """Rank 0's collective fails when its peer dies, just as its own watchdog's deadline passes: the main
+    thread is writing the end record when the watchdog ends the attempt and exits. The end written first
+    must reach manifest.json whole before the watchdog returns (and exits)."""
+    import threading
+    import time
+
+    from launcher.rank import records
+    from launcher.rundir import manifest
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LAUNCHER_JOB_ID", "j")
+    rec = records.Attempt(tmp_path, tokens_per_step=8, world_size=2, max_steps=4, device="cpu")
+    slow_write, in_write = manifest.record_attempt, threading.Event()
+
+    def record_attempt(*a, **kw):
+        in_write.set()
+        time.sleep(0.5)  # the main thread is inside its write when the watchdog fires
+        return slow_write(*a, **kw)
+
+    monkeypatch.setattr(records.manifest_file, "record_attempt", record_attempt)
+    main = threading.Thread(target=rec.end, args=("collective_timeout",), kwargs={"message": "peer died"})
+    main.start()
+    assert in_write.wait(5)
+    rec.end("hang", message="watchdog")  # returns only once the main thread's end is on disk
+    [attempt] = read_manifest(tmp_path)["attempts"]
+    assert attempt["exit_reason"] == "collective_timeout" and attempt["end"] is not None
+    main.join()
