@@ -26,8 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launcher import assets
+from launcher.config import spec as spec_mod
 from launcher.config.resolve import with_overrides
 from launcher.config.spec import RunSpec
+from launcher.data import build as data_mod
+from launcher.data.check import sample_records, sft_shape
+from launcher.data.collate import make_collator
+from launcher.data.source import data_files
 from launcher.errors import UserError
 from launcher.model import load as model_mod
 from launcher.model.load import ADAPTER_CONFIG, has_weights
@@ -73,7 +79,6 @@ def _newest_checkpoint_with_weights(run_dir: Path) -> Path | None:
 def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int | None = None) -> Target:
     """RUN_DIR (its final model, else its newest checkpoint; base: the model it started from) or a
     model directory (full model or peft adapter; base: --base, else the adapter's own base)."""
-    from launcher.config import spec as spec_mod
 
     path = Path(target).expanduser().resolve()
     if not path.is_dir():
@@ -120,9 +125,6 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
 
 def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
     """The run's spec reading `file` instead: same tokenizer and seq_len, no split, no packing."""
-    from launcher.data.check import sample_records, sft_shape
-    from launcher.data.source import data_files
-
     if not file.exists():
         raise UserError(f"--data {file}: no such file or folder")
     probe = with_overrides(spec, {"task": "pretrain", "data": {"path": str(file), "eval_fraction": 0.0,
@@ -139,8 +141,6 @@ def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
 
 
 def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet]:
-    from launcher import assets
-
     sets: list[EvalSet] = []
     spec = t.spec
     if t.run_dir is not None:
@@ -159,8 +159,6 @@ def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet
 
 def load_rows(s: EvalSet, max_rows: int) -> None:
     """Tokenize (through the data cache) and pick at most max_rows rows, evenly spread over the set."""
-    from launcher.data import build as data_mod
-
     data_mod.prepare(s.spec)  # checks the data first; a no-op when the run's own data is cached
     split = "eval" if (s.kind == "in-distribution" and s.held_out) else "train"
     ds = data_mod.load_prepared(s.spec, split=split)
@@ -192,8 +190,6 @@ def load_model(t: Target, which: str, device: str) -> Any:
     """The tuned model (`which="tuned"`) or the base model, in eval mode on `device`."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from launcher.model import load as model_mod
 
     hf_logging.disable_progress_bar()
     spec = t.spec
@@ -228,8 +224,6 @@ def loss_on(model: Any, s: EvalSet, tokenizer: Any, batch_size: int, device: str
     """Token-weighted mean cross-entropy over the set: sum over batches of (the model's mean loss x
     its predicted tokens) / all predicted tokens. Predicted tokens: labels != -100 after the shift."""
     import torch
-
-    from launcher.data.collate import make_collator
 
     collate = make_collator(s.spec, tokenizer)
     total, count = 0.0, 0
@@ -300,8 +294,6 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
     t = resolve_target(target, base=base, seq_len=seq_len)  # bad input fails here, before heavy imports
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import datasets
-
-    from launcher.model import load as model_mod
 
     datasets.disable_progress_bars()
     dev = pick_device(device)

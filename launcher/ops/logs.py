@@ -31,7 +31,7 @@ from launcher.ops import slurmtools as st
 from launcher.plan.plan import make_plan
 from launcher.rundir import metrics
 from launcher.rundir.jobs import job_ids
-from launcher.rundir.layout import RunDir
+from launcher.rundir.layout import LOG_JOB_ID, RunDir
 
 # Each label as (kind, its pattern at the start of a line; group 1: its number).
 _LABELS = (
@@ -42,7 +42,6 @@ _LABELS = (
 _LABEL = [(kind, re.compile("^" + pattern)) for kind, pattern in _LABELS]
 # Any run of those labels at the start of a line ("0: [rank0]:[rank0]: Traceback ...").
 _LABEL_RUN = re.compile("^(?:" + "|".join(pattern for _, pattern in _LABELS) + ")+")
-_JOB_OF_FILE = re.compile(r"-(\d+(?:_\d+)?)\.out$")
 _LOG_SUFFIXES = (".out", ".log", ".err")
 
 
@@ -78,7 +77,7 @@ def log_files(run_dir: Path) -> list[Path]:
     ordered: list[Path] = []
     for jid in job_ids(run_dir):
         for p in every:
-            m = _JOB_OF_FILE.search(p.name)
+            m = LOG_JOB_ID.search(p.name)
             if m and m.group(1).split("_")[0] == jid and p not in ordered:
                 ordered.append(p)
     return ordered + [p for p in every if p not in ordered]
@@ -148,7 +147,7 @@ class LineFilter:
     def keep(self, line: str, path: Path) -> bool:
         if not self.active():
             return True
-        m = _JOB_OF_FILE.search(path.name)
+        m = LOG_JOB_ID.search(path.name)
         job = m.group(1) if m else ""
         hosts = self.layout.nodes.get(job) or self.layout.nodes.get(job.split("_")[0]) or []
         rank, node_index = self.layout.attribute(line, single_node=len(hosts) <= 1)

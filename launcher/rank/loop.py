@@ -19,9 +19,15 @@ from typing import Any, Sequence
 
 from launcher import identity
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
+from launcher.data.build import load_prepared
+from launcher.data.cache import require_prepared
+from launcher.data.collate import make_collator
 from launcher.errors import UserError
+from launcher.model import load as model_mod
+from launcher.model.load import choose_attn
 from launcher.plan.plan import Plan, make_plan, unsupported_precision
-from launcher.rank import checkpoint
+from launcher.rank import checkpoint, watchdog
+from launcher.rank.records import Attempt
 from launcher.rank.stop import STOP, finish_stop, stop_callback
 from launcher.rundir import checkpoints, markers, metrics
 from launcher.rundir.layout import RunDir
@@ -133,8 +139,6 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
     """What this machine must offer the plan: GPUs when it is for GPUs, a precision the device runs,
     the attention kernel asked for. Runs in the launching process and again on every rank."""
     import torch
-
-    from launcher.model.load import choose_attn
 
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UserError("the plan is for GPUs (cluster.gpus_per_node > 0) but this machine has no CUDA device; "
@@ -302,7 +306,6 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
 
     `callbacks`: extra transformers TrainerCallbacks (`launcher bench` measures through one); a callback
     with a `trainer` attribute is given the Trainer once it exists."""
-    from launcher.rank.records import Attempt
 
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
@@ -317,8 +320,6 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
 
 
 def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainResult:
-    from launcher.rank import watchdog
-
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
     if not run_dir.ds_config_path.is_file():
@@ -328,8 +329,6 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
     check_world_size(plan)
     # Ranks only read the tokenized data (`launcher run` or the Slurm prep job made it): a missing cache
     # ends every rank here with exit 2, before the heavy imports and the process group.
-    from launcher.data.cache import require_prepared
-
     require_prepared(spec)
     resume = resume_point(spec)
     record.start(resume, checkpoints.checkpoint_step(resume) if resume is not None else None)
@@ -345,10 +344,6 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
     check_environment(spec, plan)
 
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments
-
-    from launcher.data.build import load_prepared
-    from launcher.data.collate import make_collator
-    from launcher.model import load as model_mod
 
     kwargs = training_arguments_kwargs(spec, plan, ds_config)
     kwargs["ddp_timeout"] = collective_timeout_s(spec)

@@ -6,6 +6,7 @@ beside this one (jobs.py, manifest.py, markers.py, metrics.py).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,8 +19,10 @@ MANIFEST_FILE = "manifest.json"
 # Slurm's file-name patterns of a job's log in logs/ (%x the job name, %j the job id; %A_%a an array task).
 JOB_LOG_PATTERN = "%x-%j.out"
 ARRAY_LOG_PATTERN = "%x-%A_%a.out"
-# The batch scripts of the follow-up jobs, by kind.
+# The job id (%j, or %A_%a) a log file's name ends with.
+LOG_JOB_ID = re.compile(r"-(\d+(?:_\d+)?)\.out$")
 JOB_SCRIPT = "job.sbatch"  # the training job's batch script
+# The batch scripts of the follow-up jobs, by kind.
 CHAIN_SCRIPTS = {"prep": "prepare.sbatch", "merge": "merge.sbatch", "eval": "eval.sbatch"}
 # Folders inside a run dir that are never run dirs themselves (`launcher runs` skips them).
 OWN_FOLDERS = ("checkpoints", "logs", "final")

@@ -27,11 +27,18 @@ from pathlib import Path
 from launcher import assets
 from launcher.cli import TRAIN_ENTRY
 from launcher.config.spec import RunSpec
+from launcher.data import build as data_mod
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
+from launcher.model.load import ensure_tiny_base
 from launcher.ops.reasons import BACKSTOP_DUMP
-from launcher.plan.plan import Plan
+from launcher.plan.plan import make_plan, Plan
+from launcher.rank.loop import check_environment
+from launcher.rundir import markers
+from launcher.rundir.checkpoints import complete_checkpoints
 from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import RunDir
+from launcher.submit import preflight
+from launcher.submit.rundir import create
 
 _PACKAGE_ROOT = assets.PACKAGE_PARENT
 _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
@@ -91,12 +98,6 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     """Everything before the ranks start, in this process: pre-flight (spec, model, a data sample,
     clashes, memory fit: exit 2 before any run dir or rank), write the run dir, tokenize the data,
     make the tiny base model."""
-    from launcher.submit import preflight
-    from launcher.data import build as data_mod
-    from launcher.plan.plan import make_plan
-    from launcher.rank.loop import check_environment
-    from launcher.submit.rundir import create
-
     if spec.cluster.nodes > 1:
         raise UserError(f"`launcher run` starts ranks on this machine only; cluster.nodes={spec.cluster.nodes}. "
                         f"Use `launcher slurm` for several nodes, or --nodes 1")
@@ -107,8 +108,6 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     rd, spec, plan = create(out, spec, force=force)
     prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache
     if spec.model.name == "tiny":
-        from launcher.model.load import ensure_tiny_base
-
         ensure_tiny_base(rd.path, spec.optim.seed)
     return rd, spec, plan, prepared
 
@@ -187,8 +186,6 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-    from launcher.rundir import markers
-
     requeue = markers.marker_name(markers.REQUEUE, job, 0)
     if code not in (0, EXIT_REQUEUE) and markers.read_marker(rd.path, requeue) is not None:
         # every rank passed the barrier after the stop checkpoint and its marker: a rank that then died in
@@ -210,8 +207,6 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
 def _failure_note(rd: RunDir, job: str, backstop: bool = False) -> str:
     """Which rank failed and where, from the markers the ranks wrote (a rank that wrote none was killed, or
     ended by its watchdog's backstop when `backstop`: the log has its dump)."""
-    from launcher.rundir import markers
-
     lines = []
     for s in markers.silent_ranks(rd.path, job, 0):
         lines.append(f"launcher: rank {s['rank']} on {s['node']} ended without an exit record: " +
@@ -237,8 +232,6 @@ def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = Tru
         print(f"run dir      {rd.path}", flush=True)
     code = run_ranks(rd, plan, echo=echo, quiet=quiet)
     if code == EXIT_REQUEUE:
-        from launcher.rank.checkpoint import complete_checkpoints
-
         done = complete_checkpoints(rd.checkpoints)
         where = f"{done[-1][1]} (step {done[-1][0]})" if done else "the newest checkpoint"
         raise RunFailed(f"stopped on a signal after saving {where}. Resume with: {resume_hint(rd)} "

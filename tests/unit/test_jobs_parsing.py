@@ -549,15 +549,18 @@ def test_print_logs_heads_each_file_when_there_are_several(tmp_path):
 
 
 def test_the_batch_scripts_jobs_line_is_read_and_counted_like_record_jobs(tmp_path):
-    """The script appends its requeue line with printf; the same line must parse, count, and start with
-    the prefix its grep counts."""
+    """The script appends its requeue line with bash's printf; the same line must parse, count, and start
+    with the prefix its grep counts."""
     from launcher.rundir import jobs
 
+    import subprocess
+
     record_job(tmp_path, "77", "train")
-    fmt = jobs.script_line_format().replace("\\n", "\n")
-    line = fmt % ("77", jobs.REQUEUE, "", 1700000000, 0, "preempted")
-    with RunDir(tmp_path).jobs_path.open("a") as f:
-        f.write(line)
+    # the shell's own printf, with the format as the template renders it inside single quotes
+    subprocess.run(["bash", "-c", f"printf '{jobs.script_line_format()}' \"$@\" >> \"$0\"",
+                    str(RunDir(tmp_path).jobs_path), "77", jobs.REQUEUE, "", "1700000000", "0", "preempted"],
+                   check=True)
+    line = RunDir(tmp_path).jobs_path.read_text().splitlines()[-1]
     assert line.startswith(jobs.script_line_prefix("77", jobs.REQUEUE, ""))
     [job] = jobs.recorded_jobs(tmp_path)
     assert job.kind == "train" and jobs.count_kind(job.lines, jobs.REQUEUE) == 1
