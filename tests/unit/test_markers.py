@@ -78,6 +78,9 @@ def test_markers_round_trip_and_silent_ranks(tmp_path, job):
 def test_the_reason_of_an_exception():
     assert markers.exit_reason(UserError("x")) == markers.BAD_INPUT == "bad_input"
     assert markers.exit_reason(MemoryError()) == markers.OOM == "oom"
+    import torch  # the exception the ranks really meet (the oom test fault raises it too)
+
+    assert markers.exit_reason(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")) == "oom"
     assert markers.exit_reason(RuntimeError("DefaultCPUAllocator: can't allocate memory: 8 GB")) == "oom"
     assert markers.exit_reason(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer")) == \
         markers.COLLECTIVE_TIMEOUT
