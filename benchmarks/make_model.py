@@ -38,6 +38,13 @@ CONFIGS: dict[str, dict] = {
                        num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False,
                        head_dim=128, max_position_embeddings=8192,
                        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
+    # The CPU matrix's mid-size shape (benchmarks/matrices/cpu_mid.yaml): a 32k vocabulary (Llama-2/Mistral's
+    # size) and an untied head on 8 small layers, 58.5M parameters: the logits are a large share, as in the
+    # small models people fine-tune on one GPU, and a step takes seconds on 2 CPU cores.
+    "cpu-mid-58m": dict(_LLAMA3, vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=8, intermediate_size=1408, tie_word_embeddings=False, head_dim=64,
+                        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
+                        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
 }
 
 

@@ -37,6 +37,7 @@ from launcher.data.source import data_files
 from launcher.errors import UserError
 from launcher.model import load as model_mod
 from launcher.model.load import ADAPTER_CONFIG, has_weights
+from launcher.plan.plan import settled
 from launcher.rundir import metrics
 from launcher.rundir.layout import RunDir, open_run_dir
 
@@ -181,6 +182,7 @@ def pick_device(device: str) -> str:
 
 
 def eval_dtype(spec: RunSpec, device: str) -> str:
+    spec = settled(spec)
     if spec.method.name == "qlora":
         return spec.precision.dtype if spec.precision.dtype != "fp32" else "bf16"
     return spec.precision.dtype if device == "cuda" else "fp32"  # CPU: fp32 (no fp16 kernels, exact numbers)
@@ -192,7 +194,7 @@ def load_model(t: Target, which: str, device: str) -> Any:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    spec = t.spec
+    spec = settled(t.spec)
     dtype = eval_dtype(spec, device)
     kwargs: dict[str, Any] = {"dtype": model_mod.torch_dtype(dtype), "trust_remote_code": spec.model.trust_remote_code}
     qlora = spec.method.name == "qlora"

@@ -25,7 +25,11 @@ AXES: dict[str, str] = {
     "grad_ckpt": "model.grad_ckpt",
     "micro_batch": "optim.micro_batch",
     "seq_len": "data.seq_len",
+    "precision": "precision.dtype",
+    "loss": "optim.loss",
+    "compile": "model.compile",
 }
+_SWITCHES = ("grad_ckpt", "compile")  # on/off axes
 DEFAULT_STEPS, DEFAULT_WARMUP = 10, 3
 
 
@@ -36,15 +40,17 @@ def parse_axis(axis: str, text: str | Iterable[Any]) -> list[Any]:
         raise UserError(f"--{axis.replace('_', '-')} {text!r}: give comma-separated values without empty items")
     out: list[Any] = []
     for x in items:
-        if axis in ("zero", "micro_batch", "seq_len"):
+        if axis == "zero" and str(x) == "auto":
+            out.append("auto")
+        elif axis in ("zero", "micro_batch", "seq_len"):
             if isinstance(x, bool) or not (isinstance(x, int) or (isinstance(x, str) and x.isdigit())):
                 raise UserError(f"--{axis.replace('_', '-')}: {x!r} is not a whole number")
             out.append(int(x))
-        elif axis == "grad_ckpt":
+        elif axis in _SWITCHES:
             v = {"on": True, "true": True, "yes": True, "1": True,
                  "off": False, "false": False, "no": False, "0": False}.get(str(x).lower())
             if v is None:
-                raise UserError(f"--grad-ckpt: {x!r} is not on or off")
+                raise UserError(f"--{axis.replace('_', '-')}: {x!r} is not on or off")
             out.append(v)
         elif axis in AXES:
             out.append(str(x))
@@ -129,8 +135,10 @@ class Setup:
 
 
 def setup_label(v: dict[str, Any]) -> str:
+    """The axis values, `auto` ones as auto (the row's columns say what each became)."""
     return (f"{v['method']} z{v['zero']} {v['attn']} {'ckpt' if v['grad_ckpt'] else 'nockpt'} "
-            f"mb{v['micro_batch']} s{v['seq_len']}")
+            f"mb{v['micro_batch']} s{v['seq_len']} {v.get('precision', 'auto')} {v.get('loss', 'auto')}"
+            + (" compile" if v.get("compile") else ""))
 
 
 def baseline_label(v: dict[str, Any]) -> str:
@@ -139,7 +147,7 @@ def baseline_label(v: dict[str, Any]) -> str:
 
 def baseline_key(v: dict[str, Any]) -> tuple[Any, ...]:
     """Setups that share one baseline run: the baseline has no ZeRO stage and always runs sdpa."""
-    return (v["method"], bool(v["grad_ckpt"]), v["micro_batch"], v["seq_len"])
+    return (v["method"], bool(v["grad_ckpt"]), v["micro_batch"], v["seq_len"], v.get("precision", "auto"))
 
 
 def baseline_setups(setups: list[Setup]) -> list[Setup]:

@@ -27,6 +27,7 @@ PLOTS = ("tokens_per_s.png", "usd_per_mtok.png", "memory.png")
 
 COLUMNS = [
     "bench", "kind", "setup", "method", "zero", "attn", "grad_ckpt", "micro_batch", "seq_len", "precision",
+    "loss", "compile", "optimizer",
     "device", "devices", "steps", "warmup", "tokens_per_step",
     "tokens_per_s", "tokens_per_s_per_device", "step_time_s", "step_time_median_s",
     "model_flops_per_token", "hardware_flops_per_token", "flops_note",
@@ -63,12 +64,12 @@ def device_key(name: str | None) -> str | None:
     return dev.key if dev is not None else None
 
 
-def peak_tflops(spec: RunSpec, device: str | None, override: float | None) -> float | None:
+def peak_tflops(precision: str, device: str | None, override: float | None) -> float | None:
     """Dense peak per device for the training precision: --device-tflops, else the hardware table."""
     if override:
         return override
     dev = hardware.find(device)
-    return hardware.peak_tflops(dev, spec.precision.dtype) if dev is not None else None
+    return hardware.peak_tflops(dev, precision) if dev is not None else None
 
 
 def flops_note(spec: RunSpec) -> str:
@@ -126,11 +127,16 @@ def make_row(spec: RunSpec, values: dict[str, Any], kind: str, records: list[dic
     """One result row: what was measured, what follows from it (MFU, $), and the estimate beside it."""
     plan = make_plan(spec)
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(bench=opts.bench, kind=kind, setup=setup_label(values), **values, precision=spec.precision.dtype,
-               devices=plan.world_size, steps=opts.steps, warmup=opts.warmup, tokens_per_step=plan.tokens_per_step,
+    row.update(values)
+    # what ran: the plan's choices for the axes left auto
+    row.update(bench=opts.bench, kind=kind, setup=setup_label(values), zero=plan.zero_stage, precision=plan.precision,
+               loss=plan.loss, compile=spec.model.compile, optimizer=plan.optimizer, devices=plan.world_size,
+               steps=opts.steps, warmup=opts.warmup, tokens_per_step=plan.tokens_per_step,
                usd_per_device_hour=opts.usd_per_device_hour, flops_note=flops_note(spec))
     if kind == "baseline":
-        row.update(setup=baseline_label(values), zero=None, attn="sdpa")  # no DeepSpeed; sdpa as the docs say
+        # no DeepSpeed; sdpa, the standard loss and torch's AdamW as the docs say
+        row.update(setup=baseline_label(values), zero=None, attn="sdpa", loss="standard", compile=False,
+                   optimizer="torch fused AdamW (the Trainer's default)")
     if error is None:
         row.update(measured_columns(records, plan.tokens_per_step, opts.warmup, opts.steps))
     else:
@@ -162,7 +168,7 @@ def make_row(spec: RunSpec, values: dict[str, Any], kind: str, records: list[dic
             row["mem_error"] = row["est_mem_bytes"] / row["measured_mem_bytes"] - 1
     tps = row.get("tokens_per_s")
     if tps:
-        peak = peak_tflops(spec, dev, opts.device_tflops)
+        peak = peak_tflops(plan.precision, dev, opts.device_tflops)
         row["peak_tflops_per_device"] = peak
         if row["model_flops_per_token"] is not None:
             row["model_tflops_per_device"], row["mfu"] = utilization(row["model_flops_per_token"],
@@ -197,10 +203,11 @@ def attach_baseline(rows: list[dict[str, Any]]) -> None:
 def error_row(setup: Setup, opts: Options, error: str) -> dict[str, Any]:
     """The row of a setup that never ran (refused, or its run dir could not be made)."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS)
-    row.update(bench=opts.bench, kind="launcher", setup=setup.label, **setup.values, steps=opts.steps,
+    row.update(setup.values)
+    row.update(bench=opts.bench, kind="launcher", setup=setup.label, steps=opts.steps,
                warmup=opts.warmup, usd_per_device_hour=opts.usd_per_device_hour, error=error)
     if setup.spec is not None:
-        row["precision"] = setup.spec.precision.dtype
+        row["precision"] = make_plan(setup.spec).precision
     return row
 
 

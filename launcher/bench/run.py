@@ -90,7 +90,7 @@ def baseline_command(spec: RunSpec, plan: Plan, run_dir: Path, opts: Options) ->
             "--text-field", spec.data.text_field, "--seq-len", str(plan.seq_len),
             "--micro-batch", str(plan.micro_batch), "--grad-accum", str(plan.grad_accum),
             "--steps", str(opts.steps), "--warmup", str(opts.warmup), "--method", spec.method.name,
-            "--precision", spec.precision.dtype, "--attn", "sdpa",
+            "--precision", plan.precision, "--attn", "sdpa",
             "--grad-ckpt" if spec.model.grad_ckpt else "--no-grad-ckpt",
             "--lr", str(spec.optim.lr), "--weight-decay", str(spec.optim.weight_decay),
             "--max-grad-norm", str(spec.optim.grad_clip), "--seed", str(spec.optim.seed),

@@ -13,15 +13,18 @@ import click
 from launcher.config.flags import CLUSTER_FLAGS, SPEC_FLAGS
 from launcher.errors import RunFailed, UserError
 
-# The six matrix axes take comma lists here (they belong to bench); every other shared flag
+# The matrix axes take comma lists here (they belong to bench); every other shared flag
 # applies to all setups. Steps come from --steps/--warmup, and a bench never checkpoints.
 _AXIS_FLAGS = {
     "method": "Methods, e.g. full,lora,qlora.",
-    "zero": "ZeRO stages, e.g. 2,3.",
+    "zero": "ZeRO stages, e.g. auto,0,2,3.",
     "attn": "Attention kernels, e.g. sdpa,eager.",
     "grad_ckpt": "Gradient checkpointing: on,off.",
     "micro_batch": "Micro batches, e.g. 1,2,4.",
     "seq_len": "Sequence lengths, e.g. 128,256.",
+    "precision": "Precisions, e.g. auto,bf16,fp32.",
+    "loss": "LM losses, e.g. standard,chunked.",
+    "compile": "torch.compile of the decoder blocks: on,off.",
 }
 _NOT_SHARED = set(_AXIS_FLAGS) | {"max_steps", "save_every"}
 
@@ -71,7 +74,7 @@ def bench(args: tuple[str, ...], **kw: Any) -> None:
     launcher bench collect DIR [DIR...] [--out DIR]
 
     The setups are the product of the axes (--method, --zero, --attn, --grad-ckpt, --micro-batch,
-    --seq-len: comma lists, over the matrix's axes); every other flag applies to all. Each setup
+    --seq-len, --precision, --loss, --compile: comma lists, over the matrix's axes); every other flag applies to all. Each setup
     trains through the launcher's own loop with DeepSpeed (`launcher run`'s launch), the first
     --warmup steps left out and the device synchronized around the timed steps. Writes
     results.jsonl, results.csv, tokens_per_s.png, usd_per_mtok.png and memory.png into DIR. A setup

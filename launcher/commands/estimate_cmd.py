@@ -52,6 +52,7 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     rows = [
         ("parameters", f"{e.params:,} ({e.trainable_params:,} trainable)"),
         ("ranks", f"{plan.world_size}, micro batch {plan.micro_batch} x seq {plan.seq_len}"),
+        ("setup", f"ZeRO-{plan.zero_stage}, {plan.precision}, {plan.loss} loss, {plan.optimizer}"),
         ("weights", est.gib(e.weights_bytes_per_gpu)),
         ("gradients", est.gib(e.gradients_bytes_per_gpu)),
         ("optimizer states", est.gib(e.optimizer_bytes_per_gpu)),
@@ -76,3 +77,5 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
         click.echo(f"{k:<{width}}  {v}")
     for note in e.notes:
         click.echo(f"note: {note}")
+    for line in plan.choices:
+        click.echo(f"chosen: {line}")

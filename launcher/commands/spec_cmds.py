@@ -8,7 +8,7 @@ import click
 
 from launcher.commands.common import spec_options
 from launcher.config.spec import RunSpec
-from launcher.errors import UserError
+from launcher.errors import SpecError, UserError
 from launcher.plan.plan import make_plan
 from launcher.render import presets
 from launcher.render.deepspeed import render
@@ -17,8 +17,16 @@ from launcher.render.deepspeed import render
 @click.command()
 @spec_options()
 def spec(spec: RunSpec) -> None:
-    """Print the fully resolved run spec as YAML (defaults < SPEC file < flags < --set)."""
+    """Print the fully resolved run spec as YAML (defaults < SPEC file < flags < --set), and as comments
+    what each `auto` becomes for this run, and why."""
     click.echo(spec.to_yaml(), nl=False)
+    try:
+        choices = make_plan(spec).choices
+    except (SpecError, UserError) as exc:  # e.g. a batch that does not divide: `launcher config` refuses it
+        choices = (f"not planned: {exc}",)
+    click.echo("# the plan's choices (launcher/plan/plan.py):")
+    for line in choices:
+        click.echo(f"#   {line}")
 
 
 @click.command()

@@ -31,13 +31,15 @@ SPEC: tuple[Flag, ...] = (
     Flag("data", "data.path", ("--data",), "Data file, folder or datasets hub name (default: embedded corpus)."),
     Flag("seq_len", "data.seq_len", ("--seq-len",), "Tokens per sequence."),
     Flag("packing", "data.packing", ("--packing",), "SFT: pack examples into seq-len."),
-    Flag("zero", "zero.stage", ("--zero",), "ZeRO stage."),
+    Flag("zero", "zero.stage", ("--zero",), "ZeRO stage (auto: the lowest that fits the device)."),
     Flag("offload_optimizer", "zero.offload_optimizer", ("--offload-optimizer",), "Optimizer offload."),
     Flag("offload_param", "zero.offload_param", ("--offload-param",), "Parameter offload (ZeRO-3)."),
     Flag("nvme_path", "zero.nvme_path", ("--nvme-path",), "NVMe folder for nvme offload."),
-    Flag("precision", "precision.dtype", ("--precision",), "Training precision."),
+    Flag("precision", "precision.dtype", ("--precision",), "Training precision (auto: bf16 where the device runs it fast)."),
     Flag("attn", "model.attn", ("--attn",), "Attention kernel."),
     Flag("grad_ckpt", "model.grad_ckpt", ("--grad-ckpt",), "Gradient checkpointing."),
+    Flag("loss", "optim.loss", ("--loss",), "LM loss: chunked never holds the whole logits; liger needs CUDA."),
+    Flag("compile", "model.compile", ("--compile",), "torch.compile the decoder blocks."),
     Flag("micro_batch", "optim.micro_batch", ("--micro-batch",), "Sequences per rank per step."),
     Flag("global_batch", "optim.global_batch", ("--global-batch",), "Sequences per optimizer step (all ranks)."),
     Flag("global_batch_tokens", "optim.global_batch_tokens", ("--global-batch-tokens",),
@@ -90,6 +92,17 @@ def annotation(dotted: str) -> Any:
     return ann
 
 
+class _Mixed(click.Choice):
+    """Choices of words and whole numbers (`--zero auto|0|1|2|3`): a number is passed on as an int."""
+
+    def __init__(self, values: tuple[Any, ...]) -> None:
+        super().__init__([str(v) for v in values])
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        word = super().convert(str(value), param, ctx)
+        return int(word) if word.isdigit() else word
+
+
 def _typed(flag: Flag) -> tuple[tuple[str, ...], dict[str, Any]]:
     """click's option names and settings for one flag: the type from the field's annotation.
 
@@ -105,6 +118,8 @@ def _typed(flag: Flag) -> tuple[tuple[str, ...], dict[str, Any]]:
             kw["type"] = click.Choice(list(values))
         elif all(type(v) is int for v in values) and sorted(values) == list(range(min(values), max(values) + 1)):
             kw["type"] = click.IntRange(min(values), max(values))
+        elif all(type(v) in (int, str) for v in values):
+            kw["type"] = _Mixed(values)
         else:
             raise TypeError(f"{flag.field}: no command-line type for {ann}")
     elif ann is bool:

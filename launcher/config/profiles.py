@@ -99,6 +99,8 @@ class Profile(_Strict):
             c["partition"] = name
         if part is not None:
             c["gpus_per_node"] = part.gpus_per_node
+            if part.gpu_type:
+                c["gpu_type"] = part.gpu_type
             if part.max_time:
                 c["time"] = part.max_time
             for key in ("usd_per_gpu_hour", "usd_per_node_hour"):

@@ -21,7 +21,8 @@ PROMPT_METHODS = ("prefix", "prompt")  # virtual tokens before the input (peft p
 # Adapters that add into the base weights (peft's merge_and_unload): the LoRA family and IA3; prefix/prompt
 # tuning keep virtual tokens apart from the weights, full and freeze train the weights themselves.
 MERGEABLE_METHODS = tuple(m for m in PEFT_METHODS if m not in PROMPT_METHODS)
-Dtype = Literal["bf16", "fp16", "fp32"]
+Dtype = Literal["auto", "bf16", "fp16", "fp32"]
+LossKind = Literal["auto", "standard", "chunked", "liger"]
 Attn = Literal["auto", "flash2", "sdpa", "eager"]
 Offload = Literal["none", "cpu", "nvme"]
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY")
@@ -51,6 +52,7 @@ class ModelSpec(_Shorthand):
     trust_remote_code: bool = Field(False, description="run the model repository's own Python code")
     attn: Attn = Field("auto", description="attention kernel: auto takes flash2 when usable, else sdpa")
     grad_ckpt: bool = Field(False, description="gradient checkpointing (non-reentrant)")
+    compile: bool = Field(False, description="torch.compile each decoder block (the first steps pay the compile)")
 
 
 class DataSpec(_Section):
@@ -168,6 +170,12 @@ class OptimSpec(_Section):
     global_batch: int | None = Field(None, ge=1, description="sequences per optimizer step, all ranks")
     global_batch_tokens: int | None = Field(None, ge=1, description="tokens per optimizer step")
     seed: int = Field(42, ge=0)
+    loss: LossKind = Field("auto", description="the LM loss: standard (full logits), chunked (the LM head and "
+                           "cross-entropy over token chunks, never the whole logits), liger (Liger Kernel's fused "
+                           "kernels, CUDA), auto (liger where it can run, else chunked when the logits are a large "
+                           "share of memory, else standard)")
+    loss_chunk_tokens: int = Field(1024, ge=16, le=1 << 20, description="tokens per chunk of the chunked loss "
+                                   "(one chunk's fp32 logits exist at a time)")
 
     @field_validator("betas")
     @classmethod
@@ -180,7 +188,8 @@ class OptimSpec(_Section):
 class PrecisionSpec(_Shorthand):
     main_field: ClassVar[str] = "dtype"
 
-    dtype: Dtype = "bf16"
+    dtype: Dtype = Field("auto", description="auto: bf16 where the device runs it fast (CUDA GPUs with bf16, CPUs "
+                         "with AMX or AVX512-BF16), fp32 otherwise")
     initial_scale_power: int = Field(16, ge=0, le=32, description="fp16: initial loss scale 2^N")
     loss_scale_window: int = Field(1000, ge=1)
     hysteresis: int = Field(2, ge=1)
@@ -188,7 +197,8 @@ class PrecisionSpec(_Shorthand):
 
 
 class ZeroSpec(_Section):
-    stage: Literal[0, 1, 2, 3] = 2
+    stage: Literal["auto", 0, 1, 2, 3] = Field("auto", description="auto: the lowest stage whose memory estimate "
+                                                "fits the device with a margin at the run's world size")
     offload_optimizer: Offload = "none"
     offload_param: Offload = "none"
     nvme_path: str | None = Field(None, description="local NVMe folder for nvme offload")
@@ -250,6 +260,8 @@ class ClusterSpec(_Section):
     profile: str | None = Field(None, description="cluster profile this run was resolved with (--cluster)")
     nodes: int = Field(1, ge=1, le=4096)
     gpus_per_node: int = Field(0, ge=0, le=64, description="GPUs each node has; 0 = CPU ranks over gloo")
+    gpu_type: str | None = Field(None, description="the GPU model (e.g. h100), from the cluster profile's partition; "
+                                 "sizes the memory the plan fits")
     nproc_per_node: int | None = Field(None, ge=1, le=256, description="ranks per node; none = GPUs or 1")
     partition: str | None = None
     account: str | None = None
@@ -374,7 +386,7 @@ def check_combinations(spec: RunSpec) -> list[str]:
     """Options that are each valid but cannot go together. Every message says how to fix it."""
     p: list[str] = []
     z, prec, meth = spec.zero, spec.precision.dtype, spec.method.name
-    if z.offload_param != "none" and z.stage != 3:
+    if z.offload_param != "none" and z.stage not in (3, "auto"):
         p.append(f"zero.offload_param={z.offload_param} needs ZeRO stage 3 (only stage 3 partitions parameters); "
                  f"use --zero 3 or --offload-param none")
     if z.offload_optimizer != "none" and z.stage == 0:
@@ -385,8 +397,8 @@ def check_combinations(spec: RunSpec) -> list[str]:
                  "set --nvme-path /local/nvme or choose --offload-optimizer/--offload-param cpu")
     extra_fp = {k for k in ("fp16", "bf16") if isinstance(z.extra.get(k), dict) and z.extra[k].get("enabled")}
     if len(extra_fp) == 2 or (extra_fp and prec not in extra_fp):
-        p.append(f"zero.extra enables {', '.join(sorted(extra_fp))} but precision.dtype is {prec}: fp16 and bf16 "
-                 f"cannot both be on; set the precision with --precision and drop them from zero.extra")
+        p.append(f"zero.extra enables {', '.join(sorted(extra_fp))} but precision.dtype is {prec}: set the precision "
+                 f"with --precision (fp16 and bf16 cannot both be on) and drop them from zero.extra")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if key in z.extra:
             p.append(f"zero.extra.{key}: batch numbers are computed from optim.micro_batch, optim.global_batch and "
@@ -395,7 +407,7 @@ def check_combinations(spec: RunSpec) -> list[str]:
         p.append("method qlora computes in bf16 or fp16 (4-bit weights are dequantized to the compute dtype); "
                  "use --precision bf16 (or fp16)")
     qc = spec.method.quant.compute_dtype
-    if meth == "qlora" and qc != "auto" and qc != prec:
+    if meth == "qlora" and qc != "auto" and prec != "auto" and qc != prec:
         p.append(f"method.quant.compute_dtype={qc} differs from precision.dtype={prec}; "
                  f"set them equal or leave compute_dtype auto")
     if meth == "prefix" and spec.model.grad_ckpt:
@@ -417,6 +429,16 @@ def check_combinations(spec: RunSpec) -> list[str]:
                  "and/or method.freeze.train_modules=[lm_head, norm, ...]")
     if spec.model.attn == "flash2" and prec == "fp32":
         p.append("model.attn=flash2 runs only in bf16 or fp16; use --precision bf16 or --attn sdpa")
+    if spec.optim.loss == "liger" and spec.cluster.gpus_per_node == 0:
+        p.append("optim.loss=liger runs Liger Kernel's Triton kernels, which need CUDA GPUs, but cluster.gpus_per_node "
+                 "is 0 (CPU ranks); use --loss chunked (the same memory saving in plain PyTorch) or --gpus-per-node N")
+    if spec.model.compile and z.stage == 3:
+        p.append("model.compile with ZeRO stage 3: DeepSpeed gathers and releases each layer's parameters in hooks "
+                 "around the compiled blocks, which torch.compile breaks into graph pieces (no speed-up, recompiles); "
+                 "use --zero 2 (or auto, which then picks 0-2) or --no-compile")
+    if spec.model.compile and meth in PROMPT_METHODS:
+        p.append(f"model.compile with method {meth}: the virtual tokens change the blocks' input shapes and cache "
+                 f"(recompiles every step); use --no-compile")
     o = spec.optim
     if o.global_batch is not None and o.global_batch_tokens is not None:
         p.append("give optim.global_batch (sequences) or optim.global_batch_tokens, not both")

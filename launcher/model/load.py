@@ -283,6 +283,8 @@ def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device
         fix_bnb_cpu_inference(model)
 
     model = apply_method(spec, model)
+    if spec.model.compile:
+        compile_blocks(model)
     if keepalive is not None:
         model._launcher_hf_ds_config = keepalive
     return model
@@ -336,6 +338,31 @@ def apply_method(spec: RunSpec, model: Any) -> Any:
             model.enable_input_require_grads()
         model = get_peft_model(model, peft_config(spec))
     return model
+
+
+def decoder_blocks(model: Any) -> Any:
+    """The decoder's list of blocks (`model.layers` in the Llama family), through peft's wrappers."""
+    import torch
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    for owner in (decoder, base):
+        for name in ("layers", "h", "blocks"):
+            blocks = getattr(owner, name, None) if owner is not None else None
+            if isinstance(blocks, torch.nn.ModuleList) and len(blocks):
+                return blocks
+    raise UserError(f"model.compile: no list of decoder blocks found in {type(base).__name__}; use --no-compile")
+
+
+def compile_blocks(model: Any) -> int:
+    """torch.compile each decoder block in place (`Module.compile`: the module stays itself, so DeepSpeed's
+    and peft's hooks and the checkpoint's state-dict names are unchanged). Blocks, not the whole model: one
+    graph per block shape, compiled once and reused by every layer; the loss and the optimizer step stay
+    eager. dynamic=False: every block sees the same shapes (packed or cut blocks of seq_len)."""
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return len(blocks)
 
 
 def activation_checkpointing_on(model: Any) -> bool:

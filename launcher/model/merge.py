@@ -12,6 +12,7 @@ from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.model import load as model_mod
 from launcher.model.load import ADAPTER_CONFIG
+from launcher.plan.plan import settled
 from launcher.rundir.layout import RunDir, open_run_dir
 
 # peft types that add virtual tokens (a learned key/value prefix, or input embeddings) instead of changing weights
@@ -57,6 +58,7 @@ def merge_adapter(run_dir: Path, spec: RunSpec, dest: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    spec = settled(spec)  # the precision `auto` chose
     adapter = RunDir(Path(run_dir)).final
     cfg: dict[str, Any] = json.loads((adapter / ADAPTER_CONFIG).read_text())
     base = _base_of(run_dir, spec, cfg)

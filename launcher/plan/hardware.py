@@ -61,3 +61,36 @@ def find(name: str | None) -> Device | None:
 def peak_tflops(device: Device, dtype: str) -> float:
     """Dense peak of `device` for a training dtype (fp32 runs on TF32; bf16 and fp16 on the 16-bit cores)."""
     return device.tf32_tflops if dtype == "fp32" else device.bf16_tflops
+
+
+# GPU models without bf16 arithmetic (before Ampere): `precision: auto` takes fp16 on them.
+NO_BF16 = re.compile(r"V100|T4\b|P100|P40|K80|Titan V|RTX 20", re.IGNORECASE)
+
+# CPU flags of fast bf16 matmuls (oneDNN's AMX tiles or AVX512-BF16 dot products).
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_flag(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The flag of this host's CPU that makes bf16 matmuls fast, or None. torch 2.13 reports only
+    "AVX512" as its capability on CPUs that have both, so the kernel's flags are read instead."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return next((x for x in CPU_BF16_FLAGS if x in flags), None)
+    except OSError:
+        return None
+    return None
+
+
+def host_memory_bytes(meminfo: str = "/proc/meminfo") -> int | None:
+    """This host's total memory (MemTotal), or None where it cannot be read."""
+    try:
+        with open(meminfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -1,5 +1,6 @@
 """Derived numbers, computed once: world size, batch arithmetic, tokens per step, trainable
-parameters and the ZeRO bucket sizes.
+parameters, the ZeRO bucket sizes, and what each `auto` of the spec becomes (ZeRO stage, precision,
+loss) with the reason, plus the optimizer the device runs fastest.
 
 Everything downstream (DeepSpeed JSON, training arguments, Slurm script, estimates) reads these
 numbers from the Plan; none recomputes them.
@@ -7,11 +8,13 @@ numbers from the Plan; none recomputes them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
-from launcher.config.spec import ClusterSpec, RunSpec, ZeroSpec
+from launcher.config.resolve import with_overrides
+from launcher.config.spec import PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec
 from launcher.errors import SpecError, UserError
-from launcher.plan import modelinfo
+from launcher.plan import hardware, memory, modelinfo
 from launcher.plan.modelinfo import ModelInfo
 from launcher.plan.params import count_params
 
@@ -65,6 +68,26 @@ class Plan:
     zero_buckets: ZeroBuckets
     method: str = "full"
     trainable_params: int | None = None  # what method trains, counted from config.json (None: not counted)
+    zero_stage: int = 0
+    precision: str = "fp32"  # bf16 | fp16 | fp32
+    loss: str = "standard"  # standard | chunked | liger
+    optimizer: str = "torch AdamW"
+    choices: tuple[str, ...] = ()  # one line per decision: what it is and why
+
+    def setup(self, stage: int | None = None, loss: str | None = None) -> memory.Setup:
+        """The plan's choices as the memory model takes them (another stage or loss to size that one)."""
+        return memory.Setup(self.zero_stage if stage is None else stage, self.precision,
+                            self.loss if loss is None else loss, self.world_size, self.nproc_per_node,
+                            self.zero_buckets)
+
+    def following(self, ds_config: dict[str, Any]) -> "Plan":
+        """This plan with the ZeRO stage and precision the run dir's ds_config.json records: a rank
+        follows the decision made where the run dir was created (its CPU flags may differ), and a
+        hand-edited file."""
+        stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        prec = ("bf16" if ds_config.get("bf16", {}).get("enabled") else
+                "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
+        return replace(self, zero_stage=stage, precision=prec)
 
     @property
     def tokens_per_step(self) -> int:
@@ -91,7 +114,7 @@ class Plan:
             lines.append(f"trainable    {self.trainable_params:,} parameters ({self.method})")
         else:
             lines.append(f"trainable    not counted for this model ({self.method}); the training log gives the count")
-        return lines
+        return lines + list(self.choices)
 
 
 def _nearest_multiples(value: int, unit: int) -> list[int]:
@@ -147,7 +170,7 @@ def make_plan(spec: RunSpec) -> Plan:
         raise SpecError(f"data.seq_len={seq} exceeds the model's max_position_embeddings={model.max_positions} "
                         f"({model.source}); use --seq-len {model.max_positions} or less")
 
-    return Plan(
+    plan = Plan(
         nodes=c.nodes,
         nproc_per_node=nproc,
         world_size=world,
@@ -162,6 +185,17 @@ def make_plan(spec: RunSpec) -> Plan:
         method=spec.method.name,
         trainable_params=_trainable(model, spec),
     )
+    return _choose(spec, plan)
+
+
+def settled(spec: RunSpec, plan: Plan | None = None) -> RunSpec:
+    """`spec` with each `auto` the plan decides replaced by its choice (ZeRO stage, precision, loss), for
+    the code that builds the model and its trainer from the spec."""
+    plan = plan or make_plan(spec)
+    if (spec.zero.stage, spec.precision.dtype, spec.optim.loss) == (plan.zero_stage, plan.precision, plan.loss):
+        return spec
+    return with_overrides(spec, {"zero": {"stage": plan.zero_stage}, "precision": {"dtype": plan.precision},
+                                 "optim": {"loss": plan.loss}})
 
 
 def _trainable(model: ModelInfo | None, spec: RunSpec) -> int | None:
@@ -180,7 +214,142 @@ def unsupported_precision(spec: RunSpec, plan: Plan) -> str | None:
     """Why the plan's device cannot run the spec's precision, or None. Pre-flight reports it, and every
     rank checks it again before DeepSpeed starts (the bench's job array and a hand-written run dir
     reach the ranks without pre-flight)."""
-    if plan.device == "cpu" and spec.precision.dtype == "fp16":
+    if plan.device == "cpu" and plan.precision == "fp16":
         return ("precision.dtype=fp16 does not run on CPU ranks (cluster.gpus_per_node=0: DeepSpeed has no "
                 "CPU fp16 kernels); use --precision fp32 or bf16, or --gpus-per-node N")
     return None
+
+
+# --------------------------------------------------------------------------- the choices behind `auto`
+
+FIT_MARGIN = 0.85
+"""`zero.stage: auto` takes a stage whose estimated peak is within this share of the device's memory:
+the rest is for what the estimate leaves out (CUDA context and allocator fragmentation, NCCL buffers,
+the data loader)."""
+
+LOGITS_SHARE = 0.25
+"""`optim.loss: auto` takes the chunked loss when the standard loss's logits would be at least this
+share of the activation memory (saved activations + logits peak): there the logits are worth not
+holding, at the cost of nothing (each chunk's gradient is computed as its logits are)."""
+
+
+def _choose(spec: RunSpec, plan: Plan) -> Plan:
+    prec, why_prec = choose_precision(spec, plan.device)
+    plan = replace(plan, precision=prec)
+    loss, why_loss = choose_loss(spec, plan)
+    plan = replace(plan, loss=loss)
+    stage, why_stage = choose_stage(spec, plan)
+    plan = replace(plan, zero_stage=stage)
+    opt, why_opt = choose_optimizer(spec, plan)
+    return replace(plan, optimizer=opt, choices=(
+        f"precision    {prec}: {why_prec}",
+        f"ZeRO stage   {stage}: {why_stage}",
+        f"loss         {loss}: {why_loss}",
+        f"optimizer    {opt}: {why_opt}",
+    ))
+
+
+def choose_precision(spec: RunSpec, device: str) -> tuple[str, str]:
+    d = spec.precision.dtype
+    if d != "auto":
+        return d, "set in the spec"
+    qc = spec.method.quant.compute_dtype
+    if spec.method.name == "qlora" and qc != "auto":
+        return qc, "auto: method.quant.compute_dtype"
+    if device == "cuda":
+        gpu = spec.cluster.gpu_type
+        if gpu and hardware.NO_BF16.search(gpu):
+            return "fp16", f"auto: the {gpu} has no bf16 arithmetic (fp16 with loss scaling)"
+        return "bf16", f"auto: the {gpu or 'GPU'} runs bf16 on its tensor cores"
+    flag = hardware.cpu_bf16_flag()
+    if flag:
+        return "bf16", f"auto: this CPU has {flag} (fast bf16 matmuls; DeepSpeed keeps an fp32 master copy)"
+    if spec.method.name == "qlora" or spec.model.attn == "flash2":
+        return "bf16", f"auto: method {spec.method.name} / attention {spec.model.attn} computes in 16 bits"
+    return "fp32", "auto: this CPU has no amx_bf16 or avx512_bf16 (bf16 would be emulated, slower than fp32)"
+
+
+def choose_loss(spec: RunSpec, plan: Plan) -> tuple[str, str]:
+    kind = spec.optim.loss
+    if kind != "auto":
+        return kind, "set in the spec"
+    if plan.device == "cuda" and liger_importable():
+        return "liger", "auto: CUDA and the liger-kernel package are there (fused kernels)"
+    m = plan.model
+    if m is None or not m.counted:
+        return "standard", "auto: the model's shapes are unknown here, so the logits' share is too"
+    tokens, chunk = plan.micro_batch * plan.seq_len, spec.optim.loss_chunk_tokens
+    s = plan.setup(loss="standard")
+    saved, _, logits, _ = memory.activation_bytes(m, spec, s, plan.micro_batch, plan.seq_len)
+    share = logits / max(1, saved + logits)
+    if share < LOGITS_SHARE:
+        return "standard", f"auto: the logits are {share:.0%} of the activation memory (< {LOGITS_SHARE:.0%})"
+    if tokens <= chunk:
+        return "standard", (f"auto: the micro batch's {tokens:,} tokens fit in one {chunk:,}-token chunk "
+                            f"(optim.loss_chunk_tokens), nothing to save")
+    chunked = memory.logits_bytes(m, spec, plan.precision, "chunked", tokens)
+    return "chunked", (f"auto: the full logits would be {share:.0%} of the activation memory (>= {LOGITS_SHARE:.0%}); "
+                       f"{chunk:,}-token chunks hold {chunked / 2**20:,.0f} MiB of them instead of "
+                       f"{logits / 2**20:,.0f} MiB")
+
+
+def liger_importable() -> bool:
+    """Whether the liger-kernel package is installed here (found, not imported: no torch)."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def device_memory(spec: RunSpec, plan: Plan) -> tuple[int | None, str]:
+    """Memory of one rank's device: the GPU model's (cluster.gpu_type), or this host's memory shared by
+    its ranks on CPU; with where it comes from."""
+    if plan.device == "cuda":
+        dev = hardware.find(spec.cluster.gpu_type)
+        if dev is not None:
+            return dev.memory_bytes, dev.key
+        default = hardware.DEVICES["H100-80GB"]
+        return default.memory_bytes, f"{default.key} assumed (no known cluster.gpu_type)"
+    host = hardware.host_memory_bytes()
+    return (None, "unknown") if host is None else (host // plan.nproc_per_node,
+                                                   f"this host's memory / {plan.nproc_per_node} rank(s)")
+
+
+def choose_stage(spec: RunSpec, plan: Plan) -> tuple[int, str]:
+    z = spec.zero
+    if z.stage != "auto":
+        return int(z.stage), "set in the spec"
+    if z.offload_param != "none":
+        return 3, "auto: parameter offload needs stage 3"
+    allowed = [0, 1, 2, 3]
+    if z.offload_optimizer != "none":
+        allowed.remove(0)
+    if spec.method.name in PROMPT_METHODS or spec.model.compile:
+        allowed.remove(3)
+    if plan.world_size == 1:
+        return allowed[0], "auto: one rank, nothing to shard"
+    m = plan.model
+    if m is None or not m.counted:
+        return 2, "auto: the model's size is unknown here; stage 2 shards gradients and optimizer states"
+    mem, where = device_memory(spec, plan)
+    p = count_params(m, spec)
+    peaks = {k: memory.peak(m, spec, plan.setup(stage=k), p, plan.micro_batch, plan.seq_len).total for k in allowed}
+    if mem is None:
+        return 2 if 2 in allowed else allowed[-1], "auto: the device's memory is unknown here"
+    for k in allowed:
+        if peaks[k] <= FIT_MARGIN * mem:
+            return k, (f"auto: the lowest stage whose estimate, {peaks[k] / 2**30:.2f} GiB per rank, is within "
+                       f"{FIT_MARGIN:.0%} of {mem / 2**30:.1f} GiB ({where}) at world size {plan.world_size}")
+    k = allowed[-1]
+    return k, (f"auto: no stage fits {FIT_MARGIN:.0%} of {mem / 2**30:.1f} GiB ({where}); stage {k} needs the least, "
+               f"{peaks[k] / 2**30:.2f} GiB per rank (pre-flight checks the fit)")
+
+
+def choose_optimizer(spec: RunSpec, plan: Plan) -> tuple[str, str]:
+    """AdamW as the device runs it fastest, all exact (fp32 arithmetic on fp32 states)."""
+    if spec.zero.offload_optimizer != "none":
+        return "DeepSpeed CPUAdam", "the optimizer runs on the CPU (offload): DeepSpeed's AVX-512 Adam"
+    if plan.device == "cuda":
+        return "torch fused AdamW", ("one fused CUDA kernel over all tensors, as fast as DeepSpeed's FusedAdam "
+                                     "and with no op to compile on the nodes")
+    return "DeepSpeed FusedAdam (CPU)", ("DeepSpeed's AVX-512 Adam kernel, faster than torch's AdamW on CPU "
+                                         "(benchmarks/README.md)")

@@ -25,7 +25,8 @@ from launcher.data.collate import make_collator
 from launcher.errors import UserError
 from launcher.model import load as model_mod
 from launcher.model.load import choose_attn
-from launcher.plan.plan import Plan, make_plan, unsupported_precision
+from launcher.model.loss import apply_loss
+from launcher.plan.plan import Plan, make_plan, settled, unsupported_precision
 from launcher.rank import checkpoint, watchdog
 from launcher.rank.records import Attempt
 from launcher.rank.stop import STOP, finish_stop, stop_callback
@@ -140,6 +141,7 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
     the attention kernel asked for. Runs in the launching process and again on every rank."""
     import torch
 
+    spec = settled(spec, plan)
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UserError("the plan is for GPUs (cluster.gpus_per_node > 0) but this machine has no CUDA device; "
                         "run with --gpus-per-node 0 for CPU ranks over gloo")
@@ -326,6 +328,10 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
         raise UserError(f"{run_dir.path} has no ds_config.json; create the run dir with `launcher run --out` or "
                         f"`launcher slurm --out` and train from its spec.yaml")
     ds_config = json.loads(run_dir.ds_config_path.read_text())
+    # The run dir's ds_config.json holds the stage and precision decided where it was made; the spec's
+    # `auto`s become those choices for everything below (model dtype, attention, quantization, loss).
+    plan = plan.following(ds_config)
+    spec = settled(spec, plan)
     check_world_size(plan)
     # Ranks only read the tokenized data (`launcher run` or the Slurm prep job made it): a missing cache
     # ends every rank here with exit 2, before the heavy imports and the process group.
@@ -372,9 +378,11 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
 
     set_seed(spec.optim.seed)
     model = model_mod.load_model(spec, ds_config=ds_config, device=plan.device)
+    loss_note = apply_loss(model, plan.loss, chunk_tokens=spec.optim.loss_chunk_tokens)
     say(f"model        {spec.model.name} ({spec.method.name}): {model_mod.describe(model)}; "
-        f"attention {getattr(model.config, '_attn_implementation', '?')}; precision {spec.precision.dtype}; "
-        f"ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)}")
+        f"attention {getattr(model.config, '_attn_implementation', '?')}; precision {plan.precision}; "
+        f"ZeRO-{plan.zero_stage}; optimizer {plan.optimizer}" + ("; compiled blocks" if spec.model.compile else ""))
+    say(f"loss         {loss_note}")
     say(f"data         {len(train_ds):,} training rows" + (f", {len(eval_ds):,} eval rows" if eval_ds is not None else ""))
 
     testing = _testing()

@@ -28,10 +28,10 @@ def _offload(device: str, nvme_path: str | None, *, optimizer: bool) -> dict[str
     return cfg
 
 
-def zero_section(spec: RunSpec, buckets: ZeroBuckets) -> dict[str, Any]:
+def zero_section(spec: RunSpec, buckets: ZeroBuckets, stage: int) -> dict[str, Any]:
     z = spec.zero
-    cfg: dict[str, Any] = {"stage": z.stage}
-    if z.stage == 0:
+    cfg: dict[str, Any] = {"stage": stage}
+    if stage == 0:
         return cfg
     cfg.update(
         overlap_comm=z.overlap_comm,
@@ -39,12 +39,12 @@ def zero_section(spec: RunSpec, buckets: ZeroBuckets) -> dict[str, Any]:
         reduce_bucket_size=buckets.reduce,
         reduce_scatter=True,
     )
-    if z.stage in (1, 2):
+    if stage in (1, 2):
         cfg["allgather_partitions"] = True
         cfg["allgather_bucket_size"] = buckets.allgather
     if z.offload_optimizer != "none":
         cfg["offload_optimizer"] = _offload(z.offload_optimizer, z.nvme_path, optimizer=True)
-    if z.stage == 3:
+    if stage == 3:
         if z.offload_param != "none":
             cfg["offload_param"] = _offload(z.offload_param, z.nvme_path, optimizer=False)
         cfg.update(
@@ -61,22 +61,24 @@ def zero_section(spec: RunSpec, buckets: ZeroBuckets) -> dict[str, Any]:
 def optimizer_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
     o = spec.optim
     params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    if spec.zero.offload_optimizer == "none":
-        # torch's AdamW needs no compiled DeepSpeed op; fused on CUDA. With optimizer offload
-        # DeepSpeed's CPU Adam is used instead (its C++ op is much faster than torch on CPU).
+    # The optimizer the plan chose (plan.choose_optimizer). With optimizer offload DeepSpeed runs its CPU Adam
+    # whatever the section says. On CPU ranks, leaving out torch_adam makes DeepSpeed build its FusedAdam, which
+    # on the CPU accelerator is its AVX-512 Adam kernel. A preset (no plan) serves GPUs: torch's AdamW, which
+    # needs no compiled DeepSpeed op.
+    if spec.zero.offload_optimizer == "none" and (plan is None or plan.device == "cuda"):
         params["torch_adam"] = True
-        if plan is not None and plan.device == "cuda":
+        if plan is not None:
             params["fused"] = True
     return {"type": "AdamW", "params": params}
 
 
-def precision_sections(spec: RunSpec) -> dict[str, Any]:
+def precision_sections(spec: RunSpec, dtype: str) -> dict[str, Any]:
     p = spec.precision
-    fp16: dict[str, Any] = {"enabled": p.dtype == "fp16"}
-    if p.dtype == "fp16":
+    fp16: dict[str, Any] = {"enabled": dtype == "fp16"}
+    if dtype == "fp16":
         fp16.update(loss_scale=0, initial_scale_power=p.initial_scale_power, loss_scale_window=p.loss_scale_window,
                     hysteresis=p.hysteresis, min_loss_scale=p.min_loss_scale)
-    return {"bf16": {"enabled": p.dtype == "bf16"}, "fp16": fp16}
+    return {"bf16": {"enabled": dtype == "bf16"}, "fp16": fp16}
 
 
 def render(spec: RunSpec, plan: Plan | None, *, preset: bool = False) -> dict[str, Any]:
@@ -91,10 +93,11 @@ def render(spec: RunSpec, plan: Plan | None, *, preset: bool = False) -> dict[st
     cfg["train_micro_batch_size_per_gpu"] = micro
     cfg["gradient_accumulation_steps"] = accum
     cfg["gradient_clipping"] = spec.optim.grad_clip
-    cfg.update(precision_sections(spec))
+    # A preset has no plan: its spec states the stage and precision (nothing is left auto).
+    cfg.update(precision_sections(spec, plan.precision if plan is not None else str(spec.precision.dtype)))
     # A preset has no model: the buckets the plan gives an unknown hidden size (DeepSpeed's defaults).
     buckets = plan.zero_buckets if plan is not None and not preset else zero_buckets(spec.zero, None)
-    cfg["zero_optimization"] = zero_section(spec, buckets)
+    cfg["zero_optimization"] = zero_section(spec, buckets, plan.zero_stage if plan is not None else int(spec.zero.stage))
     cfg["optimizer"] = optimizer_section(spec, None if preset else plan)
     # No "scheduler": the LR schedule is transformers' (rank/loop.py, HF_SCHEDULERS), exactly its lr at every
     # step; DeepSpeed's schedulers lag it by one step and have no equivalent of its cosine. zero.extra can

@@ -19,7 +19,7 @@ from launcher.model.load import WEIGHT_FILES, has_weights
 from launcher.plan import hardware
 from launcher.plan.estimate import GiB, estimate
 from launcher.plan.params import lora_params
-from launcher.plan.plan import Plan, make_plan, unsupported_precision
+from launcher.plan.plan import Plan, liger_importable, make_plan, unsupported_precision
 from launcher.rundir import checkpoints
 from launcher.rundir.layout import RunDir
 from launcher.submit.stage import check_cached
@@ -82,6 +82,10 @@ def _clashes(spec: RunSpec, plan: Plan | None, *, slurm: bool) -> list[UserError
     if plan is not None and plan.device == "cpu" and spec.model.attn == "flash2":
         p.append(UserError("model.attn=flash2 needs CUDA GPUs and this run has CPU ranks (cluster.gpus_per_node=0); "
                            "use --attn sdpa (or auto)", field="model.attn"))
+    if plan is not None and plan.loss == "liger" and not liger_importable():
+        p.append(UserError("optim.loss=liger needs the liger-kernel package, which this Python cannot import; "
+                           "pip install 'launcher[gpu]' (or liger-kernel) where the ranks run, or use --loss chunked "
+                           "(the same memory saving in plain PyTorch)", field="optim.loss"))
     if c.max_retries > 0 and not c.requeue:
         p.append(UserError(f"cluster.max_retries={c.max_retries} retries a failed job by requeueing it, but "
                            f"cluster.requeue is false; set cluster.requeue=true or cluster.max_retries=0",

@@ -102,7 +102,7 @@ def test_config_refuses_to_overwrite_a_different_file(cli, tmp_path):
     assert proc.returncode == 2 and "--force" in proc.stderr
     assert out.read_text() == "{}\n"
     assert cli("config", "-o", str(out), "--force").returncode == 0
-    assert json.loads(out.read_text())["zero_optimization"]["stage"] == 2
+    assert json.loads(out.read_text())["zero_optimization"]["stage"] == 0  # auto: one rank
 
 
 def test_config_output_is_valid_json_with_flags_applied(cli):
@@ -151,12 +151,14 @@ def test_spec_flags_take_their_types_and_choices_from_the_spec_fields():
             continue
         ann = flags.annotation(f.field)
         if typing.get_origin(ann) is typing.Literal and isinstance(opt.type, click.Choice):
-            assert list(opt.type.choices) == list(typing.get_args(ann)), f.name
+            assert list(opt.type.choices) == [str(v) for v in typing.get_args(ann)], f.name
         elif ann is bool:
             assert opt.is_flag and opt.secondary_opts and opt.default is None, f.name
     by_name = {click.Option(list(d), **kw).name: click.Option(list(d), **kw) for d, kw in flags.SPEC_FLAGS}
     assert list(by_name["method"].type.choices) == list(typing.get_args(MethodName))
     assert list(by_name["precision"].type.choices) == list(typing.get_args(Dtype))
-    assert (by_name["zero"].type.min, by_name["zero"].type.max) == (0, 3)
+    assert list(by_name["zero"].type.choices) == ["auto", "0", "1", "2", "3"]
+    ctx = click.Context(click.Command("x"))
+    assert by_name["zero"].type.convert("2", None, ctx) == 2 and by_name["zero"].type.convert("auto", None, ctx) == "auto"
     assert by_name["nproc_per_node"].opts == ["--nproc-per-node", "--nproc"]
     assert set(flags.FLAG_FIELDS) >= {o.name for o in by_name.values()} - {"sets", "cluster", "clusters"}

@@ -135,10 +135,9 @@ def test_preflight_reads_every_profile_gpu_type_as_the_same_device(tmp_path, mon
 def test_the_bench_reads_every_torch_name_and_peak_from_the_same_device(name, key):
     assert report.device_key(name) == key
     for dtype in ("bf16", "fp32"):
-        spec = validate({"precision": dtype})
         want = hardware.peak_tflops(hardware.DEVICES[key], dtype) if key else None
-        assert report.peak_tflops(spec, name, None) == want
-        assert report.peak_tflops(spec, name, 123.0) == 123.0  # --device-tflops wins
+        assert report.peak_tflops(dtype, name, None) == want
+        assert report.peak_tflops(dtype, name, 123.0) == 123.0  # --device-tflops wins
 
 
 def test_dollars_per_million_tokens_from_a_price_per_device_hour_or_from_dollars_paid():

@@ -100,3 +100,131 @@ def test_zero_buckets_without_a_model_are_deepspeeds_defaults():
 
     b = zero_buckets(validate({}).zero, None)
     assert (b.reduce, b.allgather, b.prefetch, b.persistence) == (500_000_000, 500_000_000, 50_000_000, 100_000)
+
+
+# --------------------------------------------------------------------------- what `auto` becomes
+
+from launcher.plan import hardware, memory  # noqa: E402
+from launcher.plan import plan as plan_mod  # noqa: E402
+from launcher.plan.estimate import estimate  # noqa: E402
+from launcher.render.deepspeed import render  # noqa: E402
+
+
+@pytest.fixture
+def cpu_flag(monkeypatch):
+    """Pin the CPU's bf16 flag: the choices must not depend on the machine the tests run on."""
+    def pin(flag):
+        monkeypatch.setattr(hardware, "cpu_bf16_flag", lambda *a: flag)
+    pin("avx512_bf16")
+    return pin
+
+
+def choice(p, what):
+    return next(line for line in p.choices if line.startswith(what))
+
+
+@pytest.mark.parametrize("flag,want", [("amx_bf16", "bf16"), ("avx512_bf16", "bf16"), (None, "fp32")])
+def test_precision_auto_on_cpu_follows_the_cpus_bf16_flags(cpu_flag, flag, want):
+    cpu_flag(flag)
+    p = plan_for()
+    assert p.precision == want and (flag or "no amx_bf16") in choice(p, "precision")
+    assert render(resolve(), p)["bf16"]["enabled"] is (want == "bf16")
+
+
+def test_cpu_bf16_flag_reads_the_kernels_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags\t\t: fpu sse avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert hardware.cpu_bf16_flag(str(info)) == "amx_bf16"
+    info.write_text("processor : 0\nflags\t\t: fpu sse avx2\n")
+    assert hardware.cpu_bf16_flag(str(info)) is None
+    assert hardware.cpu_bf16_flag(str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("gpu,want", [(None, "bf16"), ("h100", "bf16"), ("a100-40gb", "bf16"), ("v100", "fp16"),
+                                      ("t4", "fp16")])
+def test_precision_auto_on_gpus(cpu_flag, gpu, want):
+    cpu_flag(None)  # the submitting host's CPU plays no part for GPU ranks
+    p = plan_for("cluster.gpus_per_node=8", *([f"cluster.gpu_type={gpu}"] if gpu else []))
+    assert p.precision == want
+
+
+def test_an_explicit_choice_is_never_overridden_by_auto(cpu_flag, llama8b_dir):
+    p = plan_for("precision=fp32", "zero.stage=3", "optim.loss=standard", "cluster.nproc_per_node=2")
+    assert (p.precision, p.zero_stage, p.loss) == ("fp32", 3, "standard")
+    assert all("set in the spec" in choice(p, w) for w in ("precision", "ZeRO stage", "loss"))
+
+
+def test_stage_auto_is_0_on_one_device_and_the_lowest_that_fits_with_more(cpu_flag, llama8b_dir):
+    assert plan_for().zero_stage == 0
+    assert plan_for("cluster.nproc_per_node=2").zero_stage == 0  # the tiny model fits anywhere
+    # Llama-3-8B, full, bf16 on 8 x H100-80GB: stage 0 holds 16 B/param (128 GB), stage 1 shards the fp32 part
+    gpu = ["cluster.gpus_per_node=8", "cluster.gpu_type=h100", "data.seq_len=2048", "model.grad_ckpt=true"]
+    p = plan_for(*gpu, model=str(llama8b_dir))
+    mem = hardware.DEVICES["H100-80GB"].memory_bytes
+    e = {k: estimate(resolve(flags={"model": str(llama8b_dir)}, sets=[*gpu, f"zero.stage={k}"]),
+                     plan_for(*gpu, f"zero.stage={k}", model=str(llama8b_dir))).peak_bytes_per_gpu for k in range(4)}
+    fitting = [k for k in range(4) if e[k] <= plan_mod.FIT_MARGIN * mem]
+    assert fitting and p.zero_stage == fitting[0] > 0, (e, p.choices)
+    assert "lowest stage" in choice(p, "ZeRO stage") and "H100-80GB" in choice(p, "ZeRO stage")
+    # on 2 x A10G (24 GB) nothing fits: the stage that needs the least, and the fit check says the rest
+    small = plan_for("cluster.gpus_per_node=2", "cluster.gpu_type=a10g", "data.seq_len=2048", model=str(llama8b_dir))
+    assert small.zero_stage == 3 and "no stage fits" in choice(small, "ZeRO stage")
+
+
+def test_stage_auto_respects_what_the_spec_rules_out(cpu_flag, llama8b_dir):
+    gpu = ["cluster.gpus_per_node=2", "cluster.gpu_type=a10g", "data.seq_len=2048"]
+    assert plan_for(*gpu, "zero.offload_param=cpu", model=str(llama8b_dir)).zero_stage == 3
+    assert plan_for(*gpu, "method.name=prompt", model=str(llama8b_dir)).zero_stage <= 2  # prompt + ZeRO-3 hangs
+    assert plan_for(*gpu, "model.compile=true", model=str(llama8b_dir)).zero_stage <= 2
+    assert plan_for("zero.offload_optimizer=cpu").zero_stage == 1  # offload needs a stage >= 1
+
+
+def test_loss_auto_chunks_only_where_the_logits_weigh(cpu_flag, llama8b_dir, monkeypatch):
+    assert plan_for().loss == "standard"  # 512 tokens: one chunk
+    p = plan_for("optim.micro_batch=8", "data.seq_len=1024")
+    assert p.loss == "chunked" and "% of the activation memory" in choice(p, "loss")
+    q = plan_for("optim.micro_batch=8", "data.seq_len=1024", "optim.loss_chunk_tokens=256")
+    assert memory.logits_bytes(q.model, resolve(sets=["optim.loss_chunk_tokens=256"]), q.precision, "chunked",
+                               8192) == 256 * 4096 * 10
+    # a big model's logits are a small share when its layers are many and its vocabulary small
+    gpu = ["cluster.gpus_per_node=1", "data.seq_len=4096", "optim.micro_batch=2"]
+    assert plan_for(*gpu, model=str(llama8b_dir)).loss in ("chunked", "standard")
+    monkeypatch.setattr(plan_mod, "liger_importable", lambda: True)
+    assert plan_for(*gpu, model=str(llama8b_dir)).loss == "liger"
+    assert plan_for("optim.micro_batch=8", "data.seq_len=1024").loss == "chunked"  # liger never on CPU ranks
+
+
+def test_the_estimate_counts_one_chunk_of_logits_under_the_chunked_loss(cpu_flag):
+    sets = ["optim.micro_batch=8", "data.seq_len=1024", "precision=fp32"]
+    full = estimate(resolve(sets=[*sets, "optim.loss=standard"]), plan_for(*sets, "optim.loss=standard"))
+    chunked = estimate(resolve(sets=[*sets, "optim.loss=chunked"]), plan_for(*sets, "optim.loss=chunked"))
+    assert full.logits_bytes_per_gpu == 8 * 1024 * 4096 * 12  # fp32 logits + log-softmax + its gradient
+    assert chunked.logits_bytes_per_gpu == 1024 * 4096 * 12
+    assert full.peak_bytes_per_gpu - chunked.peak_bytes_per_gpu == 7 * 1024 * 4096 * 12
+    assert (chunked.loss, chunked.zero_stage, chunked.precision) == ("chunked", 0, "fp32")
+
+
+def test_the_optimizer_is_the_fastest_exact_one_for_the_device(cpu_flag):
+    cpu = plan_for()
+    assert cpu.optimizer == "DeepSpeed FusedAdam (CPU)"
+    assert "torch_adam" not in render(resolve(), cpu)["optimizer"]["params"]  # DeepSpeed builds its own
+    gpu_spec = resolve(sets=["cluster.gpus_per_node=8"])
+    gpu = make_plan(gpu_spec)
+    assert gpu.optimizer == "torch fused AdamW"
+    assert render(gpu_spec, gpu)["optimizer"]["params"] | {"torch_adam": True, "fused": True} == \
+        render(gpu_spec, gpu)["optimizer"]["params"]
+    off_spec = resolve(sets=["zero.offload_optimizer=cpu", "cluster.gpus_per_node=8"])
+    assert make_plan(off_spec).optimizer == "DeepSpeed CPUAdam"
+    assert "torch_adam" not in render(off_spec, make_plan(off_spec))["optimizer"]["params"]
+
+
+def test_plan_text_names_every_choice_and_a_rank_follows_the_run_dirs_config(cpu_flag):
+    p = plan_for("cluster.nproc_per_node=2")
+    text = "\n".join(p.summary())
+    for what in ("precision    bf16", "ZeRO stage   0", "loss         standard", "optimizer    DeepSpeed FusedAdam"):
+        assert what in text
+    cfg = render(resolve(sets=["cluster.nproc_per_node=2"]), p)
+    cpu_flag(None)  # another node's CPU, without bf16: the rank still runs what the run dir says
+    again = plan_for("cluster.nproc_per_node=2").following(cfg)
+    assert (again.precision, again.zero_stage) == ("bf16", 0)
+    assert plan_mod.settled(resolve(sets=["cluster.nproc_per_node=2"]), again).precision.dtype == "bf16"

@@ -72,6 +72,9 @@ def bad_cases(tmp_path: Path) -> dict[str, tuple[list, str]]:
         "retries without requeue": (["--set", "cluster.max_retries=2", "--set", "cluster.requeue=false"],
                                     "cluster.max_retries"),
         "resume from nothing": (["--set", f"output.resume={tmp_path}"], "output.resume"),
+        "liger on cpu ranks": (["--loss", "liger"], "optim.loss=liger"),
+        "liger not installed": (["--loss", "liger", "--gpus-per-node", "8"], "liger-kernel"),
+        "compile with zero-3": (["--compile", "--zero", "3"], "model.compile"),
     }
 
 

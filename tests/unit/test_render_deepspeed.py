@@ -94,7 +94,8 @@ def test_bucket_sizes_are_copied_from_the_plan(tmp_path):
 
 
 def test_zero_extra_is_merged_last():
-    spec = resolve(sets=["zero.extra={zero_optimization: {round_robin_gradients: true}, flops_profiler: {enabled: false}}"])
+    spec = resolve(sets=["zero.stage=2",
+                         "zero.extra={zero_optimization: {round_robin_gradients: true}, flops_profiler: {enabled: false}}"])
     cfg = render(spec, make_plan(spec))
     assert cfg["zero_optimization"]["round_robin_gradients"] is True and cfg["zero_optimization"]["stage"] == 2
     assert cfg["flops_profiler"] == {"enabled": False}

@@ -20,7 +20,8 @@ def write(tmp_path, text: str):
 def test_defaults_resolve_without_a_file():
     spec = resolve()
     assert isinstance(spec, RunSpec)
-    assert spec.zero.stage == 2 and spec.precision.dtype == "bf16" and spec.model.name == "tiny"
+    assert spec.zero.stage == "auto" and spec.precision.dtype == "auto" and spec.optim.loss == "auto"
+    assert spec.model.name == "tiny" and spec.model.compile is False
 
 
 def test_precedence_is_file_then_flags_then_set(tmp_path):
