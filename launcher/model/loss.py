@@ -17,13 +17,15 @@ from launcher.errors import UserError
 LOSS_KINDS = ("standard", "chunked", "liger")
 IGNORE_INDEX = -100  # transformers' ignore_index: SFT prompt masks, padding, peft's virtual tokens
 
-# Tokens per chunk of the chunked loss. Its memory while the loss runs is about one chunk's logits, kept
-# in fp32 for the softmax (CHUNK_TOKENS x vocab x 4 bytes) plus the same in the model's dtype: at
-# Llama-3's vocabulary of 128,256 that is 0.5 GiB (+0.25 in bf16), where a micro batch of 4 x 2048 tokens
-# holds 3.9 GiB of fp32 logits (+2.0 in bf16) in the standard loss. 1024 rows keep each chunk's two
-# matmuls ([1024 x hidden] x [hidden x vocab]) large enough to run at full speed on a GPU or a CPU
-# (hundreds of rows already saturate either), so chunking costs a Python loop of a few iterations, not
-# kernel efficiency. A micro batch of up to 1024 tokens is one chunk.
+# Tokens per chunk of the chunked loss. While it runs, the loss holds two fp32 [chunk x vocab] buffers at a
+# time (the upcast logits, then their log-probabilities, turned in place into the logits' gradient), plus
+# the logits in the model's dtype when that is bf16/fp16, plus an fp32 gradient buffer the size of a
+# trainable head: at Llama-3's vocabulary of 128,256 the buffers are 2 x 0.5 GiB (+0.25 GiB in bf16),
+# where the standard loss holds several copies of a micro batch's whole logits (4 x 2048 tokens: 3.9 GiB
+# each in fp32). 1024 rows keep each chunk's matmuls ([1024 x hidden] x [hidden x vocab]) large enough to
+# run at full speed on a GPU or a CPU (a few hundred rows already saturate either), so chunking costs a
+# Python loop of a few iterations, not kernel efficiency. A micro batch of up to 1024 target tokens is
+# one chunk. The spec's optim.loss_chunk_tokens overrides it.
 CHUNK_TOKENS = 1024
 
 # The launcher's own key in ZeRO-3's per-parameter set of modules using it (ds_active_sub_modules holds
@@ -60,7 +62,8 @@ def apply_loss(model: Any, kind: str, *, chunk_tokens: int = CHUNK_TOKENS) -> st
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             raise UserError(f"--loss chunked computes logits as the head's plain linear map, but this model's "
-                            f"config sets {attr}={getattr(cfg, attr)!r}; use --loss standard for it", field="optim.loss")
+                            f"config sets {attr}={getattr(cfg, attr)!r}; use --loss standard for it",
+                            field="optim.loss")
     import types
 
     lm.forward = types.MethodType(_chunked_forward, lm)  # the instance only: other models stay standard
@@ -79,7 +82,7 @@ def causal_lm_of(model: Any) -> Any:
             return m
         if hasattr(m, "get_base_model"):  # a PeftModel: the LM under LoraModel, or the LM (prompt learning)
             m = m.get_base_model()
-        elif isinstance(getattr(m, "model", None), object) and getattr(m, "model", None) is not None:
+        elif getattr(m, "model", None) is not None:
             m = m.model  # a peft tuner (LoraModel) -> the LM
         else:
             break
@@ -132,7 +135,8 @@ def _chunked_forward(self: Any, input_ids: Any = None, attention_mask: Any = Non
     """The causal LM's forward with the chunked loss when labels are given (logits=None then); without
     labels (generation, logits wanted) it is the class's own forward. Takes **kwargs, so the Trainer passes
     num_items_in_batch to it as to the standard forward."""
-    if (labels is None and kwargs.get("shift_labels") is None) or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+    keep_all = isinstance(logits_to_keep, int) and logits_to_keep == 0
+    if (labels is None and kwargs.get("shift_labels") is None) or not keep_all:
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   position_ids=position_ids, past_key_values=past_key_values,
                                   inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -216,7 +220,9 @@ def _fast_head(head: Any) -> dict[str, Any] | None:
 
 def _generic_chunks(head: Any, h: Any, t: Any, chunk: int) -> Any:
     """Any head module: each chunk's logits and loss under activation checkpointing (recomputed in
-    backward), so one chunk's logits at a time. Under ZeRO-3 the head is gathered once per chunk."""
+    backward), so one chunk's logits at a time. Under ZeRO-3 the head module is gathered per call: once
+    per chunk in forward and twice in backward while ZeRO-3 records its trace (its prefetcher keeps the
+    head gathered across the calls after that)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -340,8 +346,9 @@ def _loss_and_grads(h: Any, t: Any, w: Any, b: Any, u: Any, lora_b: Any, scaling
 
     Per chunk: z = h W^T (+ b) (+ s u B^T) in the model's dtype; log-softmax in fp32; loss = -logp[t];
     dz = softmax - onehot, cast back to z's dtype as autograd casts the gradient of z.float(); then
-    dh = dz W, dW += dz^T h (and the bias and LoRA terms). fp16 matmuls of dz run in fp32: dz is not
-    scaled by the loss scale here, so in fp16 it would lose its small entries."""
+    dh = dz W, dW += dz^T h (and the bias and LoRA terms). fp16 matmuls of dz run in fp32, on an fp32 copy
+    of the head's weight: dz is not scaled by the loss scale here, so in fp16 it would lose its small
+    entries."""
     import torch
 
     n, dim = h.shape
@@ -376,7 +383,7 @@ def _loss_and_grads(h: Any, t: Any, w: Any, b: Any, u: Any, lora_b: Any, scaling
         if want[0]:
             gh[s:e] = dz @ w_mm
         if want[1]:
-            _accumulate(gw, dz.t() @ hc.to(mm))
+            gw += dz.t() @ hc.to(mm)
         if want[2]:
             gb += dz.sum(0)
         if u is not None and (want[3] or want[4]):
@@ -384,10 +391,6 @@ def _loss_and_grads(h: Any, t: Any, w: Any, b: Any, u: Any, lora_b: Any, scaling
             if want[3]:
                 gu[s:e] = dzs @ lb_mm
             if want[4]:
-                _accumulate(glb, dzs.t() @ uc.to(lb_mm.dtype))
+                glb += dzs.t() @ uc.to(lb_mm.dtype)
         del dz
     return total, (gh, gw, gb, gu, glb)
-
-
-def _accumulate(acc: Any, x: Any) -> None:
-    acc += x

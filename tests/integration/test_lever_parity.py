@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -45,13 +44,20 @@ import torch, deepspeed
 from transformers import LlamaConfig, LlamaForCausalLM
 from launcher.model import loss as loss_mod
 
-kind, chunk = sys.argv[1], int(sys.argv[2])
+kind, chunk, head_kind = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 deepspeed.init_distributed("gloo")
 rank = int(os.environ["RANK"])
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=False, pad_token_id=0)
 model = LlamaForCausalLM(cfg).float()
+if head_kind == "lora":  # LoRA on the head too (peft's lora.Linear as lm_head), B moved off zero
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "lm_head"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(n)))
 line = loss_mod.apply_loss(model, "standard" if kind == "standard" else "chunked", chunk_tokens=chunk)
 if kind == "per-chunk":
     loss_mod._fast_head = lambda head_module: None  # the fallback: the head module called once per chunk
@@ -59,7 +65,8 @@ ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gr
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
       "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "steps_per_print": 10**9}
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-head = model.lm_head.weight
+lm_head = loss_mod.causal_lm_of(model).lm_head
+head = lm_head.weight if head_kind == "plain" else lm_head.base_layer.weight
 gathers = []
 
 def counting(p):  # every all-gather ZeRO-3 makes goes through a parameter's all_gather_coalesced or all_gather
@@ -96,9 +103,9 @@ if rank == 0:
 """
 
 
-def _zero3_run(kind: str, env: dict[str, str]) -> dict:
+def _zero3_run(kind: str, env: dict[str, str], head: str = "plain") -> dict:
     base = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", _ZERO3_GATHERS, kind, str(CHUNK)], cwd=ROOT, text=True,
+    procs = [subprocess.Popen([sys.executable, "-c", _ZERO3_GATHERS, kind, str(CHUNK), head], cwd=ROOT, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
@@ -128,6 +135,16 @@ def test_zero3_gathers_the_head_once_per_micro_step(env):
         assert c["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-6)
         for ms, mc in zip(s["micro"], c["micro"]):
             assert mc["loss"] == pytest.approx(ms["loss"], rel=1e-6)
+
+
+def test_zero3_lora_on_the_head_gathers_once_and_matches_standard(env):
+    """peft's LoRA Linear as the head: its base weight and lora_B each sit in their own module; the loss runs
+    inside one call of each, so both are gathered once per micro step (counted: the base weight)."""
+    chunked, standard = (_zero3_run(kind, env, head="lora")["steps"] for kind in ("chunked", "standard"))
+    assert all((m["forward"], m["backward"]) == (1, 0) for s in chunked for m in s["micro"]), chunked
+    for s, c in zip(standard, chunked):
+        assert c["grad_norm"] == pytest.approx(s["grad_norm"], rel=1e-6)
+        assert [m["loss"] for m in c["micro"]] == pytest.approx([m["loss"] for m in s["micro"]], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- through `launcher run`

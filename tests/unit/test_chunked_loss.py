@@ -11,7 +11,6 @@ far under the whole logits' size (torch.profiler's record of every tensor alloca
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -173,28 +172,19 @@ def test_gradient_accumulation_with_an_int_count_and_mean_reduction():
     assert_same_grads(std, chk)
 
 
-def test_prompt_tuning_equals_standard():
-    """peft prepends virtual tokens through inputs_embeds and pads the labels with -100."""
-    from peft import PromptTuningConfig, get_peft_model
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_prompt_and_prefix_tuning_equal_standard(method):
+    """Prompt tuning: peft prepends virtual tokens through inputs_embeds and pads the labels with -100.
+    Prefix tuning: peft passes the prefix as past_key_values; the patched forward hands both to the decoder."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
-    std = get_peft_model(tiny(False), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    config = {"prompt": PromptTuningConfig, "prefix": PrefixTuningConfig}[method]
+    std = get_peft_model(tiny(False), config(task_type="CAUSAL_LM", num_virtual_tokens=5))
     chk = copy.deepcopy(std)
     apply_loss(chk, "chunked", chunk_tokens=CHUNK)
     ids, lab = batch()
-    a, b = step(std, ids, lab, attention_mask=torch.ones_like(ids)), step(chk, ids, lab, attention_mask=torch.ones_like(ids))
-    assert float(b.loss) == pytest.approx(float(a.loss), rel=TOL)
-    assert_same_grads(std, chk)
-
-
-def test_prefix_tuning_equals_standard():
-    """peft passes the prefix as past_key_values; the patched forward hands it to the decoder."""
-    from peft import PrefixTuningConfig, get_peft_model
-
-    std = get_peft_model(tiny(False), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
-    chk = copy.deepcopy(std)
-    apply_loss(chk, "chunked", chunk_tokens=CHUNK)
-    ids, lab = batch()
-    a, b = step(std, ids, lab, attention_mask=torch.ones_like(ids)), step(chk, ids, lab, attention_mask=torch.ones_like(ids))
+    mask = torch.ones_like(ids)
+    a, b = step(std, ids, lab, attention_mask=mask), step(chk, ids, lab, attention_mask=mask)
     assert float(b.loss) == pytest.approx(float(a.loss), rel=TOL)
     assert_same_grads(std, chk)
 
