@@ -358,10 +358,11 @@ def compile_blocks(model: Any) -> int:
     """torch.compile each decoder block in place (`Module.compile`: the module stays itself, so DeepSpeed's
     and peft's hooks and the checkpoint's state-dict names are unchanged). Blocks, not the whole model: one
     graph per block shape, compiled once and reused by every layer; the loss and the optimizer step stay
-    eager. dynamic=False: every block sees the same shapes (packed or cut blocks of seq_len)."""
+    eager. Shapes: pretraining and packed blocks are all seq_len long (one graph); unpacked SFT batches are
+    padded to their longest row, so after the first change torch marks the length dynamic (one more graph)."""
     blocks = decoder_blocks(model)
     for block in blocks:
-        block.compile(dynamic=False)
+        block.compile()
     return len(blocks)
 
 
