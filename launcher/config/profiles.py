@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from launcher import yamlio
 from launcher.config.resolve import deep_merge, user_tree
 from launcher.errors import SpecError
-from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, explain_errors_of, register_model,
-                                  validate)
+from launcher.config.spec import (ClusterSpec, ContainerSpec, Float, Int, NcclSpec, RunSpec, explain_errors_of,
+                                  register_model, slurm_time_seconds, validate)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 
@@ -47,14 +47,14 @@ class _Strict(BaseModel):
 
 class Partition(_Strict):
     gpu_type: str | None = None
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_node: int | None = Field(None, ge=1)
+    gpus_per_node: Int = Field(0, ge=0)
+    cpus_per_node: Int | None = Field(None, ge=1)
     mem_per_node: str | None = None
     max_time: str | None = Field(None, description="partition time limit, Slurm syntax")
-    max_nodes: int | None = Field(None, ge=1)
-    usd_per_gpu_hour: float | None = Field(None, ge=0)
-    usd_per_node_hour: float | None = Field(None, ge=0)
-    usd_per_cpu_hour: float | None = Field(None, ge=0)
+    max_nodes: Int | None = Field(None, ge=1)
+    usd_per_gpu_hour: Float | None = Field(None, ge=0)
+    usd_per_node_hour: Float | None = Field(None, ge=0)
+    usd_per_cpu_hour: Float | None = Field(None, ge=0)
 
     @field_validator("mem_per_node")
     @classmethod
