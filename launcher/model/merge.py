@@ -3,7 +3,6 @@ tokenizer. torch, transformers and peft are imported by `merge_adapter` alone.""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.model import load as model_mod
-from launcher.model.load import ADAPTER_CONFIG
+from launcher.model.load import ADAPTER_CONFIG, read_adapter_config
 from launcher.rundir.layout import RunDir, open_run_dir
 
 # peft types that add virtual tokens (a learned key/value prefix, or input embeddings) instead of changing weights
@@ -29,7 +28,7 @@ def merge_run(run_dir: str | Path, out: str | Path, *, force: bool = False) -> P
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise UserError(f"{adapter} holds no adapter (no {ADAPTER_CONFIG}); merge is for runs with "
                         f"--method lora, qlora, dora or ia3 that finished training")
-    refusal = unmergeable(json.loads((adapter / ADAPTER_CONFIG).read_text()))
+    refusal = unmergeable(read_adapter_config(adapter))
     if refusal:
         raise UserError(f"{adapter}: {refusal}")
     dest = Path(out).expanduser().resolve()
@@ -58,7 +57,7 @@ def merge_adapter(run_dir: Path, spec: RunSpec, dest: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     adapter = RunDir(Path(run_dir)).final
-    cfg: dict[str, Any] = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    cfg: dict[str, Any] = read_adapter_config(adapter)
     base = _base_of(run_dir, spec, cfg)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code}
     dtype = model_mod.torch_dtype(spec.precision.dtype)
