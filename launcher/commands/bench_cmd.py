@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from launcher.commands.common import FiniteFloat
 from launcher.config.flags import CLUSTER_FLAGS, SPEC_FLAGS
 from launcher.errors import RunFailed, UserError
 
@@ -53,8 +54,8 @@ def _shared_options(fn: Any) -> Any:
 @click.option("--warmup", type=click.IntRange(0), help="Optimizer steps before the timed ones (default 3).")
 @click.option("--baseline", is_flag=True, default=None,
               help="Also run benchmarks/baseline_hf.py (plain Trainer + peft) per setup; report our/baseline.")
-@click.option("--usd-per-device-hour", type=click.FloatRange(0), help="Price of one device-hour, for $ per 1M tokens.")
-@click.option("--device-tflops", type=click.FloatRange(0, min_open=True),
+@click.option("--usd-per-device-hour", type=FiniteFloat(0), help="Price of one device-hour, for $ per 1M tokens.")
+@click.option("--device-tflops", type=FiniteFloat(0, min_open=True),
               help="Peak TFLOP/s per device for MFU (default: the GPU table; none on CPU).")
 @click.option("--gpu", help="Device-table name (H100-80GB, H200, ...) instead of the detected GPU.")
 @click.option("--slurm", is_flag=True, help="Write a Slurm job array (a task per setup) into --out instead of running.")

@@ -392,15 +392,62 @@ def validate(tree: dict[str, Any]) -> RunSpec:
     return spec
 
 
+_OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def merged_zero(z: ZeroSpec, problems: list[str]) -> ZeroSpec:
+    """The ZeRO settings of the rendered DeepSpeed config: zero.extra.zero_optimization's stage and offload
+    devices over the typed fields, so that raw keys meet the same checks. What DeepSpeed would not take
+    there, and a stage other than zero.stage (the plan sizes memory and buckets by zero.stage), is added
+    to `problems`."""
+    zo = z.extra.get("zero_optimization")
+    if zo is None:
+        return z
+    if not isinstance(zo, dict):
+        problems.append("zero.extra.zero_optimization must be a mapping of DeepSpeed ZeRO keys")
+        return z
+    update: dict[str, Any] = {}
+    if "stage" in zo and zo["stage"] != z.stage or isinstance(zo.get("stage"), bool):
+        stage = zo["stage"]
+        if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+            problems.append(f"zero.extra.zero_optimization.stage: {yamlio.quote(stage)} is not a ZeRO stage; "
+                            f"set the stage with --zero 0..3 (zero.stage)")
+        else:
+            update["stage"] = stage
+            if stage != z.stage:
+                problems.append(f"zero.extra.zero_optimization.stage={stage} differs from zero.stage={z.stage}: "
+                                f"the plan (memory, buckets) follows zero.stage; set --zero {stage} and drop it "
+                                f"from zero.extra")
+    for key in ("offload_optimizer", "offload_param"):
+        if key not in zo:
+            continue
+        section = zo[key]
+        device = section.get("device", "none") if isinstance(section, dict) else section
+        if device is None:
+            device = "none"
+        if device not in _OFFLOAD_DEVICES:
+            problems.append(f"zero.extra.zero_optimization.{key}: device {yamlio.quote(device)} is not one of "
+                            f"none, cpu, nvme; use --{key.replace('_', '-')} instead")
+            continue
+        update[key] = device
+        if device == "nvme" and isinstance(section, dict) and section.get("nvme_path"):
+            update["nvme_path"] = str(section["nvme_path"])
+    return z.model_copy(update=update)
+
+
 def check_combinations(spec: RunSpec) -> list[str]:
     """Options that are each valid but cannot go together. Every message says how to fix it."""
     p: list[str] = []
-    z, prec, meth = spec.zero, spec.precision.dtype, spec.method.name
+    # the checks below read the ZeRO settings DeepSpeed will get: zero.extra is merged over the typed fields
+    z, prec, meth = merged_zero(spec.zero, p), spec.precision.dtype, spec.method.name
+    name = {k: f"zero.extra.zero_optimization.{k}" + (".device" if k.startswith("offload") else "")
+            if getattr(z, k) != getattr(spec.zero, k) else f"zero.{k}" for k in ("stage", "offload_param",
+                                                                                 "offload_optimizer")}
     if z.offload_param != "none" and z.stage != 3:
-        p.append(f"zero.offload_param={z.offload_param} needs ZeRO stage 3 (only stage 3 partitions parameters); "
+        p.append(f"{name['offload_param']}={z.offload_param} needs ZeRO stage 3 (only stage 3 partitions parameters); "
                  f"use --zero 3 or --offload-param none")
     if z.offload_optimizer != "none" and z.stage == 0:
-        p.append(f"zero.offload_optimizer={z.offload_optimizer} needs ZeRO stage 1, 2 or 3; "
+        p.append(f"{name['offload_optimizer']}={z.offload_optimizer} needs ZeRO stage 1, 2 or 3; "
                  f"use --zero 2 or --offload-optimizer none")
     if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
         p.append("NVMe offload needs zero.nvme_path, a folder on a local NVMe disk of every node; "
@@ -430,7 +477,7 @@ def check_combinations(spec: RunSpec) -> list[str]:
         p.append(f"method {meth} with data.packing: packed examples would attend to each other ({why}); "
                  f"use --no-packing with --method {meth}")
     if meth in PROMPT_METHODS and z.stage == 3:
-        p.append(f"method {meth} cannot use ZeRO stage 3: peft saves the virtual tokens by running their encoder on "
+        p.append(f"method {meth} cannot use ZeRO stage 3 ({name['stage']}=3): peft saves the virtual tokens by running their encoder on "
                  f"rank 0 alone, and under ZeRO-3 its weights are partitioned, so gathering them waits for the other "
                  f"ranks forever (seen with 2 ranks: the run hangs after its last step, while saving); use --zero 2 "
                  f"(or 0/1): the trainable part is small, only the frozen base would have been sharded")
