@@ -81,7 +81,10 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
     """RUN_DIR (its final model, else its newest checkpoint; base: the model it started from) or a
     model directory (full model or peft adapter; base: --base, else the adapter's own base)."""
 
-    path = Path(target).expanduser().resolve()
+    try:
+        path = Path(target).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve's "Symlink loop from ..."
+        raise UserError(f"{target}: cannot be opened ({exc}); give a run dir or a model directory") from None
     if not path.is_dir():
         raise UserError(f"{target}: not a directory; give a run dir (made by `launcher run --out`) or a model "
                         f"directory (save_pretrained output or a peft adapter)")

@@ -52,6 +52,10 @@ def resolve(path: str | os.PathLike[str], flag: str) -> Path:
     for part in resolved.parts:
         if len(os.fsencode(part)) > 255:
             raise refused(p, flag, OSError(errno.ENAMETOOLONG, "File name too long"))
+    # the nearest part that exists must be a folder, so that the work before the write is not spent in vain
+    ancestor = next((a for a in resolved.parents if a.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise refused(p, flag, OSError(errno.ENOTDIR, "Not a directory"))
     return resolved
 
 

@@ -500,10 +500,43 @@ def check_combinations(spec: RunSpec) -> list[str]:
         p.append("data.packing is for --task sft (pretraining text is always concatenated and cut into blocks); "
                  "drop --packing")
     for k in c.env:
-        if k.upper() in SECRET_ENV:
-            p.append(f"cluster.env.{k}: secrets are not written into the spec or the run dir; export {k} in "
-                     f"the shell that submits, and the job inherits it")
+        if k.upper() in SECRET_ENV or SECRET_NAME.search(k):
+            p.append(f"cluster.env.{k}: this name holds a credential, and secrets are not written into the spec "
+                     f"or the run dir; export {k} in the shell that submits, and the job inherits it")
+    p += [f"{where}: this value looks like a credential ({kind}); secrets are not written into the spec or the "
+          f"run dir: export it in the shell that submits, and the job inherits it" for where, kind in
+          secret_values(spec.to_dict())]
     return p
+
+
+# Names of environment variables that hold credentials, and the shapes of well-known tokens: both are refused
+# wherever the spec would carry them into spec.yaml and the batch scripts.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.I)
+SECRET_VALUES = {
+    "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
+    "a GitHub token": re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
+    "an API secret key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+    "an AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "a Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+    "a private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+}
+
+
+def secret_values(tree: Any, where: str = "") -> list[tuple[str, str]]:
+    """(field, kind) of every string in `tree` shaped like a known token (the value itself is never shown)."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [(where, tree)]
+    while stack:
+        at, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((f"{at}.{k}" if at else str(k), x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{at}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, str):
+            kind = next((k for k, rx in SECRET_VALUES.items() if rx.search(v)), None)
+            if kind:
+                found.append((at or "(top level)", kind))
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------- error text
