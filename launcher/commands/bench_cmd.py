@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from launcher import outpaths
 from launcher.commands.common import FiniteFloat
 from launcher.config.flags import CLUSTER_FLAGS, SPEC_FLAGS
 from launcher.errors import RunFailed, UserError
@@ -106,7 +107,7 @@ def _run(spec_path: str | None, kw: dict[str, Any]) -> None:
         usd_per_device_hour=kw["usd_per_device_hour"], device_tflops=kw["device_tflops"], gpu=kw["gpu"],
         baseline=bool(kw["baseline"]), name=Path(kw["out"]).name)
     setups, opts = bench.setups, bench.options
-    out = Path(kw["out"]).expanduser().resolve()
+    out = outpaths.resolve(kw["out"], "--out")
     if kw["slurm"]:
         _slurm(setups, out, opts, kw)
         return

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from launcher import outpaths
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.model import load as model_mod
@@ -31,7 +32,7 @@ def merge_run(run_dir: str | Path, out: str | Path, *, force: bool = False) -> P
     refusal = unmergeable(read_adapter_config(adapter))
     if refusal:
         raise UserError(f"{adapter}: {refusal}")
-    dest = Path(out).expanduser().resolve()
+    dest = outpaths.resolve(out, "--out")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
         raise UserError(f"{dest} exists and is not empty; choose a new --out or pass --force")
     return merge_adapter(rd.path, rd.load_spec(), dest)
