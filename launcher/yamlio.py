@@ -136,9 +136,17 @@ def loads(text: str, source: str = "<string>") -> Any:
             loader.dispose()
 
 
+MAX_FILE_BYTES = 16 << 20  # a spec, profile or matrix file is a few KiB
+
+
 def load_file(path: str | Path) -> Any:
     p = Path(path)
     try:
+        if p.exists() and not p.is_dir() and not p.is_file():  # a FIFO or a device would be read for ever
+            raise SpecError(f"spec file {str(p)!r} is not a regular file; give the path of a YAML file")
+        if p.is_file() and p.stat().st_size > MAX_FILE_BYTES:
+            raise SpecError(f"spec file {str(p)!r} is larger than {MAX_FILE_BYTES >> 20} MiB; a YAML run spec, "
+                            f"profile or matrix is a few KiB")
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"spec file {str(p)!r} does not exist; give the path of a YAML run spec") from None
@@ -146,6 +154,8 @@ def load_file(path: str | Path) -> Any:
         raise SpecError(f"spec file {str(p)!r} is a directory; give the path of a YAML run spec") from None
     except UnicodeDecodeError:
         raise SpecError(f"spec file {str(p)!r} is not UTF-8 text; give a YAML run spec") from None
+    except OSError as exc:  # permission denied, a symlink loop, a name too long
+        raise SpecError(f"spec file {str(p)[:300]!r} cannot be read ({exc.strerror or exc})") from None
     return loads(text, source=str(p))
 
 
