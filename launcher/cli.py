@@ -68,7 +68,22 @@ def cli() -> None:
     """
 
 
+def _not_utf8(argv: list[str]) -> str | None:
+    """The first argument that is not UTF-8 (Python keeps its bytes as lone surrogates): every name and
+    path launcher writes into spec.yaml and the scripts must be text."""
+    for arg in argv:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return ascii(arg)[:120]
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
+    bad = _not_utf8(sys.argv[1:] if argv is None else argv)
+    if bad is not None:
+        click.echo(f"error: the argument {bad} is not UTF-8 text; give names and paths in UTF-8", err=True)
+        sys.exit(2)
     try:
         rv = cli.main(args=argv, prog_name="launcher", standalone_mode=False)
     except click.exceptions.Abort:

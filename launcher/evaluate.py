@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from launcher import assets
+from launcher import assets, outpaths
 from launcher.config import spec as spec_mod
 from launcher.config.resolve import with_overrides
 from launcher.config.spec import RunSpec
@@ -36,7 +36,8 @@ from launcher.data.collate import make_collator
 from launcher.data.source import data_files
 from launcher.errors import UserError
 from launcher.model import load as model_mod
-from launcher.model.load import ADAPTER_CONFIG, has_weights
+from launcher.model.load import ADAPTER_CONFIG, has_weights, read_adapter_config
+from launcher.plan.modelinfo import read_config
 from launcher.plan.plan import settled
 from launcher.rundir import metrics
 from launcher.rundir.layout import RunDir, open_run_dir
@@ -81,7 +82,10 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
     """RUN_DIR (its final model, else its newest checkpoint; base: the model it started from) or a
     model directory (full model or peft adapter; base: --base, else the adapter's own base)."""
 
-    path = Path(target).expanduser().resolve()
+    try:
+        path = Path(target).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve's "Symlink loop from ..."
+        raise UserError(f"{target}: cannot be opened ({exc}); give a run dir or a model directory") from None
     if not path.is_dir():
         raise UserError(f"{target}: not a directory; give a run dir (made by `launcher run --out`) or a model "
                         f"directory (save_pretrained output or a peft adapter)")
@@ -109,15 +113,17 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
     if not adapter and not (path / "config.json").is_file():
         raise UserError(f"{path} is neither a run dir (spec.yaml), a model (config.json) nor a peft adapter "
                         f"(adapter_config.json)")
+    if not adapter:
+        read_config(path / "config.json")  # a config.json that is not a JSON object: exit 2 naming it
     if adapter and base is None:
-        base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-        if not base:
+        base = read_adapter_config(path).get("base_model_name_or_path")
+        if not base or not isinstance(base, str):
             raise UserError(f"{path}/adapter_config.json names no base model; give --base MODEL")
     model_name = base if adapter else str(path)
     tree: dict[str, Any] = {"model": {"name": model_name}, "data": {"seq_len": seq_len or 256},
                             "precision": {"dtype": "fp32"}}
     if adapter:
-        method = json.loads((path / ADAPTER_CONFIG).read_text()).get("peft_type", "LORA")
+        method = read_adapter_config(path).get("peft_type", "LORA")
         tree["method"] = {"name": {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix",
                                    "PROMPT_TUNING": "prompt"}.get(str(method), "lora")}
     spec = spec_mod.validate(tree)
@@ -353,12 +359,21 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
     }
 
 
-def evaluate_and_write(target: str | Path, *, out: str | None = None, plot: str | None = None,
+def evaluate_and_write(target: str | Path, *, out: str | None = None, plot: str | None = None, force: bool = False,
                        **kw: Any) -> tuple[dict[str, Any], list[Path]]:
     """`launcher eval`: evaluate, then write the results as JSON into RUN_DIR/eval.json (a run dir) and
-    `out`, and with `plot` the run's loss curves; the results and the files written."""
+    `out`, and with `plot` the run's loss curves; the results and the files written. An existing `out` or
+    `plot` file is refused before anything is evaluated, unless `force`."""
     if plot and not RunDir(Path(target)).spec_path.is_file():
         raise UserError("--plot reads RUN_DIR/logs/metrics.jsonl; give a run dir")
+    for flag, path in (("--out", out), ("--plot", plot)):
+        if path:
+            resolved = outpaths.resolve(path, flag)
+            if resolved.is_dir():
+                raise UserError(f"{flag} {path} is a folder; give a file path", field=flag)
+            if resolved.exists() and not force:
+                raise UserError(f"{flag} {path} exists; choose another path or pass --force to replace it",
+                                field=flag)
     res = evaluate(target, **kw)
     text = json.dumps(res, indent=2) + "\n"
     written = []
@@ -367,9 +382,11 @@ def evaluate_and_write(target: str | Path, *, out: str | None = None, plot: str 
         p.write_text(text)
         written.append(p)
     if out:
-        Path(out).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(out).expanduser().write_text(text)
-        written.append(Path(out))
+        dest = Path(out).expanduser()
+        with outpaths.writing(dest, "--out"):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(text)
+        written.append(dest)
     if plot:
         written.append(plot_losses(target, plot))
     return res, written

@@ -4,6 +4,7 @@ each setup runs (plus which setups a baseline run stands beside). No measuring h
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -95,6 +96,12 @@ def load_matrix(path: str | Path) -> Matrix:
         if k not in AXES:
             raise UserError(f"{path}: axes.{k} is not an axis; axes are {', '.join(AXES)}")
         axes[k] = parse_axis(k, v if isinstance(v, list) else [v])
+    for key in ("usd_per_device_hour", "device_tflops"):
+        v = data.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v < 0 or (key == "device_tflops" and v == 0)):
+            raise UserError(f"{path}: {key} is {yamlio.quote(v)}; give a plain number "
+                            f"({'> 0' if key == 'device_tflops' else '>= 0'})", field=key)
     m = Matrix(name=str(data.get("name") or Path(path).stem), base=base, axes=axes,
                steps=data.get("steps"), warmup=data.get("warmup"),
                usd_per_device_hour=data.get("usd_per_device_hour"), device_tflops=data.get("device_tflops"),
@@ -112,6 +119,7 @@ def resolve_base(matrix_base: dict[str, Any], spec_path: str | None, flags: dict
     profiles.resolve, with the matrix's base one layer under the spec file)."""
     tree = deep_merge(expand_shorthands(matrix_base), user_tree(spec_path, flags, sets))
     if not cluster:
+        profiles.check_file(clusters_file)
         return validate(tree)
     profile = profiles.load(cluster, clusters_file)
     part = tree.get("cluster", {}).get("partition") if isinstance(tree.get("cluster"), dict) else None

@@ -10,6 +10,8 @@ from typing import Any
 
 import click
 
+from launcher import outpaths
+from launcher.commands.common import FiniteFloat
 from launcher.config.flags import CLUSTER_FLAGS, SPEC_FLAGS
 from launcher.errors import RunFailed, UserError
 
@@ -56,8 +58,8 @@ def _shared_options(fn: Any) -> Any:
 @click.option("--warmup", type=click.IntRange(0), help="Optimizer steps before the timed ones (default 3).")
 @click.option("--baseline", is_flag=True, default=None,
               help="Also run benchmarks/baseline_hf.py (plain Trainer + peft) per setup; report our/baseline.")
-@click.option("--usd-per-device-hour", type=click.FloatRange(0), help="Price of one device-hour, for $ per 1M tokens.")
-@click.option("--device-tflops", type=click.FloatRange(0, min_open=True),
+@click.option("--usd-per-device-hour", type=FiniteFloat(0), help="Price of one device-hour, for $ per 1M tokens.")
+@click.option("--device-tflops", type=FiniteFloat(0, min_open=True),
               help="Peak TFLOP/s per device for MFU (default: the GPU table; none on CPU).")
 @click.option("--gpu", help="Device-table name (H100-80GB, H200, ...) instead of the detected GPU.")
 @click.option("--slurm", is_flag=True, help="Write a Slurm job array (a task per setup) into --out instead of running.")
@@ -108,7 +110,7 @@ def _run(spec_path: str | None, kw: dict[str, Any]) -> None:
         usd_per_device_hour=kw["usd_per_device_hour"], device_tflops=kw["device_tflops"], gpu=kw["gpu"],
         baseline=bool(kw["baseline"]), name=Path(kw["out"]).name)
     setups, opts = bench.setups, bench.options
-    out = Path(kw["out"]).expanduser().resolve()
+    out = outpaths.resolve(kw["out"], "--out")
     if kw["slurm"]:
         _slurm(setups, out, opts, kw)
         return

@@ -4,6 +4,7 @@ that resolves them."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import click
@@ -15,6 +16,18 @@ from launcher.errors import UserError
 from launcher.rundir.layout import open_run_dir
 
 _FLAG_NAMES = {f.name for f in SPEC + CLUSTER}
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that is a real number (click's FloatRange lets nan and inf through) within its range."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
 
 
 def spec_options(*, spec_required: bool = False, cluster_flags: bool = False,

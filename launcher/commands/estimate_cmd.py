@@ -7,7 +7,7 @@ import re
 
 import click
 
-from launcher.commands.common import spec_options
+from launcher.commands.common import FiniteFloat, spec_options
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.plan import estimate as est
@@ -19,8 +19,13 @@ _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb
 def parse_bytes(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in _UNITS:
-        raise UserError(f"--device-memory {text!r}: write a size such as 80GiB, 80GB or 85899345920")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        raise UserError(f"--device-memory {text[:80]!r}: write a size such as 80GiB, 80GB or 85899345920",
+                        field="--device-memory")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n < 2**20:
+        raise UserError(f"--device-memory {text!r}: a device has at least 1 MiB; write a size such as 80GiB",
+                        field="--device-memory")
+    return n
 
 
 
@@ -30,8 +35,8 @@ def parse_bytes(text: str) -> int:
 @click.option("--gpu", "gpu", help="Device from the table (H100-80GB, H200, A100-80GB, ...); "
               "default H100-80GB for GPU specs.")
 @click.option("--device-memory", help="Memory per device (e.g. 80GiB); overrides the table.")
-@click.option("--usd-per-device-hour", type=float, help="Price of one device-hour, for $ per 1M tokens.")
-@click.option("--train-tokens", type=float, help="Tokens to train, for total time and cost.")
+@click.option("--usd-per-device-hour", type=FiniteFloat(0), help="Price of one device-hour, for $ per 1M tokens.")
+@click.option("--train-tokens", type=FiniteFloat(1, max=1e18), help="Tokens to train, for total time and cost.")
 @click.option("--mfu", type=click.FloatRange(0.01, 1.0), default=None, help="Assumed MFU for step time (default 0.40).")
 @click.option("--fit", is_flag=True, help="Pick the largest micro batch that fits the device.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -43,7 +48,7 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     DeepSpeed's ZeRO estimators where those apply; activations, logits, LoRA/QLoRA and DeepSpeed's
     buffers are counted from tensor shapes.
     """
-    plan, e = est.estimate_run(spec, gpu=gpu, device_memory=parse_bytes(device_memory) if device_memory else None,
+    plan, e = est.estimate_run(spec, gpu=gpu, device_memory=None if device_memory is None else parse_bytes(device_memory),
                                usd_per_device_hour=usd_per_device_hour,
                                train_tokens=int(train_tokens) if train_tokens else None, mfu=mfu, fit=fit)
     if as_json:

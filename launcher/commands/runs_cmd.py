@@ -32,10 +32,17 @@ def runs(root: str, as_json: bool) -> None:
     head = ("run dir", "name", "task/method", "model", "ranks", "step", "loss", "tokens", "jobs", "created")
     table = [head] + [(
         r["run_dir"], str(r["name"]), f"{r['task']}/{r['method']}", str(r["model"]), str(r["world_size"] or "-"),
-        f"{r['step'] or 0}/{r['max_steps']}", "-" if r["loss"] is None else f"{r['loss']:.4f}",
+        f"{r['step'] or 0}/{r['max_steps'] or '?'}", "-" if r["loss"] is None else f"{r['loss']:.4f}",
         "-" if r["tokens"] is None else f"{r['tokens']:,}", str(r["jobs"]),
-        time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r["created"] else "-",
+        _when(r["created"]),
     ) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def _when(created: float | None) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(created)) if created else "-"
+    except (OverflowError, OSError, ValueError):  # a hand-edited manifest's time out of range
+        return "-"

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from launcher import outpaths
 from launcher.commands.common import spec_options
 from launcher.config.spec import RunSpec
 from launcher.errors import SpecError, UserError
@@ -42,7 +43,10 @@ def config(spec: RunSpec, output: str | None, force: bool, presets_dir: str | No
     the trainer uses; every value is explicit, so the file also works with the plain deepspeed CLI.
     """
     if presets_dir:
-        for path in presets.write_all(Path(presets_dir)):
+        folder = outpaths.resolve(presets_dir, "--write-presets")
+        with outpaths.writing(folder, "--write-presets"):
+            written = presets.write_all(folder)
+        for path in written:
             click.echo(f"wrote {path}")
         return
     text = presets.dumps(render(spec, make_plan(spec)))
@@ -55,7 +59,12 @@ def config(spec: RunSpec, output: str | None, force: bool, presets_dir: str | No
 
 def write_new_file(path: Path, text: str, *, force: bool) -> None:
     """Write text; refuse to replace different content the user has unless --force."""
-    if path.exists() and not force and path.read_text(errors="replace") != text:
-        raise UserError(f"{path} exists with other content; choose another -o path or pass --force to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    path = outpaths.resolve(path, "-o")
+    with outpaths.writing(path, "-o"):
+        if path.is_dir():
+            raise UserError(f"-o {path} is a folder; give a file path", field="-o")
+        if path.exists() and not force and path.read_bytes() != text.encode():
+            raise UserError(f"{path} exists with other content; choose another -o path or pass --force to replace "
+                            f"it", field="-o")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")

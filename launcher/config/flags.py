@@ -89,6 +89,8 @@ def annotation(dotted: str) -> Any:
         args = [a for a in typing.get_args(ann) if a is not type(None)]
         if len(args) == 1:
             ann = args[0]
+    if typing.get_origin(ann) is typing.Annotated:  # Int, Float: the strict number types of the spec
+        ann = typing.get_args(ann)[0]
     return ann
 
 

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from launcher import yamlio
 from launcher.config.resolve import deep_merge, user_tree
 from launcher.errors import SpecError
-from launcher.config.spec import (ClusterSpec, ContainerSpec, NcclSpec, RunSpec, explain_errors_of, register_model,
-                                  validate)
+from launcher.config.spec import (ClusterSpec, ContainerSpec, Float, Int, NcclSpec, RunSpec, explain_errors_of,
+                                  register_model, validate)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 
@@ -47,14 +47,14 @@ class _Strict(BaseModel):
 
 class Partition(_Strict):
     gpu_type: str | None = None
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_node: int | None = Field(None, ge=1)
+    gpus_per_node: Int = Field(0, ge=0)
+    cpus_per_node: Int | None = Field(None, ge=1)
     mem_per_node: str | None = None
     max_time: str | None = Field(None, description="partition time limit, Slurm syntax")
-    max_nodes: int | None = Field(None, ge=1)
-    usd_per_gpu_hour: float | None = Field(None, ge=0)
-    usd_per_node_hour: float | None = Field(None, ge=0)
-    usd_per_cpu_hour: float | None = Field(None, ge=0)
+    max_nodes: Int | None = Field(None, ge=1)
+    usd_per_gpu_hour: Float | None = Field(None, ge=0)
+    usd_per_node_hour: Float | None = Field(None, ge=0)
+    usd_per_cpu_hour: Float | None = Field(None, ge=0)
 
     @field_validator("mem_per_node")
     @classmethod
@@ -125,17 +125,31 @@ def profiles_path(explicit: str | None = None) -> Path:
     return Path("~/.config/launcher/clusters.yaml").expanduser()
 
 
+def check_file(path: str | None) -> None:
+    """--clusters FILE names a file that is there (also where no --cluster picks a profile from it)."""
+    if path and not profiles_path(path).is_file():
+        raise SpecError(f"--clusters {path}: no such file; give the cluster profiles file (see `launcher cluster "
+                        f"--help`) or leave --clusters out")
+
+
 def load(name: str, path: str | None = None) -> Profile:
     file = profiles_path(path)
     if not file.is_file():
         raise SpecError(f"--cluster {name}: no cluster profiles file at {file}; write one (see `launcher cluster "
                         f"--help`) or point --clusters/LAUNCHER_CLUSTERS at it")
     data = yamlio.load_file(file) or {}
-    if not isinstance(data, dict) or name not in data:
-        known = ", ".join(sorted(data)) if isinstance(data, dict) else "none"
-        raise SpecError(f"--cluster {name}: {file} has no cluster named {name!r} (it has: {known})")
+    if not isinstance(data, dict):
+        raise SpecError(f"{file}: a cluster profiles file is a YAML mapping of cluster names to profiles, not a "
+                        f"{type(data).__name__}")
+    if name not in data:
+        known = ", ".join(sorted(map(str, data))) or "none"
+        raise SpecError(f"--cluster {name}: {file} has no cluster named {name!r} (it has: {yamlio.quote(known, 200)})")
+    entry = data[name] or {}
+    if not isinstance(entry, dict):
+        raise SpecError(f"{file}: {name}: a profile is a mapping (account, partitions, ...), not a "
+                        f"{type(entry).__name__}")
     try:
-        return Profile.model_validate({**(data[name] or {}), "name": name})
+        return Profile.model_validate({**entry, "name": name})
     except ValidationError as exc:
         raise SpecError(explain_errors_of(exc, f"{file}: {name}")) from None
 
@@ -176,6 +190,7 @@ def resolve(spec_path: str | Path | None = None, flags: dict[str, Any] | None = 
     """The run spec with a cluster profile as its lowest layer, refused if it exceeds the partition."""
     tree = user_tree(spec_path, flags, sets)
     if not cluster:
+        check_file(clusters_file)  # with --cluster, load() says it
         return validate(tree)
     profile = load(cluster, clusters_file)
     partition = (tree.get("cluster") or {}).get("partition") if isinstance(tree.get("cluster"), dict) else None

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictInt, ValidationError, field_validator,
+                      model_validator)
 
 from launcher import yamlio
 from launcher.errors import SpecError
@@ -25,6 +26,11 @@ Dtype = Literal["auto", "bf16", "fp16", "fp32"]
 LossKind = Literal["auto", "standard", "chunked", "liger"]
 Attn = Literal["auto", "flash2", "sdpa", "eager"]
 Offload = Literal["none", "cpu", "nvme"]
+# Numbers as typed: `true` is not 1 and "4" is not 4 (pydantic's lax mode takes both); a float field takes an
+# int (2 means 2.0) but neither inf nor nan, which no consumer of a spec number accepts.
+Int = StrictInt
+Float = Annotated[float, Strict(), AllowInfNan(False)]
+SEED_MAX = 2**32 - 1  # torch.manual_seed and numpy's seed take 0 .. 2**32 - 1
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "OPENAI_API_KEY")
 
 
@@ -59,21 +65,21 @@ class DataSpec(_Section):
     path: str | None = Field(None, description="file, folder or datasets hub name; none = embedded corpus")
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "txt", "hub"] = "auto"
     split: str = "train"
-    seq_len: int = Field(512, ge=8, le=1 << 20, description="tokens per training sequence")
+    seq_len: Int = Field(512, ge=8, le=1 << 20, description="tokens per training sequence")
     text_field: str = "text"
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
     packing: bool = Field(False, description="SFT: pack examples into seq_len, attention kept per example")
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="held-out share for evaluation")
-    num_proc: int | None = Field(None, ge=1, description="tokenizer processes; none = chosen by size")
+    eval_fraction: Float = Field(0.0, ge=0.0, lt=1.0, description="held-out share for evaluation")
+    num_proc: Int | None = Field(None, ge=1, description="tokenizer processes; none = chosen by size")
     cache_dir: str | None = Field(None, description="tokenized-data cache; none = $LAUNCHER_CACHE/data or ~/.cache/launcher/data")
 
 
 class LoraSpec(_Section):
-    r: int = Field(16, ge=1, le=4096)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    r: Int = Field(16, ge=1, le=4096)
+    alpha: Float = Field(32, gt=0)
+    dropout: Float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: Union[Literal["all-linear"], list[str]] = "all-linear"
     modules_to_save: list[str] = Field(default_factory=list)
 
@@ -85,14 +91,14 @@ class QuantSpec(_Section):
 
 
 class PrefixSpec(_Section):
-    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="key/value vectors prepended in every layer")
+    num_virtual_tokens: Int = Field(20, ge=1, le=4096, description="key/value vectors prepended in every layer")
     projection: bool = Field(False, description="produce the prefix through a 2-layer MLP (more trainable parameters)")
-    projection_hidden: int | None = Field(None, ge=1, description="the MLP's hidden size; none = the prefix width "
+    projection_hidden: Int | None = Field(None, ge=1, description="the MLP's hidden size; none = the prefix width "
                                                                   "(key/value heads x head dim)")
 
 
 class PromptSpec(_Section):
-    num_virtual_tokens: int = Field(20, ge=1, le=4096, description="trainable embeddings prepended to the input")
+    num_virtual_tokens: Int = Field(20, ge=1, le=4096, description="trainable embeddings prepended to the input")
     init: Literal["vocab", "random", "text"] = Field("vocab", description="start from random vocabulary rows, "
                                                      "random values, or the embeddings of init_text")
     init_text: str | None = Field(None, description="text whose token embeddings start the virtual tokens (init: text)")
@@ -132,7 +138,7 @@ class IA3Spec(_Section):
 class FreezeSpec(_Section):
     train_modules: list[str] = Field(default_factory=list, description="parameter names that train, dotted, "
                                      "matched as whole name parts with * wildcards: lm_head, norm, 'layers.*.mlp'")
-    top_layers: int = Field(0, ge=0, description="also train the last N decoder layers")
+    top_layers: Int = Field(0, ge=0, description="also train the last N decoder layers")
 
     @field_validator("train_modules")
     @classmethod
@@ -157,24 +163,24 @@ class MethodSpec(_Shorthand):
 
 
 class OptimSpec(_Section):
-    lr: float = Field(2e-5, gt=0, lt=10)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
+    lr: Float = Field(2e-5, gt=0, lt=10)
+    min_lr_ratio: Float = Field(0.1, ge=0, le=1, description="cosine floor as a share of lr")
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    grad_clip: float = Field(1.0, ge=0, description="0 = no clipping")
-    max_steps: int = Field(100, ge=1)
-    micro_batch: int = Field(1, ge=1, le=65536, description="sequences per rank per forward pass")
-    global_batch: int | None = Field(None, ge=1, description="sequences per optimizer step, all ranks")
-    global_batch_tokens: int | None = Field(None, ge=1, description="tokens per optimizer step")
-    seed: int = Field(42, ge=0)
+    warmup_steps: Int = Field(0, ge=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    betas: tuple[Float, Float] = (0.9, 0.95)
+    eps: Float = Field(1e-8, gt=0)
+    grad_clip: Float = Field(1.0, ge=0, description="0 = no clipping")
+    max_steps: Int = Field(100, ge=1)
+    micro_batch: Int = Field(1, ge=1, le=65536, description="sequences per rank per forward pass")
+    global_batch: Int | None = Field(None, ge=1, description="sequences per optimizer step, all ranks")
+    global_batch_tokens: Int | None = Field(None, ge=1, description="tokens per optimizer step")
+    seed: Int = Field(42, ge=0, le=SEED_MAX, description="0 .. 2**32-1 (what torch and numpy accept)")
     loss: LossKind = Field("auto", description="the LM loss: standard (full logits), chunked (the LM head and "
                            "cross-entropy over token chunks, never the whole logits), liger (Liger Kernel's fused "
                            "kernels, CUDA), auto (liger where it can run, else chunked when the logits are a large "
                            "share of memory, else standard)")
-    loss_chunk_tokens: int = Field(1024, ge=16, le=1 << 20, description="tokens per chunk of the chunked loss "
+    loss_chunk_tokens: Int = Field(1024, ge=16, le=1 << 20, description="tokens per chunk of the chunked loss "
                                    "(one chunk's fp32 logits exist at a time)")
 
     @field_validator("betas")
@@ -190,26 +196,33 @@ class PrecisionSpec(_Shorthand):
 
     dtype: Dtype = Field("auto", description="auto: bf16 where the device runs it fast (CUDA GPUs with bf16, CPUs "
                          "with AMX or AVX512-BF16), fp32 otherwise")
-    initial_scale_power: int = Field(16, ge=0, le=32, description="fp16: initial loss scale 2^N")
-    loss_scale_window: int = Field(1000, ge=1)
-    hysteresis: int = Field(2, ge=1)
-    min_loss_scale: float = Field(1, gt=0)
+    initial_scale_power: Int = Field(16, ge=0, le=32, description="fp16: initial loss scale 2^N")
+    loss_scale_window: Int = Field(1000, ge=1)
+    hysteresis: Int = Field(2, ge=1)
+    min_loss_scale: Float = Field(1, gt=0)
 
 
 class ZeroSpec(_Section):
     stage: Literal["auto", 0, 1, 2, 3] = Field("auto", description="auto: the lowest stage whose memory estimate "
                                                 "fits the device with a margin at the run's world size")
+
+    @field_validator("stage", mode="before")
+    @classmethod
+    def _stage_not_bool(cls, v: Any) -> Any:
+        if isinstance(v, bool):  # Literal[1] takes True
+            raise ValueError("a ZeRO stage is auto, 0, 1, 2 or 3, not true/false")
+        return v
     offload_optimizer: Offload = "none"
     offload_param: Offload = "none"
     nvme_path: str | None = Field(None, description="local NVMe folder for nvme offload")
     overlap_comm: bool = True
     contiguous_gradients: bool = True
-    reduce_bucket_size: int | None = Field(None, ge=1, description="none = hidden_size^2 when known")
-    allgather_bucket_size: int | None = Field(None, ge=1)
-    stage3_prefetch_bucket_size: int | None = Field(None, ge=0)
-    stage3_param_persistence_threshold: int | None = Field(None, ge=0)
-    stage3_max_live_parameters: int = Field(1_000_000_000, ge=1)
-    stage3_max_reuse_distance: int = Field(1_000_000_000, ge=0)
+    reduce_bucket_size: Int | None = Field(None, ge=1, description="none = hidden_size^2 when known")
+    allgather_bucket_size: Int | None = Field(None, ge=1)
+    stage3_prefetch_bucket_size: Int | None = Field(None, ge=0)
+    stage3_param_persistence_threshold: Int | None = Field(None, ge=0)
+    stage3_max_live_parameters: Int = Field(1_000_000_000, ge=1)
+    stage3_max_reuse_distance: Int = Field(1_000_000_000, ge=0)
     gather_16bit_weights_on_save: bool = True
     comm_dtype: Literal["fp32", "fp16", "bf16"] | None = Field(None, description="gradient all-reduce dtype")
     wall_clock_breakdown: bool = False
@@ -220,7 +233,7 @@ class NcclSpec(_Section):
     ib_hca: str | None = Field(None, description="NCCL_IB_HCA, e.g. mlx5")
     debug: Literal["", "VERSION", "WARN", "INFO", "TRACE"] = "WARN"
     async_error_handling: bool = True
-    timeout_s: int = Field(1800, ge=10, description="collective timeout before a rank gives up")
+    timeout_s: Int = Field(1800, ge=10, description="collective timeout before a rank gives up")
 
 
 class ContainerSpec(_Section):
@@ -236,7 +249,7 @@ class PrepSpec(_Section):
     """The CPU job that tokenizes and packs the data before training (`launcher slurm --submit`)."""
 
     partition: str | None = Field(None, description="none = the training partition")
-    cpus: int = Field(4, ge=1, le=512, description="CPUs for tokenization")
+    cpus: Int = Field(4, ge=1, le=512, description="CPUs for tokenization")
     mem: str | None = Field(None, description="memory, Slurm syntax; none = the partition default")
     time: str = Field("01:00:00", description="time limit of the preparation job")
 
@@ -250,25 +263,43 @@ def _check_slurm_time(v: Any) -> Any:
     if isinstance(v, bool):
         raise ValueError("a time limit is not true/false; write it as \"HH:MM:SS\"")
     if isinstance(v, int):
+        if v <= 0:
+            raise ValueError(f"{v} is not a time limit; give a positive number of minutes or [D-]HH:MM:SS")
         return str(v)  # Slurm's meaning of a bare number: minutes
     if isinstance(v, str) and not _SLURM_TIME.match(v.strip()):
-        raise ValueError(f"{v!r} is not a Slurm time; write [D-]HH:MM:SS, MM:SS or minutes")
+        raise ValueError(f"{yamlio.quote(v)} is not a Slurm time; write [D-]HH:MM:SS, MM:SS or minutes")
+    if isinstance(v, str) and slurm_time_seconds(v.strip()) <= 0:
+        raise ValueError(f"{v!r} is a time limit of zero; give a positive time ([D-]HH:MM:SS, MM:SS or minutes)")
     return v.strip() if isinstance(v, str) else v
+
+
+def slurm_time_seconds(text: str) -> int:
+    """Seconds of a time in Slurm's syntax (already matched by _SLURM_TIME)."""
+    d, a, b, c = _SLURM_TIME.match(text).groups()  # type: ignore[union-attr]
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if d is not None:  # D-HH[:MM[:SS]]
+        parts += [0] * (3 - len(parts))
+        return int(d) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+    if len(parts) == 1:
+        return parts[0] * 60  # minutes
+    if len(parts) == 2:
+        return parts[0] * 60 + parts[1]  # MM:SS
+    return parts[0] * 3600 + parts[1] * 60 + parts[2]
 
 
 class ClusterSpec(_Section):
     profile: str | None = Field(None, description="cluster profile this run was resolved with (--cluster)")
-    nodes: int = Field(1, ge=1, le=4096)
-    gpus_per_node: int = Field(0, ge=0, le=64, description="GPUs each node has; 0 = CPU ranks over gloo")
+    nodes: Int = Field(1, ge=1, le=4096)
+    gpus_per_node: Int = Field(0, ge=0, le=64, description="GPUs each node has; 0 = CPU ranks over gloo")
     gpu_type: str | None = Field(None, description="the GPU model (e.g. h100), from the cluster profile's partition; "
                                  "sizes the memory the plan fits")
-    nproc_per_node: int | None = Field(None, ge=1, le=256, description="ranks per node; none = GPUs or 1")
+    nproc_per_node: Int | None = Field(None, ge=1, le=256, description="ranks per node; none = GPUs or 1")
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     time: str = Field("01:00:00", description="Slurm time limit: [D-]HH:MM:SS, MM:SS or minutes")
     mem: str | None = Field(None, description="memory per node, Slurm syntax (e.g. 200G; 0 = all)")
-    cpus_per_task: int | None = Field(None, ge=1)
+    cpus_per_task: Int | None = Field(None, ge=1)
     constraint: str | None = None
     reservation: str | None = None
     exclusive: bool = False
@@ -279,15 +310,15 @@ class ClusterSpec(_Section):
     net_ifname: str | None = Field(None, description="NCCL/GLOO_SOCKET_IFNAME")
     nccl: NcclSpec = Field(default_factory=NcclSpec)
     env: dict[str, str] = Field(default_factory=dict, description="extra environment for the ranks")
-    signal_grace_s: int = Field(90, ge=0, le=3600, description="warning before the time limit")
+    signal_grace_s: Int = Field(90, ge=0, le=3600, description="warning before the time limit")
     requeue: bool = True
-    max_requeues: int = Field(3, ge=0)
-    max_retries: int = Field(0, ge=0)
+    max_requeues: Int = Field(3, ge=0)
+    max_retries: Int = Field(0, ge=0)
     dependency: str | None = None
     array: str | None = None
-    usd_per_gpu_hour: float | None = Field(None, ge=0, description="price, from the cluster profile")
-    usd_per_node_hour: float | None = Field(None, ge=0, description="price of a CPU node-hour")
-    hang_timeout_s: int = Field(1800, ge=0, description="watchdog: a rank with no finished optimizer step for this "
+    usd_per_gpu_hour: Float | None = Field(None, ge=0, description="price, from the cluster profile")
+    usd_per_node_hour: Float | None = Field(None, ge=0, description="price of a CPU node-hour")
+    hang_timeout_s: Int = Field(1800, ge=0, description="watchdog: a rank with no finished optimizer step for this "
                                 "long writes every thread's stack to its log and exits 4; 0 = off")
     hf_home: str | None = Field(None, description="shared Hugging Face cache filled by `launcher stage`; jobs run "
                                 "with HF_HOME set to it and HF_HUB_OFFLINE=1")
@@ -314,24 +345,15 @@ class ClusterSpec(_Section):
         return v
 
     def time_seconds(self) -> int:
-        d, a, b, c = _SLURM_TIME.match(self.time).groups()  # type: ignore[union-attr]
-        parts = [int(x) for x in (a, b, c) if x is not None]
-        if d is not None:  # D-HH[:MM[:SS]]
-            parts += [0] * (3 - len(parts))
-            return int(d) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
-        if len(parts) == 1:
-            return parts[0] * 60  # minutes
-        if len(parts) == 2:
-            return parts[0] * 60 + parts[1]  # MM:SS
-        return parts[0] * 3600 + parts[1] * 60 + parts[2]
+        return slurm_time_seconds(self.time)
 
 
 class OutputSpec(_Section):
     dir: str = Field("runs/run", description="where checkpoints, logs and the final model go")
-    save_every: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
-    keep_last: int = Field(2, ge=1)
-    log_every: int = Field(1, ge=1)
-    eval_every: int = Field(0, ge=0)
+    save_every: Int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
+    keep_last: Int = Field(2, ge=1)
+    log_every: Int = Field(1, ge=1)
+    eval_every: Int = Field(0, ge=0)
     resume: str = Field("auto", description="auto (newest complete checkpoint), never, or a checkpoint path")
     tensorboard: bool = True
 
@@ -382,15 +404,62 @@ def validate(tree: dict[str, Any]) -> RunSpec:
     return spec
 
 
+_OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def merged_zero(z: ZeroSpec, problems: list[str]) -> ZeroSpec:
+    """The ZeRO settings of the rendered DeepSpeed config: zero.extra.zero_optimization's stage and offload
+    devices over the typed fields, so that raw keys meet the same checks. What DeepSpeed would not take
+    there, and a stage other than zero.stage (the plan sizes memory and buckets by zero.stage), is added
+    to `problems`."""
+    zo = z.extra.get("zero_optimization")
+    if zo is None:
+        return z
+    if not isinstance(zo, dict):
+        problems.append("zero.extra.zero_optimization must be a mapping of DeepSpeed ZeRO keys")
+        return z
+    update: dict[str, Any] = {}
+    if "stage" in zo and zo["stage"] != z.stage or isinstance(zo.get("stage"), bool):
+        stage = zo["stage"]
+        if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+            problems.append(f"zero.extra.zero_optimization.stage: {yamlio.quote(stage)} is not a ZeRO stage; "
+                            f"set the stage with --zero 0..3 (zero.stage)")
+        else:
+            update["stage"] = stage
+            if stage != z.stage:
+                problems.append(f"zero.extra.zero_optimization.stage={stage} differs from zero.stage={z.stage}: "
+                                f"the plan (memory, buckets) follows zero.stage; set --zero {stage} and drop it "
+                                f"from zero.extra")
+    for key in ("offload_optimizer", "offload_param"):
+        if key not in zo:
+            continue
+        section = zo[key]
+        device = section.get("device", "none") if isinstance(section, dict) else section
+        if device is None:
+            device = "none"
+        if device not in _OFFLOAD_DEVICES:
+            problems.append(f"zero.extra.zero_optimization.{key}: device {yamlio.quote(device)} is not one of "
+                            f"none, cpu, nvme; use --{key.replace('_', '-')} instead")
+            continue
+        update[key] = device
+        if device == "nvme" and isinstance(section, dict) and section.get("nvme_path"):
+            update["nvme_path"] = str(section["nvme_path"])
+    return z.model_copy(update=update)
+
+
 def check_combinations(spec: RunSpec) -> list[str]:
     """Options that are each valid but cannot go together. Every message says how to fix it."""
     p: list[str] = []
-    z, prec, meth = spec.zero, spec.precision.dtype, spec.method.name
+    # the checks below read the ZeRO settings DeepSpeed will get: zero.extra is merged over the typed fields
+    z, prec, meth = merged_zero(spec.zero, p), spec.precision.dtype, spec.method.name
+    name = {k: f"zero.extra.zero_optimization.{k}" + (".device" if k.startswith("offload") else "")
+            if getattr(z, k) != getattr(spec.zero, k) else f"zero.{k}" for k in ("stage", "offload_param",
+                                                                                 "offload_optimizer")}
     if z.offload_param != "none" and z.stage not in (3, "auto"):
-        p.append(f"zero.offload_param={z.offload_param} needs ZeRO stage 3 (only stage 3 partitions parameters); "
+        p.append(f"{name['offload_param']}={z.offload_param} needs ZeRO stage 3 (only stage 3 partitions parameters); "
                  f"use --zero 3 or --offload-param none")
     if z.offload_optimizer != "none" and z.stage == 0:
-        p.append(f"zero.offload_optimizer={z.offload_optimizer} needs ZeRO stage 1, 2 or 3; "
+        p.append(f"{name['offload_optimizer']}={z.offload_optimizer} needs ZeRO stage 1, 2 or 3; "
                  f"use --zero 2 or --offload-optimizer none")
     if "nvme" in (z.offload_optimizer, z.offload_param) and not z.nvme_path:
         p.append("NVMe offload needs zero.nvme_path, a folder on a local NVMe disk of every node; "
@@ -420,7 +489,7 @@ def check_combinations(spec: RunSpec) -> list[str]:
         p.append(f"method {meth} with data.packing: packed examples would attend to each other ({why}); "
                  f"use --no-packing with --method {meth}")
     if meth in PROMPT_METHODS and z.stage == 3:
-        p.append(f"method {meth} cannot use ZeRO stage 3: peft saves the virtual tokens by running their encoder on "
+        p.append(f"method {meth} cannot use ZeRO stage 3 ({name['stage']}=3): peft saves the virtual tokens by running their encoder on "
                  f"rank 0 alone, and under ZeRO-3 its weights are partitioned, so gathering them waits for the other "
                  f"ranks forever (seen with 2 ranks: the run hangs after its last step, while saving); use --zero 2 "
                  f"(or 0/1): the trainable part is small, only the frozen base would have been sharded")
@@ -453,10 +522,43 @@ def check_combinations(spec: RunSpec) -> list[str]:
         p.append("data.packing is for --task sft (pretraining text is always concatenated and cut into blocks); "
                  "drop --packing")
     for k in c.env:
-        if k.upper() in SECRET_ENV:
-            p.append(f"cluster.env.{k}: secrets are not written into the spec or the run dir; export {k} in "
-                     f"the shell that submits, and the job inherits it")
+        if k.upper() in SECRET_ENV or SECRET_NAME.search(k):
+            p.append(f"cluster.env.{k}: this name holds a credential, and secrets are not written into the spec "
+                     f"or the run dir; export {k} in the shell that submits, and the job inherits it")
+    p += [f"{where}: this value looks like a credential ({kind}); secrets are not written into the spec or the "
+          f"run dir: export it in the shell that submits, and the job inherits it" for where, kind in
+          secret_values(spec.to_dict())]
     return p
+
+
+# Names of environment variables that hold credentials, and the shapes of well-known tokens: both are refused
+# wherever the spec would carry them into spec.yaml and the batch scripts.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.I)
+SECRET_VALUES = {
+    "a Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
+    "a GitHub token": re.compile(r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
+    "an API secret key": re.compile(r"\bsk-[A-Za-z0-9_-]{20,}"),
+    "an AWS access key id": re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"),
+    "a Slack token": re.compile(r"\bxox[abprs]-[A-Za-z0-9-]{10,}"),
+    "a private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+}
+
+
+def secret_values(tree: Any, where: str = "") -> list[tuple[str, str]]:
+    """(field, kind) of every string in `tree` shaped like a known token (the value itself is never shown)."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[str, Any]] = [(where, tree)]
+    while stack:
+        at, v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend((f"{at}.{k}" if at else str(k), x) for k, x in v.items())
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{at}[{i}]", x) for i, x in enumerate(v))
+        elif isinstance(v, str):
+            kind = next((k for k, rx in SECRET_VALUES.items() if rx.search(v)), None)
+            if kind:
+                found.append((at or "(top level)", kind))
+    return sorted(found)
 
 
 # --------------------------------------------------------------------------- error text
@@ -503,21 +605,21 @@ def _explain(exc: ValidationError, root: type[BaseModel] | None = None) -> list[
         if kind == "extra_forbidden":
             parent = _model_at(loc[:-1], root)
             valid = sorted(parent.model_fields) if parent else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            close = difflib.get_close_matches(str(loc[-1])[:100], valid, n=1, cutoff=0.5)
             hint = f" Did you mean {_loc(loc[:-1] + (close[0],))!r}?" if close else ""
-            msg = f"unknown key {where!r}.{hint} Valid keys here: {', '.join(valid)}"
+            msg = f"unknown key {yamlio.quote(where)}.{hint} Valid keys here: {', '.join(valid)}"
         elif kind == "literal_error":
-            msg = f"{where}: {given!r} is not allowed; {err['msg'].replace('Input should be', 'use')}"
+            msg = f"{where}: {yamlio.quote(given)} is not allowed; {err['msg'].replace('Input should be', 'use')}"
         elif kind in ("model_type", "dict_type") and loc and _model_at(loc, root):
             keys = ", ".join(sorted(_model_at(loc, root).model_fields))  # type: ignore[union-attr]
-            msg = f"{where}: expected a mapping with keys {keys}, got {given!r}"
+            msg = f"{where}: expected a mapping with keys {keys}, got {yamlio.quote(given)}"
         else:
             text = err["msg"].removeprefix("Value error, ")
             text = text[0].lower() + text[1:] if text else text
-            shown = repr(given) if not isinstance(given, dict) else "a mapping"
+            shown = yamlio.quote(given) if not isinstance(given, dict) else "a mapping"
             msg = f"{where}: {text} (got {shown})"
-            if "valid number" in text or "valid integer" in text:
-                msg += "; write a plain number"
+            if "valid number" in text or "valid integer" in text or "finite number" in text:
+                msg += "; write a plain number (true/false and quoted text are not numbers)"
         if msg not in seen:
             seen.add(msg)
             out.append(msg)

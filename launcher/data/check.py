@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -33,16 +34,52 @@ def check_data(spec: RunSpec, tokenizer_has_chat_template: bool | None = None) -
             if path.stat().st_size == 0:
                 raise UserError(f"data file {path} is empty; give it records or point data.path elsewhere",
                                 field="data.path")
-            n = 0
+            n, where = 0, "the first record"
             for where, record in sample_records(path, fmt, spec):
                 _check_record(spec, path, where, record, shape, tokenizer_has_chat_template)
                 n += 1
+            if path.suffix.lower() == ".gz":
+                _check_gzip_whole(path)
         except UnicodeDecodeError as exc:
             raise UserError(f"data file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
                             f"re-encode it as UTF-8", field="data.path") from None
+        except (EOFError, zlib.error) as exc:  # gzip cut off (EOFError: click would call it Ctrl-C) or damaged
+            after = "" if n == 0 else f" after {where}"
+            raise UserError(f"data file {path} is a cut-off or damaged gzip file ({exc}){after}; compress it "
+                            f"again", field="data.path") from None
+        except csv.Error as exc:  # a field over csv's limit (128 KiB), a NUL byte, ...
+            raise UserError(f"data file {path} {_csv_where(where, n)}: not readable as CSV ({exc}); "
+                            f"split long text into jsonl records", field="data.path") from None
+        except OSError as exc:  # gzip.BadGzipFile and read errors
+            raise UserError(f"data file {path}: cannot be read ({exc.strerror or exc}); a .gz name needs gzip "
+                            f"content", field="data.path") from None
         if n == 0:
             raise UserError(f"data file {path} is empty (no records); give it records or point data.path elsewhere",
                             field="data.path")
+
+
+GZIP_CHECK_LIMIT = 4 << 30  # compressed bytes read through to find a cut-off end (about 1 s per 300 MB)
+
+
+def _check_gzip_whole(path: Path) -> None:
+    """Read a .gz to its end: a cut-off file decompresses fine until its last block, so the sample alone
+    does not find it, and the tokenizer would fail on it later (EOFError)."""
+    import gzip
+
+    if path.stat().st_size > GZIP_CHECK_LIMIT:
+        return
+    lines = 0
+    try:
+        with gzip.open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 16), b""):
+                lines += chunk.count(b"\n")
+    except (EOFError, zlib.error) as exc:
+        raise UserError(f"data file {path} is a cut-off or damaged gzip file ({exc}) after line {lines}; compress "
+                        f"it again", field="data.path") from None
+
+
+def _csv_where(where: str, n: int) -> str:
+    return f"after {where}" if n else "in its first records"
 
 
 def sample_records(path: Path, fmt: str, spec: RunSpec) -> Iterator[tuple[str, Any]]:
@@ -60,10 +97,17 @@ def sample_records(path: Path, fmt: str, spec: RunSpec) -> Iterator[tuple[str, A
     if fmt == "csv":
         with open_text(path) as f:
             reader = csv.DictReader(f)
-            for i, row in enumerate(reader):
-                if i >= SAMPLE_RECORDS:
+            i = 0
+            while i < SAMPLE_RECORDS:
+                try:
+                    row = next(reader)
+                except StopIteration:
                     break
+                except csv.Error as exc:
+                    raise UserError(f"data file {path} line {reader.line_num}: not readable as CSV ({exc}); split "
+                                    f"long text into jsonl records", field="data.path") from None
                 yield f"line {reader.line_num}", row
+                i += 1
         return
     if fmt == "parquet":
         yield from _sample_parquet(path)
@@ -93,6 +137,9 @@ def _sample_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise UserError(f"data file {path} line {lineno}: malformed JSON ({exc.msg} at column {exc.colno}); "
                                 f"each line must be one JSON object", field="data.path") from None
+            except RecursionError:
+                raise UserError(f"data file {path} line {lineno}: JSON nested too deeply to read; each line must "
+                                f"be one flat JSON object of text fields", field="data.path") from None
             yield f"line {lineno}", record
             n += 1
             if n >= SAMPLE_RECORDS:
@@ -105,7 +152,7 @@ def _first_line_is_object(path: Path) -> bool:
             if line.strip():
                 try:
                     return isinstance(json.loads(line), dict)
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     return False
     return False
 
@@ -123,6 +170,9 @@ def _sample_json_array(path: Path, chunk: int = 4 << 20) -> Iterator[tuple[str, 
             return
         try:
             record, end = dec.raw_decode(text, pos)
+        except RecursionError:
+            raise UserError(f"data file {path} line {text.count(chr(10), 0, pos) + 1}: JSON nested too deeply to "
+                            f"read; records must be flat objects of text fields", field="data.path") from None
         except json.JSONDecodeError as exc:
             if not complete and exc.pos >= len(text) - 1:
                 return  # the sample window ends inside a record
@@ -136,6 +186,9 @@ def _sample_json_columns(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         with open_text(path) as f:
             obj = json.load(f)
+    except RecursionError:
+        raise UserError(f"data file {path}: JSON nested too deeply to read; records must be flat objects of text "
+                        f"fields", field="data.path") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"data file {path} line {exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})",
                         field="data.path") from None

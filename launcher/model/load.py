@@ -30,6 +30,24 @@ ADAPTER_CONFIG = "adapter_config.json"  # peft's file in an adapter folder: the 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # what peft's save_pretrained writes
 
 
+def read_adapter_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """peft's adapter_config.json of an adapter folder as a dict; UserError naming the file when it cannot
+    be read as a JSON object (written by hand, cut off)."""
+    import json
+
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0][:160]
+        raise UserError(f"{path} is not a readable adapter config ({why}); restore the adapter folder that "
+                        f"training wrote", field=ADAPTER_CONFIG) from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path} holds a JSON {type(cfg).__name__}, not the object peft writes; restore the "
+                        f"adapter folder that training wrote", field=ADAPTER_CONFIG)
+    return cfg
+
+
 def torch_dtype(precision: str) -> Any:
     import torch
 

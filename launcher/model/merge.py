@@ -3,15 +3,15 @@ tokenizer. torch, transformers and peft are imported by `merge_adapter` alone.""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
+from launcher import outpaths
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.model import load as model_mod
-from launcher.model.load import ADAPTER_CONFIG
+from launcher.model.load import ADAPTER_CONFIG, read_adapter_config
 from launcher.plan.plan import settled
 from launcher.rundir.layout import RunDir, open_run_dir
 
@@ -30,10 +30,10 @@ def merge_run(run_dir: str | Path, out: str | Path, *, force: bool = False) -> P
     if not (adapter / ADAPTER_CONFIG).is_file():
         raise UserError(f"{adapter} holds no adapter (no {ADAPTER_CONFIG}); merge is for runs with "
                         f"--method lora, qlora, dora or ia3 that finished training")
-    refusal = unmergeable(json.loads((adapter / ADAPTER_CONFIG).read_text()))
+    refusal = unmergeable(read_adapter_config(adapter))
     if refusal:
         raise UserError(f"{adapter}: {refusal}")
-    dest = Path(out).expanduser().resolve()
+    dest = outpaths.resolve(out, "--out")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not force:
         raise UserError(f"{dest} exists and is not empty; choose a new --out or pass --force")
     return merge_adapter(rd.path, rd.load_spec(), dest)
@@ -60,7 +60,7 @@ def merge_adapter(run_dir: Path, spec: RunSpec, dest: Path) -> Path:
 
     spec = settled(spec)  # the precision `auto` chose
     adapter = RunDir(Path(run_dir)).final
-    cfg: dict[str, Any] = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    cfg: dict[str, Any] = read_adapter_config(adapter)
     base = _base_of(run_dir, spec, cfg)
     kwargs: dict[str, Any] = {"trust_remote_code": spec.model.trust_remote_code}
     dtype = model_mod.torch_dtype(spec.precision.dtype)

@@ -56,6 +56,7 @@ class Prices:
     @classmethod
     def for_run(cls, run_dir: str | os.PathLike, clusters_file: str | None = None) -> "Prices":
         p = cls()
+        profiles.check_file(clusters_file)
         try:
             spec = RunDir(Path(run_dir)).load_spec()
         except (UserError, OSError) as exc:

@@ -205,6 +205,10 @@ def live_jobs(run_dir: Path) -> list[str] | None:
         return None
 
 
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def follow(run_dir: Path, write: Callable[[str], None], filt: LineFilter | None = None, *, poll: float = 0.5,
            check_every: float = 2.0, timeout: float | None = None,
            is_live: Callable[[Path], list[str] | None] = live_jobs) -> bool:
@@ -217,6 +221,7 @@ def follow(run_dir: Path, write: Callable[[str], None], filt: LineFilter | None 
     start = time.monotonic()
     next_check = 0.0
     multi = [False]
+    unreachable = [False]  # said once on stderr while squeue does not answer, again when it is back
 
     def drain(final: bool = False) -> None:
         files = log_files(run_dir)
@@ -250,6 +255,13 @@ def follow(run_dir: Path, write: Callable[[str], None], filt: LineFilter | None 
         if now >= next_check:
             next_check = now + check_every
             live = is_live(run_dir)
+            if live is None and not unreachable[0]:
+                unreachable[0] = True
+                _say(f"note: squeue does not answer; still following {RunDir(run_dir).logs} until it says the "
+                     f"run's jobs ended (Ctrl-C to stop)")
+            elif live is not None and unreachable[0]:
+                unreachable[0] = False
+                _say("note: squeue answers again")
             if live is not None and not live:
                 time.sleep(min(1.0, poll * 2))  # the last writes of a job that just ended
                 drain(final=True)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config.spec import RunSpec
+from launcher.config.spec import RunSpec, merged_zero
 from launcher.plan.modelinfo import ModelInfo
 from launcher.plan.params import Params, lora_params
 
@@ -43,7 +43,7 @@ def model_states(spec: RunSpec, s: Setup, p: Params) -> dict[str, int]:
     partitions) plus 4 x the largest layer gathered. fp32 training has no 16-bit grads; ZeRO 1-3 still
     keep a separate fp32 master partition.
     """
-    z, n, stage = spec.zero, s.world_size, s.stage
+    z, n, stage = merged_zero(spec.zero, []), s.world_size, s.stage  # zero.extra's offload counts too
     a, t = dtype_bytes(s.precision), p.trainable
     frozen = p.frozen_dense * a + p.frozen_quantized * quantized_bytes_per_param(spec)
     weights = (frozen + t * a) / (n if stage == 3 else 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from launcher import assets
 from launcher.errors import UserError
@@ -89,37 +90,74 @@ def load(model_name: str, *, required: bool = False) -> ModelInfo | None:
     if not path.is_file():
         raise UserError(f"model.name {model_name!r}: {path} is missing; a model directory needs the config.json "
                         f"that save_pretrained writes", field="model.name")
+    return from_config(read_config(path), source=str(path))
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A model's config.json as a dict; UserError naming the file when it is not a JSON object."""
     try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"model.name: {path} is not valid JSON ({exc}); restore the model's config.json",
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else str(exc).splitlines()[0][:160]
+        raise UserError(f"model.name: {path} is not valid JSON ({why}); restore the model's config.json",
                         field="model.name") from None
-    return from_config(cfg, source=str(path))
+    if not isinstance(cfg, dict):
+        raise UserError(f"model.name: {path} holds a JSON {type(cfg).__name__}, not the object a model's "
+                        f"config.json is; restore the model's config.json", field="model.name")
+    return cfg
 
 
-def from_config(cfg: dict, source: str = "<dict>") -> ModelInfo:
-    cfg = dict(cfg.get("text_config") or {}, **{k: v for k, v in cfg.items() if k != "text_config"}) \
-        if "hidden_size" not in cfg else cfg
-    try:
-        hidden = int(cfg["hidden_size"])
-        heads = int(cfg["num_attention_heads"])
-        layers = int(cfg["num_hidden_layers"])
-        vocab = int(cfg["vocab_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise UserError(f"model config {source} lacks {exc}; it must be a causal LM config.json "
-                        f"(hidden_size, num_attention_heads, num_hidden_layers, vocab_size)", field="model.name") from None
+def from_config(cfg: dict[str, Any], source: str = "<dict>") -> ModelInfo:
+    if not isinstance(cfg, dict):
+        raise UserError(f"model config {source} holds a JSON {type(cfg).__name__}, not an object", field="model.name")
+    text = cfg.get("text_config")
+    if "hidden_size" not in cfg and text is not None:
+        if not isinstance(text, dict):
+            raise UserError(f"model config {source}: text_config is a JSON {type(text).__name__}, not an object "
+                            f"of the text model's sizes", field="model.name")
+        cfg = dict(text, **{k: v for k, v in cfg.items() if k != "text_config"})
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise UserError(f"model config {source} lacks {', '.join(missing)}; it must be a causal LM config.json "
+                        f"({', '.join(_REQUIRED)})", field="model.name")
+
+    def size(key: str, default: int | None = None, *, minimum: int = 1) -> int:
+        v = cfg.get(key)
+        if v is None and default is not None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise UserError(f"model config {source}: {key} is {_quote(v)}; it must be a whole number >= {minimum} "
+                            f"(written without quotes)", field="model.name")
+        return v
+
+    hidden, heads = size("hidden_size"), size("num_attention_heads")
+    layers, vocab = size("num_hidden_layers"), size("vocab_size")
+    kv = size("num_key_value_heads", heads)
+    head_dim = size("head_dim", hidden // heads)
+    if heads % kv:
+        raise UserError(f"model config {source}: num_attention_heads {heads} is not a multiple of "
+                        f"num_key_value_heads {kv}", field="model.name")
+    max_pos = cfg.get("max_position_embeddings")
     return ModelInfo(
         source=source,
-        model_type=str(cfg.get("model_type", "unknown")),
+        model_type=str(cfg.get("model_type", "unknown"))[:100],
         hidden_size=hidden,
         num_layers=layers,
         num_heads=heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        head_dim=int(cfg.get("head_dim") or hidden // heads),
-        intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=size("intermediate_size", 4 * hidden),
         vocab_size=vocab,
-        max_positions=cfg.get("max_position_embeddings"),
+        max_positions=None if max_pos is None else size("max_position_embeddings"),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
     )
+
+
+_REQUIRED = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+def _quote(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (str, int, float, bool, type(None))) else f"a JSON {type(v).__name__}"
+    return text if len(text) <= 60 else text[:60] + "..."

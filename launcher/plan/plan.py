@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from launcher.config.resolve import with_overrides
-from launcher.config.spec import PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec
+from launcher.config.spec import PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec, merged_zero
 from launcher.errors import SpecError, UserError
 from launcher.plan import hardware, memory, modelinfo
 from launcher.plan.modelinfo import ModelInfo
@@ -315,7 +315,7 @@ def device_memory(spec: RunSpec, plan: Plan) -> tuple[int | None, str]:
 
 
 def choose_stage(spec: RunSpec, plan: Plan) -> tuple[int, str]:
-    z = spec.zero
+    z = merged_zero(spec.zero, [])  # offload set through zero.extra counts too
     if z.stage != "auto":
         return int(z.stage), "set in the spec"
     if z.offload_param != "none":
@@ -346,7 +346,7 @@ def choose_stage(spec: RunSpec, plan: Plan) -> tuple[int, str]:
 
 def choose_optimizer(spec: RunSpec, plan: Plan) -> tuple[str, str]:
     """AdamW as the device runs it fastest, all exact (fp32 arithmetic on fp32 states)."""
-    if spec.zero.offload_optimizer != "none":
+    if merged_zero(spec.zero, []).offload_optimizer != "none":
         return "DeepSpeed CPUAdam", "the optimizer runs on the CPU (offload): DeepSpeed's AVX-512 Adam"
     if plan.device == "cuda":
         return "torch fused AdamW", ("one fused CUDA kernel over all tensors, as fast as DeepSpeed's FusedAdam "

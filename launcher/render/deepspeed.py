@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from launcher.config.resolve import deep_merge
-from launcher.config.spec import RunSpec
+from launcher.config.spec import RunSpec, merged_zero
 from launcher.plan.plan import Plan, ZeroBuckets, zero_buckets
 
 _DTYPE_NAMES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -65,7 +65,7 @@ def optimizer_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
     # whatever the section says. On CPU ranks, leaving out torch_adam makes DeepSpeed build its FusedAdam, which
     # on the CPU accelerator is its AVX-512 Adam kernel. A preset (no plan) serves GPUs: torch's AdamW, which
     # needs no compiled DeepSpeed op.
-    if spec.zero.offload_optimizer == "none" and (plan is None or plan.device == "cuda"):
+    if merged_zero(spec.zero, []).offload_optimizer == "none" and (plan is None or plan.device == "cuda"):
         params["torch_adam"] = True
         if plan is not None:
             params["fused"] = True

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from launcher.rundir import damage
 from launcher.rundir.layout import RunDir
 
 # Kinds of the lines the batch script appends when the job requeues itself.
@@ -44,11 +45,31 @@ def record_job(run_dir: str | os.PathLike, job_id: str, kind: str, reason: str =
 
 
 def read_jobs(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every line, in the order written; blank lines skipped (a line that is not JSON raises ValueError)."""
+    """Every line, in the order written; blank lines skipped. A line that is not a JSON object with a job id
+    (written by hand, cut off, binary) is said on stderr with its number and skipped."""
     path = RunDir(Path(run_dir)).jobs_path
-    if not path.exists():
+    try:
+        if not path.exists():
+            return []
+        raw = path.read_bytes()
+    except OSError as exc:
+        damage.skipped(path, damage.describe(exc))
         return []
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    out = []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            damage.skipped(path, f"not a JSON line ({damage.describe(exc)})", n)
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("job_id"), (str, int)) or isinstance(
+                rec.get("job_id"), bool):
+            damage.skipped(path, "not a job record (a JSON object with a job_id)", n)
+            continue
+        out.append(rec)
+    return out
 
 
 class RecordedJob(NamedTuple):

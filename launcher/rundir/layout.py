@@ -190,7 +190,11 @@ class RunDir:
 
 def open_run_dir(path: str | Path) -> RunDir:
     """An existing run dir (one with a spec.yaml); anything else is bad input."""
-    root = Path(path).expanduser().resolve()
+    try:
+        root = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: Path.resolve's "Symlink loop from ..."
+        raise UserError(f"{path} is not a run dir ({exc}); give a directory made by `launcher slurm --out` or "
+                        f"`launcher run --out`") from None
     rd = RunDir(root)
     if not rd.spec_path.is_file():
         raise UserError(f"{root} is not a run dir (no spec.yaml); give a directory made by "

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import __version__, assets
 from launcher.config.resolve import deep_merge
+from launcher.errors import UserError
+from launcher.rundir import damage
 from launcher.rundir.layout import RunDir
 
 if TYPE_CHECKING:
@@ -75,10 +77,25 @@ def launch_manifest(spec: RunSpec, plan: Plan, data: list[dict[str, Any]]) -> di
     }
 
 
-def read_manifest(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest, or {} where the run dir has none yet."""
+def read_manifest(run_dir: str | os.PathLike, *, strict: bool = False) -> dict[str, Any]:
+    """The manifest, or {} where the run dir has none yet. One that cannot be read as a JSON object (written
+    by hand, cut off): said on stderr and {} for a reader; with `strict` (a writer about to merge into it),
+    UserError naming the file and the fix."""
     path = RunDir(Path(run_dir)).manifest_path
-    return json.loads(path.read_text()) if path.exists() else {}
+    try:
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        return data
+    except (OSError, ValueError, RecursionError) as exc:
+        why = damage.describe(exc)
+        if strict:
+            raise UserError(f"{path} is not a manifest launcher can read ({why}); move it away (or delete it) "
+                            f"and run again", field="manifest.json") from None
+        damage.skipped(path, why)
+        return {}
 
 
 def attempt_entries(manifest: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,14 +111,14 @@ def _write(path: Path, manifest: dict[str, Any]) -> None:
 
 def update_manifest(run_dir: str | os.PathLike, **fields: Any) -> None:
     """Merge fields into the manifest (the launch writes what produced the run, rank 0 the final numbers)."""
-    _write(RunDir(Path(run_dir)).manifest_path, deep_merge(read_manifest(run_dir), fields))
+    _write(RunDir(Path(run_dir)).manifest_path, deep_merge(read_manifest(run_dir, strict=True), fields))
 
 
 def record_attempt(run_dir: str | os.PathLike, job_id: str, attempt: int, **fields: Any) -> dict[str, Any]:
     """Add or update one attempt in the manifest's "attempts", keyed by job id and attempt number: a
     requeued or retried job appends its own entry, an earlier attempt is never overwritten. Global rank 0
     of the training ranks writes (start, devices, end); returns the entry."""
-    current = read_manifest(run_dir)
+    current = read_manifest(run_dir, strict=True)
     entries = attempt_entries(current)
     for entry in entries:
         if entry.get("job_id") == str(job_id) and entry.get("attempt") == attempt:
@@ -122,11 +139,18 @@ def tokens_in_model(attempts: list[dict[str, Any]]) -> int:
     the next one's start. Each attempt counts at its own tokens per step (the world size may change)."""
     total, cursor = 0, None
     for a in reversed(attempts):
-        start = int(a.get("start_step") or 0)
-        end = a.get("end_step")
-        end = cursor if end is None else (int(end) if cursor is None else min(int(end), cursor))
+        start = _whole(a.get("start_step")) or 0
+        end = _whole(a.get("end_step"))
+        end = cursor if end is None else (end if cursor is None else min(end, cursor))
         if end is None or (cursor is not None and start >= cursor):
             continue
-        total += max(0, end - start) * int(a.get("tokens_per_step") or 0)
+        total += max(0, end - start) * (_whole(a.get("tokens_per_step")) or 0)
         cursor = start
     return total
+
+
+def _whole(v: Any) -> int | None:
+    """A whole number from the manifest, or None where a hand-edited one holds something else."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        return None
+    return int(v)

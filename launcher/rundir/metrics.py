@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from launcher.rundir import damage
 from launcher.rundir.layout import RunDir
 
 # --------------------------------------------------------------------------- the step line
@@ -93,21 +94,39 @@ def append(path: str | os.PathLike, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+_NUMBER_KEYS = ("loss", "lr", "tokens_per_s", "grad_norm", "time", "eval_loss", "perplexity")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every record of the run's metrics file in order; lines that are not a JSON object are skipped
-    (a rank killed mid-write leaves half a line). [] when there is no file."""
+    """Every record of the run's metrics file in order. A line that is not a record of this format (a rank
+    killed mid-write leaves half a line; a file edited by hand) is said on stderr and skipped. [] when there
+    is no file."""
+    path = RunDir(Path(run_dir)).metrics_path
     try:
-        text = RunDir(Path(run_dir)).metrics_path.read_text(errors="replace")
-    except OSError:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        damage.skipped(path, damage.describe(exc))
         return []
     out = []
-    for line in text.splitlines():
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError) as exc:
+            damage.skipped(path, f"not a JSON line ({damage.describe(exc)})", n)
             continue
-        if isinstance(rec, dict):
-            out.append(rec)
+        if not (isinstance(rec, dict) and isinstance(rec.get("step", 0), int) and not isinstance(rec.get("step"), bool)
+                and all(rec.get(k) is None or _is_number(rec[k]) for k in _NUMBER_KEYS)):
+            damage.skipped(path, "not a metrics record (an object with a whole step and numbers)", n)
+            continue
+        out.append(rec)
     return out
 
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from launcher import outpaths
 from launcher.config.spec import RunSpec, validate
 from launcher.data.source import data_files
 from launcher.errors import UserError
@@ -15,7 +16,7 @@ from launcher.plan.plan import Plan, make_plan
 from launcher.render.deepspeed import render as render_deepspeed
 from launcher.render.presets import dumps as dumps_json
 from launcher.rundir.layout import RunDir
-from launcher.rundir.manifest import launch_manifest, update_manifest
+from launcher.rundir.manifest import launch_manifest, read_manifest, update_manifest
 
 _HASH_WHOLE = 256 << 20
 _HASH_PART = 16 << 20
@@ -54,28 +55,42 @@ def data_fingerprints(spec: RunSpec) -> list[dict[str, Any]]:
     return out
 
 
+def check_target(path: str | Path, *, force: bool = False) -> Path:
+    """The run dir's absolute path, refused (UserError) before anything is written: a path that cannot be
+    a folder launcher writes, a non-empty folder without `force`, and with `force` a run dir whose files
+    launcher would have to merge with but cannot read (a corrupt manifest.json)."""
+    root = outpaths.resolve(path, "--out")
+    if root.exists() and not root.is_dir():
+        raise UserError(f"run dir {root} exists and is not a directory; choose another --out", field="--out")
+    with outpaths.writing(root, "--out"):
+        non_empty = root.is_dir() and any(root.iterdir())
+    if non_empty and not force:
+        raise UserError(f"run dir {root} is not empty; choose a new --out, or pass --force to write into it "
+                        f"(generated files are replaced, nothing else is removed)", field="--out")
+    if non_empty:
+        read_manifest(root, strict=True)  # merged into below: refuse now rather than half-way through
+    return root
+
+
 def create(path: str | Path, spec: RunSpec, *, force: bool = False) -> tuple[RunDir, RunSpec, Plan]:
     """Make the run dir and write spec.yaml, ds_config.json, plan.txt and manifest.json into it.
 
     An existing non-empty directory is refused unless `force`; even then only these generated
     files are replaced (an existing manifest keeps what the new one does not set), nothing else the
-    directory holds is touched.
+    directory holds is touched. A folder launcher did not create keeps its permissions.
     """
-    root = Path(path).expanduser().resolve()
-    if root.exists() and not root.is_dir():
-        raise UserError(f"run dir {root} exists and is not a directory; choose another --out")
-    if root.is_dir() and any(root.iterdir()) and not force:
-        raise UserError(f"run dir {root} is not empty; choose a new --out, or pass --force to write into it "
-                        f"(generated files are replaced, nothing else is removed)")
+    root = check_target(path, force=force)
     spec = validate(_absolute_paths(spec, root))
     plan = make_plan(spec)
+    data = data_fingerprints(spec)
     rd = RunDir(root)
-    root.mkdir(parents=True, exist_ok=True)
-    os.chmod(root, 0o700)  # run dirs may name credential paths; user-only
-    for sub in (rd.logs, rd.checkpoints):
-        sub.mkdir(exist_ok=True)
-    rd.spec_path.write_text(spec.to_yaml())
-    rd.ds_config_path.write_text(dumps_json(render_deepspeed(spec, plan)))
-    rd.plan_path.write_text("\n".join(plan.summary()) + "\n")
-    update_manifest(root, **launch_manifest(spec, plan, data_fingerprints(spec)))
+    if outpaths.make_dir(root, "--out"):
+        os.chmod(root, 0o700)  # run dirs may name credential paths; user-only (only a folder made here)
+    with outpaths.writing(root, "--out"):
+        for sub in (rd.logs, rd.checkpoints):
+            sub.mkdir(exist_ok=True)
+        rd.spec_path.write_text(spec.to_yaml())
+        rd.ds_config_path.write_text(dumps_json(render_deepspeed(spec, plan)))
+        rd.plan_path.write_text("\n".join(plan.summary()) + "\n")
+        update_manifest(root, **launch_manifest(spec, plan, data))
     return rd, spec, plan

@@ -67,8 +67,13 @@ def missing_in_cache(home: Path, item: HubItem) -> str | None:
 def check_cached(spec: RunSpec) -> None:
     """Pre-flight: with cluster.hf_home set, the jobs (the preparation job included) load the model and the
     dataset offline from it (HF_HUB_OFFLINE=1), so a hub model or dataset must already be there. UserError
-    (exit 2) naming the item and the fix otherwise."""
+    (exit 2) naming the item and the fix otherwise. Without cluster.hf_home, each hub item must be in this
+    machine's hub cache or known to the hub (check_on_hub)."""
     if not spec.cluster.hf_home:
+        home, _ = hf_home(spec)
+        for item in hub_items(spec):
+            if missing_in_cache(home, item) is not None:
+                check_on_hub(item)
         return
     home = Path(spec.cluster.hf_home).expanduser()
     for item in hub_items(spec):
@@ -78,6 +83,49 @@ def check_cached(spec: RunSpec) -> None:
             raise UserError(f"{item.field}={item.repo_id!r}{rev} is not in the shared hub cache cluster.hf_home="
                             f"{home} ({why}); the jobs load it offline (HF_HUB_OFFLINE=1). Stage it first where "
                             f"the hub is reachable: launcher stage SPEC (the same spec and flags)", field=item.field)
+
+
+HUB_CHECK_TIMEOUT_S = 10.0
+
+
+def check_on_hub(item: HubItem) -> None:
+    """Ask the hub whether `item` exists (its API, stdlib only, a few seconds at most), so that a typo or an
+    unreachable hub is exit 2 here and not a failed job after the run dir was written. HF_HUB_OFFLINE: the
+    ranks could not download it either."""
+    import json
+    import os
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    what = f"{item.field}={item.repo_id!r}" + (f" (revision {item.revision})" if item.revision else "")
+    fix = ("run `launcher stage SPEC` where the hub is reachable and set cluster.hf_home to that cache, or give "
+           "a local path" + (" (--model DIR)" if item.kind == "model" else " (--data FILE)"))
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"{what} is not in this machine's hub cache and HF_HUB_OFFLINE is set, so it cannot be "
+                        f"downloaded; {fix}", field=item.field)
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    url = f"{endpoint}/api/{item.repo_type}s/{urllib.parse.quote(item.repo_id, safe='/')}"
+    if item.revision:
+        url += f"/revision/{urllib.parse.quote(item.revision, safe='')}"
+    request = urllib.request.Request(url, method="GET")
+    token = os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=HUB_CHECK_TIMEOUT_S) as resp:  # noqa: S310 - the hub's URL
+            json.loads(resp.read(1 << 20) or b"{}")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403, 404):
+            raise UserError(f"{what}: no such {item.repo_type} repository{' or revision' if item.revision else ''} "
+                            f"on {endpoint} (or it is private or gated: set HF_TOKEN); check the name, or {fix}",
+                            field=item.field) from None
+        raise UserError(f"{what}: the hub at {endpoint} answered HTTP {exc.code} when asked for it; {fix}",
+                        field=item.field) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        cause = getattr(exc, "reason", None) or exc
+        raise UserError(f"{what} is not a local folder, not in this machine's hub cache, and the hub at {endpoint} "
+                        f"cannot be reached to check it ({str(cause)[:120]}); {fix}", field=item.field) from None
 
 
 # --------------------------------------------------------------------------- staging

@@ -4,9 +4,11 @@ no traceback, nothing written."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -119,11 +121,48 @@ def test_a_run_that_fits_passes_and_cpu_runs_skip_the_fit(tmp_path, monkeypatch)
     assert preflight.check(cpu) == []  # CPU ranks: no GPU memory to fit, even for 8B
 
 
-def test_hub_models_are_noted_not_refused(tmp_path):
-    spec = resolve(None, flags={"model": "meta-llama/Llama-3.1-8B", "method": "lora", "gpus_per_node": 8,
+class _Hub(http.server.BaseHTTPRequestHandler):
+    """The hub's model API: 200 for acme/llama-mini, 404 (as the hub answers) for anything else."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        found = self.path.startswith("/api/models/acme/llama-mini")
+        self.send_response(200 if found else 404)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b'{"id": "acme/llama-mini"}' if found else b'{"error": "Repository not found"}')
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield
+    server.shutdown()
+
+
+def test_hub_models_the_hub_knows_are_noted_not_refused(hub):
+    spec = resolve(None, flags={"model": "acme/llama-mini", "method": "lora", "gpus_per_node": 8,
                                 "precision": "bf16"}, sets=[])
     notes = preflight.check(spec, slurm=True)
     assert any("hub id" in n for n in notes)
+
+
+def test_hub_ids_the_hub_does_not_know_or_cannot_be_asked_are_refused(hub, monkeypatch):
+    spec = resolve(None, flags={"model": "acme/llama-mnii"}, sets=[])
+    with pytest.raises(UserError, match="acme/llama-mnii.*no such model repository.*launcher stage SPEC"):
+        preflight.check(spec, slurm=True)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(UserError, match="acme/llama-mnii.*cannot be reached.*local path"):
+        preflight.check(spec, slurm=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE is set"):
+        preflight.check(spec, slurm=True)
 
 
 def test_resume_from_a_complete_checkpoint_passes(tmp_path):

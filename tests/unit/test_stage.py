@@ -119,8 +119,15 @@ def test_preflight_finds_a_pinned_revision_by_branch_or_commit(tmp_path):
     check_cached(spec_for(tmp_path, hf_home=home, **{"model.revision": SHA}))
 
 
-def test_preflight_ignores_the_cache_when_not_offline_or_not_a_hub_model(tmp_path):
-    check_cached(spec_for(tmp_path))  # no cluster.hf_home: the ranks may download
+def test_preflight_without_a_shared_cache_takes_this_machines_cache_or_asks_the_hub(tmp_path, monkeypatch):
+    # no cluster.hf_home: the ranks may download, so the model must be in this machine's cache or on the hub
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "local-hf"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    with pytest.raises(UserError, match="acme/llama-mini.*cannot be reached.*launcher stage SPEC"):
+        check_cached(spec_for(tmp_path))
+    fake_cache(tmp_path / "local-hf")
+    check_cached(spec_for(tmp_path))
     check_cached(spec_for(tmp_path, model="tiny", hf_home=tmp_path / "empty"))
 
 
