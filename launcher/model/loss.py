@@ -2,17 +2,16 @@
 chunked linear cross-entropy that never holds the whole [tokens x vocab] logits (pure PyTorch), or Liger
 Kernel's fused kernels (CUDA). `apply_loss` patches the one model instance, never its class.
 
-Heavy libraries (torch, transformers, peft, deepspeed) are imported inside the functions:
-`liger_importable` runs at plan time, where torch must not load.
+Heavy libraries (torch, transformers, peft, deepspeed) are imported inside the functions.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.plan.plan import liger_importable
 
 LOSS_KINDS = ("standard", "chunked", "liger")
 IGNORE_INDEX = -100  # transformers' ignore_index: SFT prompt masks, padding, peft's virtual tokens
@@ -35,14 +34,6 @@ _ZERO3_HOLD_ID = -13
 
 
 # --------------------------------------------------------------------------- what is installed
-
-def liger_importable() -> bool:
-    """Whether the liger-kernel package is installed (no import of it, nor of torch)."""
-    try:
-        return importlib.util.find_spec("liger_kernel") is not None
-    except (ImportError, ValueError):
-        return False
-
 
 def apply_loss(model: Any, kind: str, *, chunk_tokens: int = CHUNK_TOKENS) -> str:
     """kind: "standard" | "chunked" | "liger". Installs the loss on this model (a transformers causal LM,

@@ -297,7 +297,10 @@ def liger_importable() -> bool:
     """Whether the liger-kernel package is installed here (found, not imported: no torch)."""
     import importlib.util
 
-    return importlib.util.find_spec("liger_kernel") is not None
+    try:
+        return importlib.util.find_spec("liger_kernel") is not None
+    except (ImportError, ValueError):  # a broken installation (a module without a spec)
+        return False
 
 
 def device_memory(spec: RunSpec, plan: Plan) -> tuple[int | None, str]:
