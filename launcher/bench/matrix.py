@@ -4,6 +4,7 @@ each setup runs (plus which setups a baseline run stands beside). No measuring h
 from __future__ import annotations
 
 import itertools
+import typing
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any, Iterable
 
 from launcher import yamlio
 from launcher.config import profiles
+from launcher.config.flags import annotation
 from launcher.config.resolve import deep_merge, user_tree, with_overrides
 from launcher.config.spec import RunSpec, expand_shorthands, validate
 from launcher.errors import SpecError, UserError
@@ -54,12 +56,21 @@ def parse_axis(axis: str, text: str | Iterable[Any]) -> list[Any]:
                 raise UserError(f"--{axis.replace('_', '-')}: {x!r} is not on or off")
             out.append(v)
         elif axis in AXES:
+            choices = _choices(AXES[axis])
+            if choices and str(x) not in choices:
+                raise UserError(f"--{axis.replace('_', '-')}: {x!r} is not one of {', '.join(choices)}")
             out.append(str(x))
         else:
             raise UserError(f"unknown matrix axis {axis!r}; axes are {', '.join(AXES)}")
     if len(set(map(repr, out))) != len(out):
         raise UserError(f"--{axis.replace('_', '-')} {text!r}: a value is given twice")
     return out
+
+
+def _choices(field: str) -> list[str]:
+    """The words a spec field takes (its Literal), [] for a free-form one."""
+    ann = annotation(field)
+    return [str(v) for v in typing.get_args(ann)] if typing.get_origin(ann) is typing.Literal else []
 
 
 @dataclass

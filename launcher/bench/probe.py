@@ -143,6 +143,7 @@ def make_probe() -> Any:
             after = self._held()
             before = self.end.get("tensor_bytes_before_step")
             self.end.update(
+                cpu_bf16_peak_tflops=None if cuda else cpu_bf16_peak_tflops(),
                 cuda_peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
                 cuda_peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
                 tensor_bytes_after_step=after,
@@ -162,6 +163,22 @@ def make_probe() -> Any:
             }
 
     return StepProbe()
+
+
+def cpu_bf16_peak_tflops(n: int = 2048, repeats: int = 5) -> float:
+    """This machine's bf16 matmul peak as this process runs it (its threads): the best of `repeats`
+    n x n x n products, TFLOP/s. CPU rows' MFU is against it (no table has a CPU's peak)."""
+    import torch
+
+    a = torch.randn(n, n, dtype=torch.bfloat16)
+    b = torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b  # oneDNN's first call picks and packs its kernel
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e12
 
 
 def rank_main(spec_path: str) -> int:

@@ -29,14 +29,14 @@ COLUMNS = [
     "bench", "kind", "setup", "method", "zero", "attn", "grad_ckpt", "micro_batch", "seq_len", "precision",
     "loss", "compile", "optimizer",
     "device", "devices", "steps", "warmup", "tokens_per_step",
-    "tokens_per_s", "tokens_per_s_per_device", "step_time_s", "step_time_median_s",
+    "tokens_per_s", "tokens_per_s_per_device", "step_time_s", "step_time_median_s", "first_step_s",
     "model_flops_per_token", "hardware_flops_per_token", "flops_note",
-    "model_tflops_per_device", "hardware_tflops_per_device", "peak_tflops_per_device", "mfu", "hfu",
+    "model_tflops_per_device", "hardware_tflops_per_device", "peak_tflops_per_device", "peak_basis", "mfu", "hfu",
     "peak_mem_bytes", "peak_mem_reserved_bytes", "rss_peak_bytes", "engine_tensor_bytes",
     "usd_per_device_hour", "usd_per_mtok",
     "est_peak_bytes", "est_model_states_bytes", "est_mem_basis", "est_mem_bytes", "measured_mem_bytes",
     "mem_error", "est_tokens_per_s", "tokens_per_s_error",
-    "baseline_tokens_per_s", "speedup_vs_baseline", "baseline_mem_bytes", "mem_vs_baseline",
+    "baseline_tokens_per_s", "speedup_vs_baseline", "baseline_mem_bytes", "mem_vs_baseline", "peak_vs_baseline",
     "error",
 ]
 
@@ -115,6 +115,8 @@ def measured_columns(records: list[dict[str, Any]], tokens_per_step: int, warmup
     tps = steps * tokens_per_step / seconds
     ends = ([first["t_begin"]] + first["step_ends"])[warmup: warmup + steps + 1]
     per_step = sorted(b - a for a, b in zip(ends, ends[1:]))
+    # the first step apart: it holds torch.compile's compile time (and oneDNN's first calls), never timed
+    cols["first_step_s"] = first["step_ends"][0] - first["t_begin"] if first["step_ends"] else None
     median = (per_step[(steps - 1) // 2] + per_step[steps // 2]) / 2
     # throughput is the window's mean; the median step beside it shows how steady the machine was
     cols.update(tokens_per_s=tps, tokens_per_s_per_device=tps / devices, step_time_s=seconds / steps,
@@ -169,6 +171,9 @@ def make_row(spec: RunSpec, values: dict[str, Any], kind: str, records: list[dic
     tps = row.get("tokens_per_s")
     if tps:
         peak = peak_tflops(plan.precision, dev, opts.device_tflops)
+        if peak is None and not on_gpu:  # CPU: the bf16 matmul peak the rank measured on this machine
+            peak = _max(r.get("cpu_bf16_peak_tflops") for r in records)
+            row["peak_basis"] = "bf16 2048^3 matmul measured by the rank" if peak else None
         row["peak_tflops_per_device"] = peak
         if row["model_flops_per_token"] is not None:
             row["model_tflops_per_device"], row["mfu"] = utilization(row["model_flops_per_token"],
@@ -198,6 +203,9 @@ def attach_baseline(rows: list[dict[str, Any]]) -> None:
         r["baseline_mem_bytes"] = b.get("measured_mem_bytes")
         if r.get("measured_mem_bytes") and b.get("measured_mem_bytes"):
             r["mem_vs_baseline"] = r["measured_mem_bytes"] / b["measured_mem_bytes"]
+        # the whole peak: CUDA's peak allocated on a GPU, the process's peak RSS on CPU
+        if r.get("peak_mem_bytes") and b.get("peak_mem_bytes"):
+            r["peak_vs_baseline"] = r["peak_mem_bytes"] / b["peak_mem_bytes"]
 
 
 def error_row(setup: Setup, opts: Options, error: str) -> dict[str, Any]:
@@ -332,22 +340,31 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     return paths
 
 
+def _ran_as(r: dict[str, Any]) -> str:
+    """What a row ran as, the `auto`s resolved: ZeRO stage, precision, loss, compile."""
+    parts = [f"z{r['zero']}" if r.get("zero") is not None else "no DeepSpeed", r.get("precision") or "",
+             r.get("loss") or "", "compiled" if r.get("compile") else ""]
+    return " ".join(p for p in parts if p)
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table (results.md), for a README."""
-    head = ["setup", "kind", "dev", "tokens/s", "step s", "TFLOP/s/dev", "MFU", "HFU", "peak mem", "est. mem",
-            "mem err", "$/1M tok", "vs baseline", "error"]
+    head = ["setup", "kind", "ran as", "dev", "tokens/s", "step s", "first step s", "TFLOP/s/dev", "MFU", "HFU",
+            "peak mem", "est. mem", "mem err", "$/1M tok", "vs baseline", "peak mem vs baseline", "error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r["setup"], r["kind"], str(r.get("devices") or "-"),
+            r["setup"], r["kind"], _ran_as(r), str(r.get("devices") or "-"),
             "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:,.0f}",
             "-" if r.get("step_time_s") is None else f"{r['step_time_s']:.3f}",
+            "-" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f}",
             "-" if r.get("model_tflops_per_device") is None else f"{r['model_tflops_per_device']:.3g}",
             _pct(r.get("mfu")), _pct(r.get("hfu")), _gib(r.get("peak_mem_bytes")),
             "-" if r.get("est_mem_bytes") is None else f"{_gib(r['est_mem_bytes'])} vs {_gib(r.get('measured_mem_bytes'))}",
             _pct(r.get("mem_error"), True),
             "-" if r.get("usd_per_mtok") is None else f"{r['usd_per_mtok']:.4g}",
             "-" if r.get("speedup_vs_baseline") is None else f"{r['speedup_vs_baseline']:.2f}x",
+            "-" if r.get("peak_vs_baseline") is None else f"{r['peak_vs_baseline']:.2f}x",
             (r.get("error") or "").replace("|", "/")[:80],
         ]
         lines.append("| " + " | ".join(cells) + " |")

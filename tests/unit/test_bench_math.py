@@ -38,8 +38,27 @@ def test_comma_lists_become_typed_axis_values():
     assert matrix.parse_axis("method", "full,lora") == ["full", "lora"]
     assert matrix.parse_axis("seq_len", [128, 256]) == [128, 256]
 
+    assert matrix.parse_axis("zero", "auto,0") == ["auto", 0]
+    assert matrix.parse_axis("loss", "standard,chunked,auto") == ["standard", "chunked", "auto"]
+    assert matrix.parse_axis("compile", "on,off") == [True, False]
+    assert matrix.parse_axis("precision", "auto,fp32") == ["auto", "fp32"]
 
-@pytest.mark.parametrize("axis,text", [("zero", "2,,3"), ("zero", "two"), ("grad_ckpt", "maybe"),
+
+def test_lever_axes_expand_into_specs_and_the_row_says_what_auto_became():
+    setups = matrix.expand(cpu_spec(**{"optim.micro_batch": 8, "data.seq_len": 512}),
+                           {"zero": [2, "auto"], "loss": ["standard", "auto"], "compile": [False, True]})
+    assert len(setups) == 8 and all(s.error is None for s in setups)
+    last = setups[-1]
+    assert (last.spec.zero.stage, last.spec.optim.loss, last.spec.model.compile) == ("auto", "auto", True)
+    assert last.label == "full zauto auto nockpt mb8 s512 fp32 auto compile"
+    opts = matrix.Options(steps=1, warmup=0)
+    row = report.make_row(last.spec, last.values, "launcher", [], opts)
+    plan = make_plan(last.spec)
+    assert (row["zero"], row["loss"], row["compile"], row["optimizer"]) == (0, plan.loss, True, plan.optimizer)
+    assert report._ran_as(row).startswith("z0 ") and row["setup"] == last.label
+
+
+@pytest.mark.parametrize("axis,text", [("zero", "2,,3"), ("loss", "fast"), ("compile", "perhaps"), ("zero", "two"), ("grad_ckpt", "maybe"),
                                        ("micro_batch", "1,1"), ("seq_len", ""), ("colour", "red")])
 def test_bad_comma_lists_are_refused_with_the_flag_named(axis, text):
     with pytest.raises(UserError) as e:
