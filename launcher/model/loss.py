@@ -11,6 +11,7 @@ import functools
 from typing import Any
 
 from launcher.errors import UserError
+from launcher.plan.modelinfo import SCALED_LOGITS
 from launcher.plan.plan import liger_importable
 
 LOSS_KINDS = ("standard", "chunked", "liger")
@@ -50,7 +51,7 @@ def apply_loss(model: Any, kind: str, *, chunk_tokens: int = CHUNK_TOKENS) -> st
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     lm = causal_lm_of(model)
     cfg = getattr(lm, "config", None)
-    for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+    for attr in SCALED_LOGITS:
         if getattr(cfg, attr, None) not in (None, 1, 1.0):
             raise UserError(f"--loss chunked computes logits as the head's plain linear map, but this model's "
                             f"config sets {attr}={getattr(cfg, attr)!r}; use --loss standard for it",

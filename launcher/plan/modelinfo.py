@@ -12,6 +12,8 @@ from launcher import assets
 from launcher.errors import UserError
 
 # Architectures whose parameters this module counts exactly (decoder of q/k/v/o + gated MLP + RMSNorm).
+# Config keys that make the logits more than the LM head's linear map (the chunked loss computes only that).
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2"}
 
 
@@ -30,6 +32,7 @@ class ModelInfo:
     tie_embeddings: bool
     attention_bias: bool = False
     mlp_bias: bool = False
+    scaled_logits: str | None = None  # the config key that caps or scales the logits (Gemma 2, Cohere), if any
 
     @property
     def counted(self) -> bool:
@@ -152,6 +155,7 @@ def from_config(cfg: dict[str, Any], source: str = "<dict>") -> ModelInfo:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
         mlp_bias=bool(cfg.get("mlp_bias", False)),
+        scaled_logits=next((k for k in SCALED_LOGITS if cfg.get(k) not in (None, 1, 1.0)), None),
     )
 
 

@@ -278,6 +278,8 @@ def choose_loss(spec: RunSpec, plan: Plan) -> tuple[str, str]:
     m = plan.model
     if m is None or not m.counted:
         return "standard", "auto: the model's shapes are unknown here, so the logits' share is too"
+    if m.scaled_logits:
+        return "standard", f"auto: the model's config sets {m.scaled_logits} (the chunked loss computes plain logits)"
     tokens, chunk = plan.micro_batch * plan.seq_len, spec.optim.loss_chunk_tokens
     s = plan.setup(loss="standard")
     saved, _, logits, _ = memory.activation_bytes(m, spec, s, plan.micro_batch, plan.seq_len)

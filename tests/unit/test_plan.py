@@ -228,3 +228,14 @@ def test_plan_text_names_every_choice_and_a_rank_follows_the_run_dirs_config(cpu
     again = plan_for("cluster.nproc_per_node=2").following(cfg)
     assert (again.precision, again.zero_stage) == ("bf16", 0)
     assert plan_mod.settled(resolve(sets=["cluster.nproc_per_node=2"]), again).precision.dtype == "bf16"
+
+
+def test_loss_auto_keeps_the_standard_loss_for_capped_logits(cpu_flag, tmp_path):
+    import json
+
+    from launcher import assets
+
+    cfg = json.loads((assets.tiny_dir() / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "final_logit_softcapping": 30.0}))
+    p = plan_for("optim.micro_batch=8", "data.seq_len=1024", model=str(tmp_path))
+    assert p.loss == "standard" and "final_logit_softcapping" in choice(p, "loss")
