@@ -64,7 +64,8 @@ def run(tmp_path_factory, env):
 def test_every_setup_gives_a_complete_row(run):
     out, proc, rows = run
     ours = [r for r in rows if r["kind"] == "launcher"]
-    assert [r["setup"] for r in ours] == ["full z2 sdpa nockpt mb1 s64", "lora z2 sdpa nockpt mb1 s64"]
+    assert [r["setup"] for r in ours] == ["full z2 sdpa nockpt mb1 s64 fp32 auto", "lora z2 sdpa nockpt mb1 s64 fp32 auto"]
+    assert all((r["zero"], r["precision"], r["loss"], r["compile"]) == (2, "fp32", "standard", False) for r in ours)
     for r in ours:
         assert r["error"] is None, r["error"]
         assert r["devices"] == 1 and r["device"].startswith("cpu") and r["tokens_per_step"] == 64
