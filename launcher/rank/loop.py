@@ -359,6 +359,7 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
 
 
 def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: Trackers | None = None) -> TrainResult:
+    model_mod.keep_bitsandbytes_out(spec.method.name)  # before transformers (and through it peft) is imported
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
     if not run_dir.ds_config_path.is_file():
@@ -380,6 +381,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
     universal_note = checkpoint.prepare_resume(resume, ds_config) if resume is not None else None
     run_dir.logs.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.tensorboard)
+    os.environ.setdefault("DS_ACCELERATOR", plan.device)  # the launchers set it; ranks started otherwise too
     # NCCL's async error handling: a failed or timed-out collective aborts the rank instead of hanging it.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if spec.cluster.nccl.async_error_handling else "0")
     _quiet_libraries()
