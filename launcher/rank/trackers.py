@@ -260,6 +260,15 @@ class Trackers:
             except Exception as exc:  # noqa: BLE001
                 self._failed(a, f"log step {step}", exc)
 
+    def log_final(self, values: dict[str, float]) -> None:
+        """Numbers about the finished run (a `--then eval` job's results), at the last step logged."""
+        for a in list(self.adapters):
+            step = max(self.last.get((a.name, "train"), 0), 0) or self.max_steps
+            try:
+                a.log(step, values)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(a, "log the evaluation", exc)
+
     def finish(self, reason: str) -> None:
         if not self.adapters:
             return
@@ -289,3 +298,33 @@ class Trackers:
             print(f"launcher: the run's cost could not be read for the trackers ({type(exc).__name__}: "
                   f"{str(exc)[:200]})", file=sys.stderr, flush=True)
             return {}
+
+
+def eval_values(res: dict[str, Any]) -> dict[str, float]:
+    """`launcher eval`'s results (evaluate.evaluate) as tracker metrics: each set's tuned and base loss and
+    their difference, and the forgetting verdict."""
+    out: dict[str, float] = {}
+    for e in res.get("sets") or []:
+        name = str(e.get("name", "set"))
+        for key, v in (("tuned_loss", (e.get("tuned") or {}).get("loss")), ("base_loss", (e.get("base") or {}).get("loss")),
+                       ("delta_loss", e.get("delta_loss"))):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
+                out[f"eval_job/{name}/{key}"] = float(v)
+    if isinstance(res.get("forgetting_detected"), bool):
+        out["eval_job/forgetting_detected"] = float(res["forgetting_detected"])
+    return out
+
+
+def log_eval_job(run_dir: Path, res: dict[str, Any]) -> None:
+    """A `--then eval` job (or `launcher eval RUN_DIR` later) adds its results to the run's tracker runs, the
+    ones its training attempts logged to. Nothing when the run has no wandb or mlflow tracker."""
+    from launcher.plan.plan import make_plan
+
+    rd = RunDir(Path(run_dir))
+    spec = rd.load_spec()
+    if not any(t in ADAPTERS for t in spec.output.active_trackers()) or not state.read_state(rd.path):
+        return
+    trackers = Trackers(rd.path, rank=0)
+    trackers.start(spec, make_plan(spec))
+    trackers.log_final(eval_values(res))
+    trackers.finish(markers.COMPLETED)

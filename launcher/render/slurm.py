@@ -475,7 +475,8 @@ def render_chain_sbatch(
         python_from_path=python_from_path,
         container=container,
         setup=Sh("\n".join(c.setup)),
-        env=_quoted_environment(_hub_environment(spec) + sorted(c.env.items())),
+        env=_quoted_environment([("DS_ACCELERATOR", ds_accelerator(1 if chain_uses_gpu(spec, kind) else 0))]
+                                + _hub_environment(spec) + sorted(c.env.items())),
         srun_args=Sh(f" --cpus-per-task={c.prep.cpus}" + container_srun),
         exec_prefix=Sh(exec_prefix),
     )

@@ -27,10 +27,32 @@ from pathlib import Path
 
 import pytest
 
-from test_preemption import ROOT, log_of, steps_of, submit, watch  # the same submission and requeue path
+from test_preemption import ROOT, log_of, steps_of, submit  # the same submission path
 
 MAX_STEPS = 8
+PLANTED = {"WANDB_API_KEY": "planted0wandb0key0" + "7" * 22, "MLFLOW_TRACKING_TOKEN": "planted0mlflow0token0x9"}
 EXPERIMENT = "launcher-trackers-test"
+
+
+def watch(lab, job: str, timeout: float = 600) -> tuple[str, int]:
+    """Wait for the job to end, releasing its requeue hold; returns (state, highest Restarts seen). The hold is
+    released 3 s after the requeue at the earliest: a start in the same second as the first attempt's end
+    meets its revoked credential ("Killing non-startable batch job: Job credential revoked", seen here)."""
+    deadline = time.monotonic() + timeout
+    restarts, held_since = 0, None
+    while True:
+        info = lab.scontrol_show_job(job)
+        restarts = max(restarts, int(info.get("Restarts", "0") or 0))
+        held = info.get("JobState") == "PENDING" and info.get("Restarts", "0") != "0" \
+            and info.get("Reason") in ("BeginTime", "JobHeldAdmin", "JobHeldUser")
+        held_since = (held_since or time.monotonic()) if held else None
+        if held and time.monotonic() - held_since >= 3:
+            lab.release(job)
+        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") \
+                or not info:
+            return lab.wait_job(job, timeout=120), restarts
+        assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')} after {timeout}s"
+        time.sleep(0.5)
 
 
 def _free_port() -> int:
@@ -87,7 +109,9 @@ def preempted(slurm_lab, mlflow_server, tmp_path_factory):
                         "prep": {"cpus": 1}, "net_ifname": "eth0", "max_requeues": 2, "usd_per_node_hour": 1.0}}
     t0 = time.monotonic()
     # offline wandb never needs the network; an unroutable server makes sure nothing is sent
-    job, run_dir = submit(slurm_lab, tmp, "tracked", spec, WANDB_BASE_URL="http://127.0.0.1:9")
+    # planted keys: the trackers read them from the environment and nothing in the run dir may hold them
+    job, run_dir = submit(slurm_lab, tmp, "tracked", spec, WANDB_BASE_URL="http://127.0.0.1:9",
+                          WANDB_API_KEY=PLANTED["WANDB_API_KEY"], MLFLOW_TRACKING_TOKEN=PLANTED["MLFLOW_TRACKING_TOKEN"])
     deadline = time.monotonic() + 600
     while 2 not in steps_of(log_of(run_dir)):
         state = slurm_lab.job_state(job)
@@ -186,3 +210,11 @@ def test_wandb_offline_files_hold_one_run_id_and_no_step_twice(preempted, slurm_
                         text=True, capture_output=True, timeout=120)
     assert cp.returncode == 0, cp.stderr
     assert f"--id {kept['run_id']}" in cp.stdout and all(str(f) in cp.stdout for f in folders)
+
+
+def test_no_api_key_is_written_into_the_run_dir(preempted):
+    for path in preempted["run_dir"].rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            for name, value in PLANTED.items():
+                assert value.encode() not in data, f"{name} written into {path}"

@@ -231,3 +231,17 @@ def test_preflight_needs_a_tracking_uri_for_mlflow(tmp_path, monkeypatch):
     assert "output.mlflow.tracking_uri" in str(exc.value)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     preflight.check(_spec(tmp_path / "r", "output.trackers=[mlflow]"))
+
+
+def test_an_eval_job_adds_its_results_to_the_one_run(tmp_path, monkeypatch):
+    Recorder.made = 0
+    _attempt(tmp_path, monkeypatch, [1, 2, 3], attempt=0)
+    logged = []
+    monkeypatch.setattr(Recorder, "log", lambda self, step, values: logged.append((self.run_id, step, values)))
+    (tmp_path / "spec.yaml").write_text(_spec(tmp_path, "output.trackers=[wandb]", "output.wandb.mode=offline").to_yaml())
+    res = {"sets": [{"name": "held-out", "tuned": {"loss": 2.0}, "base": {"loss": 2.5}, "delta_loss": -0.5}],
+           "forgetting_detected": False}
+    rt.log_eval_job(tmp_path, res)
+    assert logged == [("run1", 3, {"eval_job/held-out/tuned_loss": 2.0, "eval_job/held-out/base_loss": 2.5,
+                                   "eval_job/held-out/delta_loss": -0.5, "eval_job/forgetting_detected": 0.0})]
+    assert Recorder.made == 1
