@@ -23,12 +23,7 @@ def read_state(run_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
     (written by hand, cut off) is said once and read as {}: the trackers then start new runs."""
     path = RunDir(Path(run_dir)).trackers_path
     try:
-        if not path.exists():
-            return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"a JSON {type(data).__name__}, not an object")
-        return {k: v for k, v in data.items() if isinstance(v, dict)}
+        return {k: v for k, v in damage.read_object(path).items() if isinstance(v, dict)}
     except (OSError, ValueError, RecursionError) as exc:
         damage.skipped(path, damage.describe(exc))
         return {}

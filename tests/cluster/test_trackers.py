@@ -27,32 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from test_preemption import ROOT, log_of, steps_of, submit  # the same submission path
+from test_preemption import ROOT, log_of, signal_at_step, steps_of, submit, watch  # the same path
 
 MAX_STEPS = 8
 PLANTED = {"WANDB_API_KEY": "planted0wandb0key0" + "7" * 22, "MLFLOW_TRACKING_TOKEN": "planted0mlflow0token0x9"}
 EXPERIMENT = "launcher-trackers-test"
-
-
-def watch(lab, job: str, timeout: float = 600) -> tuple[str, int]:
-    """Wait for the job to end, releasing its requeue hold; returns (state, highest Restarts seen). The hold is
-    released 3 s after the requeue at the earliest: a start in the same second as the first attempt's end
-    meets its revoked credential ("Killing non-startable batch job: Job credential revoked", seen here)."""
-    deadline = time.monotonic() + timeout
-    restarts, held_since = 0, None
-    while True:
-        info = lab.scontrol_show_job(job)
-        restarts = max(restarts, int(info.get("Restarts", "0") or 0))
-        held = info.get("JobState") == "PENDING" and info.get("Restarts", "0") != "0" \
-            and info.get("Reason") in ("BeginTime", "JobHeldAdmin", "JobHeldUser")
-        held_since = (held_since or time.monotonic()) if held else None
-        if held and time.monotonic() - held_since >= 3:
-            lab.release(job)
-        if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") \
-                or not info:
-            return lab.wait_job(job, timeout=120), restarts
-        assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')} after {timeout}s"
-        time.sleep(0.5)
 
 
 def _free_port() -> int:
@@ -112,13 +91,7 @@ def preempted(slurm_lab, mlflow_server, tmp_path_factory):
     # planted keys: the trackers read them from the environment and nothing in the run dir may hold them
     job, run_dir = submit(slurm_lab, tmp, "tracked", spec, WANDB_BASE_URL="http://127.0.0.1:9",
                           WANDB_API_KEY=PLANTED["WANDB_API_KEY"], MLFLOW_TRACKING_TOKEN=PLANTED["MLFLOW_TRACKING_TOKEN"])
-    deadline = time.monotonic() + 600
-    while 2 not in steps_of(log_of(run_dir)):
-        state = slurm_lab.job_state(job)
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{log_of(run_dir)[-3000:]}"
-        assert time.monotonic() < deadline, log_of(run_dir)[-3000:]
-        time.sleep(0.5)
-    slurm_lab.cmd("scancel", "--signal=USR1", job)
+    signal_at_step(slurm_lab, job, run_dir, 2)
     state, restarts = watch(slurm_lab, job)
     return {"job": job, "run_dir": run_dir, "state": state, "restarts": restarts, "log": log_of(run_dir),
             "seconds": time.monotonic() - t0}
