@@ -306,7 +306,8 @@ def eval_values(res: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {}
     for e in res.get("sets") or []:
         name = str(e.get("name", "set"))
-        for key, v in (("tuned_loss", (e.get("tuned") or {}).get("loss")), ("base_loss", (e.get("base") or {}).get("loss")),
+        tuned, base = e.get("tuned") or {}, e.get("base") or {}
+        for key, v in (("tuned_loss", tuned.get("loss")), ("base_loss", base.get("loss")),
                        ("delta_loss", e.get("delta_loss"))):
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v:
                 out[f"eval_job/{name}/{key}"] = float(v)
