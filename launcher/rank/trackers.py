@@ -26,9 +26,11 @@ from typing import Any
 
 from launcher import identity
 from launcher.config.spec import RunSpec
-from launcher.plan.plan import Plan
+from launcher.ops.cost import run_cost
+from launcher.plan.plan import Plan, make_plan
 from launcher.rank.records import slurm_fields
 from launcher.rundir import markers
+from launcher.rundir.jobs import recorded_jobs
 from launcher.rundir import trackers as state
 from launcher.rundir.layout import RunDir
 
@@ -287,9 +289,6 @@ class Trackers:
     def _cost(self) -> dict[str, float]:
         """`launcher cost`'s numbers for the run so far (sacct answers for a Slurm job; this attempt is still
         running, so its time so far is counted)."""
-        from launcher.ops.cost import run_cost
-        from launcher.rundir.jobs import recorded_jobs
-
         if not any(j.job_id[:1].isdigit() for j in recorded_jobs(self.run_dir.path)):
             return {}  # a local run (`launcher run`): no Slurm accounting to price
         try:
@@ -319,8 +318,6 @@ def eval_values(res: dict[str, Any]) -> dict[str, float]:
 def log_eval_job(run_dir: Path, res: dict[str, Any]) -> None:
     """A `--then eval` job (or `launcher eval RUN_DIR` later) adds its results to the run's tracker runs, the
     ones its training attempts logged to. Nothing when the run has no wandb or mlflow tracker."""
-    from launcher.plan.plan import make_plan
-
     rd = RunDir(Path(run_dir))
     spec = rd.load_spec()
     if not any(t in ADAPTERS for t in spec.output.active_trackers()) or not state.read_state(rd.path):

@@ -8,6 +8,8 @@ or file and the fix.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -101,9 +103,6 @@ def _clashes(spec: RunSpec, plan: Plan | None, *, slurm: bool) -> list[UserError
 
 def _trackers(spec: RunSpec) -> list[UserError]:
     """The trackers' packages are importable here (the ranks run this Python), and MLflow has somewhere to log."""
-    import importlib.util
-    import os
-
     p: list[UserError] = []
     for name in spec.output.active_trackers():
         if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
