@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("launcher.commands.ops_cmds:cluster", "Check a cluster profile against the live cluster."),
     "stage": ("launcher.commands.stage_cmd:stage", "Download the spec's hub model and data into a shared cache."),
     "doctor": ("launcher.commands.doctor_cmd:doctor", "Each node's environment: versions, CUDA, GPUs, shared dir, NIC."),
+    "sync": ("launcher.commands.sync_cmd:sync", "Upload a run's offline wandb runs into its one wandb run."),
 }
 
 

@@ -39,6 +39,7 @@ from launcher.model import load as model_mod
 from launcher.model.load import ADAPTER_CONFIG, has_weights, read_adapter_config
 from launcher.plan.modelinfo import read_config
 from launcher.plan.plan import settled
+from launcher.rank.trackers import log_eval_job
 from launcher.rundir import metrics
 from launcher.rundir.layout import RunDir, open_run_dir
 
@@ -381,6 +382,7 @@ def evaluate_and_write(target: str | Path, *, out: str | None = None, plot: str 
         p = RunDir(Path(res["run_dir"])).eval_path
         p.write_text(text)
         written.append(p)
+        log_eval_job(Path(res["run_dir"]), res)  # into the run's one tracker run (wandb, mlflow), when it has one
     if out:
         dest = Path(out).expanduser()
         with outpaths.writing(dest, "--out"):

@@ -52,9 +52,12 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
                                usd_per_device_hour=usd_per_device_hour,
                                train_tokens=int(train_tokens) if train_tokens else None, mfu=mfu, fit=fit)
     if as_json:
-        click.echo(json.dumps({"micro_batch": plan.micro_batch, **e.to_dict()}, indent=2))
+        m = plan.model
+        click.echo(json.dumps({"micro_batch": plan.micro_batch, **e.to_dict(),
+                               "model_config": {"origin": m.origin, "source": m.source} if m else None}, indent=2))
         return
     rows = [
+        ("model config", plan.model.describe_origin() if plan.model else "-"),
         ("parameters", f"{e.params:,} ({e.trainable_params:,} trainable)"),
         ("ranks", f"{plan.world_size}, micro batch {plan.micro_batch} x seq {plan.seq_len}"),
         ("setup", f"ZeRO-{plan.zero_stage}, {plan.precision}, {plan.loss} loss, {plan.optimizer}"),

@@ -27,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from launcher import yamlio
 from launcher.config.resolve import deep_merge, user_tree
 from launcher.errors import SpecError
-from launcher.config.spec import (ClusterSpec, ContainerSpec, Float, Int, NcclSpec, RunSpec, explain_errors_of,
-                                  register_model, validate)
+from launcher.config.spec import (ClusterSpec, ContainerSpec, Float, Int, NcclSpec, RunSpec, check_tracking_uri,
+                                  explain_errors_of, register_model, validate)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.I)
 
@@ -83,6 +83,13 @@ class Profile(_Strict):
     nccl: NcclSpec | None = None
     env: dict[str, str] = Field(default_factory=dict)
     hf_home: str | None = Field(None, description="shared hub cache the jobs read offline")
+    mlflow_tracking_uri: str | None = Field(None, description="the cluster's MLflow tracking server "
+                                            "(output.mlflow.tracking_uri of its runs)")
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_tracking_uri(v)
 
     def partition(self, name: str | None) -> tuple[str | None, Partition | None]:
         name = name or self.default_partition or (next(iter(self.partitions)) if len(self.partitions) == 1 else None)
@@ -114,7 +121,10 @@ class Profile(_Strict):
             c["nccl"] = self.nccl.model_dump()
         if self.env:
             c["env"] = dict(self.env)
-        return {"cluster": c}
+        layer: dict[str, Any] = {"cluster": c}
+        if self.mlflow_tracking_uri:
+            layer["output"] = {"mlflow": {"tracking_uri": self.mlflow_tracking_uri}}
+        return layer
 
 
 def profiles_path(explicit: str | None = None) -> Path:

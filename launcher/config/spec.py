@@ -348,6 +348,55 @@ class ClusterSpec(_Section):
         return slurm_time_seconds(self.time)
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
+TRACKER_EXTRA = "pip install 'launcher[trackers]'"  # where wandb and mlflow come from (an optional extra)
+# Where an MLflow tracking server or store can be: a server (http/https), a database backend, a Databricks
+# workspace, or a local store (file: or an absolute path).
+MLFLOW_URI_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+
+
+class WandbSpec(_Section):
+    project: str | None = Field(None, description="W&B project; none = the run's name")
+    entity: str | None = Field(None, description="W&B team or user; none = the API key's default")
+    mode: Literal["online", "offline"] = Field("online", description="offline: write the run into the run dir "
+                                               "(nodes without internet); `launcher sync RUN_DIR` uploads it later")
+    tags: list[str] = Field(default_factory=list)
+
+
+class MlflowSpec(_Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking server or store (http://host:5000, "
+                                     "sqlite:///path.db, ...); none = the cluster profile's, else $MLFLOW_TRACKING_URI")
+    experiment: str | None = Field(None, description="MLflow experiment; none = the run's name")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else check_tracking_uri(v)
+
+
+# An error text that starts so is not followed by the value given (it may hold a password).
+NOT_ECHOED = "the value is not shown"
+
+
+def check_tracking_uri(v: str) -> str:
+    """An MLflow tracking URI launcher can hand to MLflow: a known scheme (or an absolute path), no spaces, no
+    credentials in it (MLflow reads MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN from the environment)."""
+    m = re.fullmatch(r"([A-Za-z][A-Za-z0-9+.-]*):(.*)", v)
+    if v.startswith("/"):
+        return v
+    if not m or any(c.isspace() for c in v) or m.group(1).split("+")[0].lower() not in MLFLOW_URI_SCHEMES:
+        raise ValueError(f"{yamlio.quote(v)} is not an MLflow tracking URI; give http(s)://HOST:PORT, "
+                         f"sqlite:///PATH.db, file:///PATH, databricks or another of {', '.join(MLFLOW_URI_SCHEMES)}")
+    if m.group(1).lower() in ("http", "https"):
+        host = m.group(2).removeprefix("//").split("/", 1)[0]
+        if "@" in host:
+            raise ValueError(f"{NOT_ECHOED}: the tracking URI carries a user or password; secrets are not written into the spec: "
+                             "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+        if not host:
+            raise ValueError(f"{yamlio.quote(v)} names no host; give http(s)://HOST:PORT")
+    return v
+
+
 class OutputSpec(_Section):
     dir: str = Field("runs/run", description="where checkpoints, logs and the final model go")
     save_every: Int = Field(0, ge=0, description="checkpoint every N steps; 0 = only at the end")
@@ -355,7 +404,24 @@ class OutputSpec(_Section):
     log_every: Int = Field(1, ge=1)
     eval_every: Int = Field(0, ge=0)
     resume: str = Field("auto", description="auto (newest complete checkpoint), never, or a checkpoint path")
-    tensorboard: bool = True
+    tensorboard: bool = Field(True, description="false drops tensorboard from output.trackers")
+    trackers: list[Tracker] = Field(default_factory=lambda: ["tensorboard"],
+                                    description="experiment trackers rank 0 logs to: tensorboard, wandb, mlflow; "
+                                    "one tracker run across every attempt of the run")
+    wandb: WandbSpec = Field(default_factory=WandbSpec)
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec)
+
+    @field_validator("trackers")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        twice = sorted({t for t in v if v.count(t) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed more than once")
+        return v
+
+    def active_trackers(self) -> list[str]:
+        """The trackers this run logs to: output.trackers, less tensorboard when output.tensorboard is false."""
+        return [t for t in self.trackers if t != "tensorboard" or self.tensorboard]
 
 
 class RunSpec(_Section):
@@ -617,7 +683,7 @@ def _explain(exc: ValidationError, root: type[BaseModel] | None = None) -> list[
             text = err["msg"].removeprefix("Value error, ")
             text = text[0].lower() + text[1:] if text else text
             shown = yamlio.quote(given) if not isinstance(given, dict) else "a mapping"
-            msg = f"{where}: {text} (got {shown})"
+            msg = f"{where}: {text}" + ("" if text.startswith(NOT_ECHOED) else f" (got {shown})")
             if "valid number" in text or "valid integer" in text or "finite number" in text:
                 msg += "; write a plain number (true/false and quoted text are not numbers)"
         if msg not in seen:

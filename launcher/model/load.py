@@ -308,6 +308,25 @@ def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device
     return model
 
 
+QUANTIZING_METHODS = ("qlora",)  # the methods that load the base through bitsandbytes
+
+
+def keep_bitsandbytes_out(method: str) -> bool:
+    """Keep bitsandbytes from being imported in this process when `method` does not quantize; True if so.
+
+    transformers' Trainer imports peft, and peft imports bitsandbytes whenever it is installed; on a CPU with
+    AVX512-BF16, bitsandbytes then warns that the `kernels` package is missing, in a run that has no 4-bit
+    layer. A None entry in sys.modules makes `import bitsandbytes` fail as if it were not installed, and
+    importlib.util.find_spec (which peft and transformers ask) answer None, so both take their paths without
+    it. Too late once imported; a quantizing method keeps it (and its warning, which it can act on)."""
+    import sys
+
+    if method in QUANTIZING_METHODS or "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None  # type: ignore[assignment]
+    return True
+
+
 def fix_bnb_cpu_inference(model: Any) -> int:
     """bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks 4-bit weights for a fast no-grad kernel
     (evaluation, generation) that needs out_features % 32 == 0 and in_features % blocksize == 0;

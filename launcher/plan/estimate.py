@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from launcher import hubcache
 from launcher.config.resolve import with_overrides
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
@@ -77,7 +78,9 @@ def estimate(spec: RunSpec, plan: Plan, *, device: str | None = None, device_mem
     m = plan.model
     if m is None:
         raise UserError(f"model.name {spec.model.name!r}: the estimator reads the model's config.json; give a local "
-                        f"model directory (a hub id is not read without a hub)", field="model.name")
+                        f"model directory (a hub id is not read without a hub): it is neither in the hub cache "
+                        f"({hubcache.hf_home(spec)[0]}; `launcher stage` fills it) nor in launcher's table of known "
+                        f"models", field="model.name")
     p = count_params(m, spec)
     micro = micro_batch or plan.micro_batch
     pk = memory.peak(m, spec, plan.setup(), p, micro, plan.seq_len)

@@ -1,20 +1,36 @@
 """What the planner knows about a model without importing torch: its config.json, and parameter
-counts computed analytically for the Llama/Mistral/Qwen family."""
+counts computed analytically for the Llama/Mistral/Qwen/Gemma family.
+
+Where the config comes from, in order: 'tiny' (embedded) or a local model directory; for a hub id, its
+config.json in the hub cache the jobs read (cluster.hf_home, else $HF_HOME, else ~/.cache/huggingface;
+`launcher stage` fills it); else the published hyper-parameters of well-known models shipped in
+known_models.json beside this file (each entry names its source). ModelInfo.origin says which."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from launcher import assets
+from launcher import assets, hubcache
 from launcher.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from launcher.config.spec import RunSpec
 
 # Architectures whose parameters this module counts exactly (decoder of q/k/v/o + gated MLP + RMSNorm).
 # Config keys that make the logits more than the LM head's linear map (the chunked loss computes only that).
 SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "olmo2"}
+LLAMA_FAMILY = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo2"}
+# Gemma 2 normalises before and after both attention and the MLP: four RMSNorm weights per layer.
+LAYER_NORMS = {"olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+               "gemma2": ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                          "post_feedforward_layernorm")}
+DEFAULT_NORMS = ("input_layernorm", "post_attention_layernorm")
+KNOWN_MODELS_FILE = Path(__file__).with_name("known_models.json")
+# ModelInfo.origin
+LOCAL, HUB_CACHE, KNOWN_TABLE = "local", "hub cache", "known-models table"
 
 
 @dataclass(frozen=True)
@@ -33,6 +49,21 @@ class ModelInfo:
     attention_bias: bool = False
     mlp_bias: bool = False
     scaled_logits: str | None = None  # the config key that caps or scales the logits (Gemma 2, Cohere), if any
+    origin: str = LOCAL  # LOCAL, HUB_CACHE or KNOWN_TABLE: where the config came from
+
+    def describe_origin(self) -> str:
+        """Where the numbers come from, for a person."""
+        if self.origin == KNOWN_TABLE:
+            return (f"published hyper-parameters from launcher's table of known models (source: {self.source}); "
+                    f"the model's own config.json is not in the hub cache (`launcher stage` puts it there)")
+        if self.origin == HUB_CACHE:
+            return f"config.json in the hub cache: {self.source}"
+        return f"config.json: {self.source}"
+
+    @property
+    def norms(self) -> tuple[str, ...]:
+        """The RMSNorm weights of one decoder block, by name."""
+        return LAYER_NORMS.get(self.model_type, DEFAULT_NORMS)
 
     @property
     def counted(self) -> bool:
@@ -51,7 +82,7 @@ class ModelInfo:
             n += shapes["q_proj"][1] + shapes["k_proj"][1] + shapes["v_proj"][1] + shapes["o_proj"][1] * (self.model_type != "qwen2")
         if self.mlp_bias:
             n += 2 * self.intermediate_size + self.hidden_size
-        n += 2 * self.hidden_size  # input and post-attention RMSNorm weights
+        n += len(self.norms) * self.hidden_size  # the block's RMSNorm weights
         if self.model_type == "qwen3":
             n += 2 * self.head_dim  # q_norm and k_norm
         return n
@@ -83,17 +114,45 @@ def config_path(model_name: str) -> Path | None:
     return None
 
 
-def load(model_name: str, *, required: bool = False) -> ModelInfo | None:
+def load_for(spec: "RunSpec") -> ModelInfo | None:
+    """The ModelInfo of spec.model: local, else from the hub cache the spec's jobs read, else the table of known
+    models; None for a hub id found in neither."""
+    return load(spec.model.name, revision=spec.model.revision, hf_home=hubcache.hf_home(spec)[0])
+
+
+def load(model_name: str, *, required: bool = False, revision: str | None = None,
+         hf_home: Path | None = None) -> ModelInfo | None:
     path = config_path(model_name)
     if path is None:
         if required or Path(model_name).expanduser().is_absolute() or model_name.startswith("."):
             raise UserError(f"model.name {model_name!r}: no such local directory; give a model directory with a "
                             f"config.json, 'tiny', or a hub id", field="model.name")
-        return None
+        if not hubcache.HUB_ID.fullmatch(model_name):
+            return None
+        if hf_home is not None:
+            snap = hubcache.cached_snapshot(hf_home, hubcache.HubItem("model", model_name, revision, "model.name"))
+            if snap is not None and (snap / "config.json").is_file():
+                return replace(from_config(read_config(snap / "config.json"), source=str(snap / "config.json")),
+                               origin=HUB_CACHE)
+        return known_model(model_name)
     if not path.is_file():
         raise UserError(f"model.name {model_name!r}: {path} is missing; a model directory needs the config.json "
                         f"that save_pretrained writes", field="model.name")
     return from_config(read_config(path), source=str(path))
+
+
+def known_models() -> dict[str, dict[str, Any]]:
+    """The shipped table: hub id -> {"config", "published_params", "source"}."""
+    return json.loads(KNOWN_MODELS_FILE.read_text(encoding="utf-8"))["models"]
+
+
+def known_model(model_name: str) -> ModelInfo | None:
+    """The table's ModelInfo for a hub id (matched without regard to case, as the hub does), or None."""
+    table = known_models()
+    key = next((k for k in table if k.lower() == model_name.lower()), None)
+    if key is None:
+        return None
+    return replace(from_config(table[key]["config"], source=table[key]["source"]), origin=KNOWN_TABLE)
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -101,9 +101,7 @@ def param_names(m: ModelInfo) -> list[tuple[str, int, str]]:
         if m.model_type == "qwen3":
             for t in ("q_norm", "k_norm"):
                 out.append((f"{pre}self_attn.{t}.weight", m.head_dim, f"{pre}self_attn.{t}.weight"))
-        norms = ("post_attention_layernorm", "post_feedforward_layernorm") if m.model_type == "olmo2" \
-            else ("input_layernorm", "post_attention_layernorm")
-        for t in norms:
+        for t in m.norms:
             out.append((f"{pre}{t}.weight", h, f"{pre}{t}.weight"))
     out.append(("model.norm.weight", h, "model.norm.weight"))
     out.append(("lm_head.weight", m.vocab_size * h,

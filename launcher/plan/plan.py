@@ -110,6 +110,7 @@ class Plan:
             m = self.model
             n = f"{m.total_params():,} parameters" if m.counted else "parameters not counted for this architecture"
             lines.append(f"model        {m.model_type}, hidden {m.hidden_size}, {m.num_layers} layers, {n}")
+            lines.append(f"config       {m.describe_origin()}")
         if self.trainable_params is not None:
             lines.append(f"trainable    {self.trainable_params:,} parameters ({self.method})")
         else:
@@ -165,7 +166,7 @@ def make_plan(spec: RunSpec) -> Plan:
             msg += f"; {global_batch} sequences cannot be split evenly over {world} ranks"
         raise SpecError(msg)
 
-    model = modelinfo.load(spec.model.name)
+    model = modelinfo.load_for(spec)
     if model is not None and model.max_positions and seq > model.max_positions:
         raise SpecError(f"data.seq_len={seq} exceeds the model's max_position_embeddings={model.max_positions} "
                         f"({model.source}); use --seq-len {model.max_positions} or less")

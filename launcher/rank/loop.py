@@ -30,6 +30,7 @@ from launcher.plan.plan import Plan, make_plan, settled, unsupported_precision
 from launcher.rank import checkpoint, watchdog
 from launcher.rank.records import Attempt
 from launcher.rank.stop import STOP, finish_stop, stop_callback
+from launcher.rank.trackers import Trackers
 from launcher.rundir import checkpoints, markers, metrics
 from launcher.rundir.layout import RunDir
 
@@ -87,7 +88,9 @@ def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, An
         logging_strategy="steps",
         logging_steps=out.log_every,
         logging_first_step=True,
-        report_to=["tensorboard"] if out.tensorboard else "none",
+        # TensorBoard through transformers; wandb and mlflow through launcher's own adapters (rank/trackers.py),
+        # which keep one tracker run across attempts
+        report_to=["tensorboard"] if "tensorboard" in out.active_trackers() else "none",
         disable_tqdm=True,
         log_level="warning",
         log_level_replica="error",
@@ -156,7 +159,7 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
 
 # --------------------------------------------------------------------------- callback
 
-def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
+def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | None = None) -> Any:
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
@@ -178,6 +181,8 @@ def _make_log_callback(plan: Plan, log_file: Path | None) -> Any:
             print(line, flush=True)
             if log_file is not None:
                 metrics.append(log_file, record)
+            if trackers is not None:
+                trackers.log(record)
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             self.t_last = time.perf_counter()
@@ -340,16 +345,21 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
                      max_steps=plan.max_steps, device=plan.device)
+    trackers = Trackers(Path(spec.output.dir))
     try:
-        result = _train(spec, record, callbacks)
+        result = _train(spec, record, callbacks, trackers)
     except BaseException as exc:
         record.end(markers.exit_reason(exc), message=f"{type(exc).__name__}: {exc}")
+        trackers.finish(markers.exit_reason(exc))
         raise
-    record.end(markers.COMPLETED if result.final is not None else markers.REQUEUED)
+    reason = markers.COMPLETED if result.final is not None else markers.REQUEUED
+    record.end(reason)
+    trackers.finish(reason)  # after the attempt's end record: the cost reads the manifest and metrics
     return result
 
 
-def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainResult:
+def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: Trackers | None = None) -> TrainResult:
+    model_mod.keep_bitsandbytes_out(spec.method.name)  # before transformers (and through it peft) is imported
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
     if not run_dir.ds_config_path.is_file():
@@ -371,11 +381,14 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
     universal_note = checkpoint.prepare_resume(resume, ds_config) if resume is not None else None
     run_dir.logs.mkdir(parents=True, exist_ok=True)
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir.tensorboard)
+    os.environ.setdefault("DS_ACCELERATOR", plan.device)  # the launchers set it; ranks started otherwise too
     # NCCL's async error handling: a failed or timed-out collective aborts the rank instead of hanging it.
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if spec.cluster.nccl.async_error_handling else "0")
     _quiet_libraries()
 
     check_environment(spec, plan)
+    if trackers is not None:
+        trackers.start(spec, plan)  # global rank 0 opens (or reopens) the tracker runs
 
     from transformers import PrinterCallback, ProgressCallback, TrainingArguments
 
@@ -423,7 +436,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = ()) -> TrainRe
         data_collator=make_collator(spec, tokenizer),
         processing_class=tokenizer,
         # the hang watchdog after the stop callback, so that it sees a save the stop asks for
-        callbacks=[_make_log_callback(plan, run_dir.metrics_path),
+        callbacks=[_make_log_callback(plan, run_dir.metrics_path, trackers),
                    *(testing.step_callbacks() if testing else []), stop,
                    watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
                                               on_fire=lambda why: record.end(markers.HANG, message=why))],

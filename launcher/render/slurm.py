@@ -263,6 +263,12 @@ def _hub_environment(spec: RunSpec) -> list[tuple[str, str]]:
     return [("HF_HOME", hf_home), ("HF_HUB_OFFLINE", "1")] if hf_home else []
 
 
+def ds_accelerator(gpus_per_node: int) -> str:
+    """DeepSpeed's accelerator for the plan's device, set explicitly (DS_ACCELERATOR): otherwise DeepSpeed
+    guesses it in every process and, on CPU ranks, warns "Setting accelerator to CPU" each time."""
+    return "cuda" if gpus_per_node > 0 else "cpu"
+
+
 def _quoted_environment(env: list[tuple[str, str]]) -> list[tuple[Sh, Sh]]:
     out = []
     for name, value in env:
@@ -286,6 +292,7 @@ def _environment(spec: RunSpec) -> list[tuple[Sh, Sh]]:
             env.append(("NCCL_DEBUG", c.nccl.debug))
         env.append(("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1" if c.nccl.async_error_handling else "0"))
     env.append(("LAUNCHER_COLLECTIVE_TIMEOUT_S", str(c.nccl.timeout_s)))
+    env.append(("DS_ACCELERATOR", ds_accelerator(c.gpus_per_node)))
     env += _hub_environment(spec)
     env += sorted(c.env.items())  # last, so the spec's own values win
     return _quoted_environment(env)
@@ -468,7 +475,8 @@ def render_chain_sbatch(
         python_from_path=python_from_path,
         container=container,
         setup=Sh("\n".join(c.setup)),
-        env=_quoted_environment(_hub_environment(spec) + sorted(c.env.items())),
+        env=_quoted_environment([("DS_ACCELERATOR", ds_accelerator(1 if chain_uses_gpu(spec, kind) else 0))]
+                                + _hub_environment(spec) + sorted(c.env.items())),
         srun_args=Sh(f" --cpus-per-task={c.prep.cpus}" + container_srun),
         exec_prefix=Sh(exec_prefix),
     )

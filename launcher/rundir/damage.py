@@ -4,8 +4,11 @@ with the rest (`status`, `logs`, `cost`, `runs` answer for everything else the r
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 _said: set[str] = set()
 
@@ -27,3 +30,14 @@ def describe(exc: BaseException) -> str:
         return f"cannot be read ({exc.strerror or exc})"
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text if len(text) <= 160 else text[:160] + "..."
+
+
+def read_object(path: Path) -> dict[str, Any]:
+    """A run-dir JSON file that holds one object: {} where it does not exist; OSError, ValueError or
+    RecursionError (for `describe`) where it cannot be read or is not an object."""
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"a JSON {type(data).__name__}, not an object")
+    return data

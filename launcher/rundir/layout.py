@@ -111,6 +111,17 @@ class RunDir:
     def tensorboard(self) -> Path:
         return self.logs / "tb"
 
+    @property
+    def wandb_dir(self) -> Path:
+        """wandb's own folder (wandb.init(dir=...) writes wandb/ under it): offline runs wait here for
+        `launcher sync`."""
+        return self.logs
+
+    @property
+    def trackers_path(self) -> Path:
+        """Each tracker's run id and the last step logged to it, kept across attempts (rundir/trackers.py)."""
+        return self.path / "trackers.json"
+
     def job_logs(self, job_id: str) -> list[Path]:
         """The log files of one Slurm job (JOB_LOG_PATTERN / ARRAY_LOG_PATTERN), in name order."""
         if not self.logs.is_dir():

@@ -83,12 +83,7 @@ def read_manifest(run_dir: str | os.PathLike, *, strict: bool = False) -> dict[s
     UserError naming the file and the fix."""
     path = RunDir(Path(run_dir)).manifest_path
     try:
-        if not path.exists():
-            return {}
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(data, dict):
-            raise ValueError(f"a JSON {type(data).__name__}, not an object")
-        return data
+        return damage.read_object(path)
     except (OSError, ValueError, RecursionError) as exc:
         why = damage.describe(exc)
         if strict:

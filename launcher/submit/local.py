@@ -17,6 +17,7 @@ torchrun or srun (render/slurm.py), which forward signals; `launcher train` is t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -42,6 +43,14 @@ from launcher.submit.rundir import create
 
 _PACKAGE_ROOT = assets.PACKAGE_PARENT
 _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
+# What DeepSpeed's runner and per-node launcher say about themselves (the hostfile it did not need, the
+# command, the world info, each process spawned and its exit) and its JIT op loader's progress: nothing a user
+# of the quickstart can act on. With `quiet` these lines go to the launch log only.
+DEEPSPEED_CHATTER = re.compile(
+    r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(?:DEBUG|INFO|WARNING)\] \[(?:runner|launch|real_accelerator|constants)\.py:\d+:"
+    r"|^DeepSpeed \S+ built successfully$|^(?:Using \S+ as PyTorch extensions root|Loading extension module \S+|"
+    r"Time to load \S+ op: [\d.]+ seconds|ninja: no work to do|Emitting ninja build file \S+|Building extension module \S+|"
+    r"Detected CUDA files, patching ldflags|Allowing ninja to set a default number of workers).*$")
 
 
 def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: int = 29500,
@@ -71,6 +80,7 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["LAUNCHER_RUN_DIR"] = str(run_dir)
+    env["DS_ACCELERATOR"] = "cuda" if plan.device == "cuda" else "cpu"  # DeepSpeed does not guess (and say so)
     if plan.device == "cpu":
         cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
         threads = str(max(1, cores // max(nproc, 1)))
@@ -102,6 +112,8 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
         raise UserError(f"`launcher run` starts ranks on this machine only; cluster.nodes={spec.cluster.nodes}. "
                         f"Use `launcher slurm` for several nodes, or --nodes 1")
     plan0 = make_plan(spec)
+    # DeepSpeed's accelerator, explicitly: it is imported in this process too, and guesses (and says so) otherwise
+    os.environ.setdefault("DS_ACCELERATOR", plan0.device)
     for note in preflight.check(spec, ignore_fit=ignore_fit, device_memory=local_gpu_memory(plan0)):
         print(f"note: {note}", file=sys.stderr, flush=True)
     check_environment(spec, plan0)  # GPUs, precision, attention kernel: before any rank
@@ -179,7 +191,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
                 backstop = backstop or bool(BACKSTOP_DUMP.match(line))
                 log.write(line)
                 log.flush()
-                if echo:
+                if echo and not (quiet and DEEPSPEED_CHATTER.match(line)):
                     sys.stdout.write(line)
                     sys.stdout.flush()
             code = proc.wait()

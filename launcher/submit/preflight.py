@@ -8,11 +8,13 @@ or file and the fix.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from launcher.config import profiles
-from launcher.config.spec import RunSpec
+from launcher.config.spec import TRACKER_EXTRA, RunSpec
 from launcher.data.check import check_data
 from launcher.errors import SpecError, UserError
 from launcher.model.load import WEIGHT_FILES, has_weights
@@ -86,6 +88,7 @@ def _clashes(spec: RunSpec, plan: Plan | None, *, slurm: bool) -> list[UserError
         p.append(UserError("optim.loss=liger needs the liger-kernel package, which this Python cannot import; "
                            "pip install 'launcher[gpu]' (or liger-kernel) where the ranks run, or use --loss chunked "
                            "(the same memory saving in plain PyTorch)", field="optim.loss"))
+    p += _trackers(spec)
     if c.max_retries > 0 and not c.requeue:
         p.append(UserError(f"cluster.max_retries={c.max_retries} retries a failed job by requeueing it, but "
                            f"cluster.requeue is false; set cluster.requeue=true or cluster.max_retries=0",
@@ -95,6 +98,21 @@ def _clashes(spec: RunSpec, plan: Plan | None, *, slurm: bool) -> list[UserError
                            f"cluster.time={c.time} ({c.time_seconds()} s): the warning to save would come before "
                            f"the job starts; lower --set cluster.signal_grace_s or raise --time",
                            field="cluster.signal_grace_s"))
+    return p
+
+
+def _trackers(spec: RunSpec) -> list[UserError]:
+    """The trackers' packages are importable here (the ranks run this Python), and MLflow has somewhere to log."""
+    p: list[UserError] = []
+    for name in spec.output.active_trackers():
+        if name in ("wandb", "mlflow") and importlib.util.find_spec(name) is None:
+            p.append(UserError(f"output.trackers lists {name}, which this Python cannot import; {TRACKER_EXTRA} "
+                               f"where the ranks run, or drop {name} from output.trackers", field="output.trackers"))
+    if "mlflow" in spec.output.active_trackers() and not spec.output.mlflow.tracking_uri \
+            and not os.environ.get("MLFLOW_TRACKING_URI"):
+        p.append(UserError("output.trackers lists mlflow but no tracking server is given: set "
+                           "output.mlflow.tracking_uri (or mlflow_tracking_uri in the cluster profile, or export "
+                           "MLFLOW_TRACKING_URI)", field="output.mlflow.tracking_uri"))
     return p
 
 

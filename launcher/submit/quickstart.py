@@ -11,7 +11,7 @@ from typing import Callable
 from launcher.config.resolve import resolve
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
-from launcher.model.load import load_tokenizer_from
+from launcher.model.load import keep_bitsandbytes_out, load_tokenizer_from
 from launcher.rundir.layout import RunDir
 from launcher.submit import local
 
@@ -51,6 +51,8 @@ def quickstart_spec(out: Path, gpu: bool) -> RunSpec:
 
 def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 40, seed: int = 0) -> str:
     import torch
+
+    keep_bitsandbytes_out("full")  # the sample loads the full model
     from transformers import AutoModelForCausalLM
 
     tok = load_tokenizer_from(model_dir)

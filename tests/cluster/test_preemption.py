@@ -70,20 +70,37 @@ def steps_of(log: str) -> list[int]:
 
 
 def watch(lab, job: str, timeout: float = 600) -> tuple[str, int]:
-    """Wait for the job to end, releasing its requeue hold; returns (state, highest Restarts seen)."""
+    """Wait for the job to end, releasing its requeue hold; returns (state, highest Restarts seen). The hold is
+    released 3 s after the requeue at the earliest: a start within the second of the first attempt's end met
+    its revoked credential ("Killing non-startable batch JobId=...: Job credential revoked", seen here with a
+    one-node job)."""
     deadline = time.monotonic() + timeout
-    restarts = 0
+    restarts, held_since = 0, None
     while True:
         info = lab.scontrol_show_job(job)
         restarts = max(restarts, int(info.get("Restarts", "0") or 0))
-        if info.get("JobState") == "PENDING" and info.get("Restarts", "0") != "0" \
-                and info.get("Reason") in ("BeginTime", "JobHeldAdmin", "JobHeldUser"):
+        held = info.get("JobState") == "PENDING" and info.get("Restarts", "0") != "0" \
+            and info.get("Reason") in ("BeginTime", "JobHeldAdmin", "JobHeldUser")
+        held_since = (held_since or time.monotonic()) if held else None
+        if held and time.monotonic() - held_since >= 3:
             lab.release(job)
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") \
                 or not info:
             return lab.wait_job(job, timeout=120), restarts
         assert time.monotonic() < deadline, f"job {job} still {info.get('JobState')} after {timeout}s"
         time.sleep(1)
+
+
+def signal_at_step(lab, job: str, run_dir: Path, step: int = 2) -> float:
+    """Once the job's log shows `step`, `scancel --signal=USR1` its job step (the preemption); the time sent."""
+    deadline = time.monotonic() + 600
+    while step not in steps_of(log_of(run_dir)):
+        state = lab.job_state(job)
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{log_of(run_dir)[-3000:]}"
+        assert time.monotonic() < deadline, log_of(run_dir)[-3000:]
+        time.sleep(0.5)
+    lab.cmd("scancel", "--signal=USR1", job)
+    return time.time()
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +119,7 @@ def jobs(slurm_lab, tmp_path_factory):
     oom = submit(slurm_lab, tmp, "oom", oom_spec, LAUNCHER_TEST_FAULT="oom:rank=0:step=2")
 
     # the preemption: a USR1 to the job step once training is under way
-    job, run_dir = pre
-    deadline = time.monotonic() + 600
-    while 2 not in steps_of(log_of(run_dir)):
-        state = slurm_lab.job_state(job)
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{log_of(run_dir)[-3000:]}"
-        assert time.monotonic() < deadline, log_of(run_dir)[-3000:]
-        time.sleep(0.5)
-    slurm_lab.cmd("scancel", "--signal=USR1", job)
-    signalled = time.time()
+    signalled = signal_at_step(slurm_lab, *pre)
 
     results = {}
     for key, (j, d) in {"reference": ref, "preempted": pre, "faulty": faulty, "oom": oom}.items():

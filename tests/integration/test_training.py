@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from launcher.rundir.metrics import parse_step_lines
+from launcher.rundir.metrics import parse_step, parse_step_lines
 from launcher.testing.faults import TEST_DUMP_ENV
 
 pytestmark = pytest.mark.integration
@@ -310,6 +311,22 @@ def test_bad_data_exits_2_before_any_rank(case, env, launcher, tmp_path):
 
 # --------------------------------------------------------------------------- quickstart
 
+# The labels of launcher's own report lines: the plan (Plan.summary and its choices), the rank's model /
+# loss / data / output lines, `launcher run`'s run dir, the quickstart's sample and done.
+REPORT_LABELS = ("ranks", "batch", "tokens", "model", "config", "trainable", "precision", "ZeRO stage", "loss",
+                 "optimizer", "run dir", "data", "output", "sample", "done")
+_REPORT = re.compile(r"^(?:%s) +\S" % "|".join(map(re.escape, REPORT_LABELS)))
+_EVAL = re.compile(r"^eval step \d+/\d+ loss [\d.]+ perplexity [\d.]+$")
+
+
+def is_launcher_line(line: str) -> bool:
+    """A line in one of launcher's own formats (a report line, a step or eval line, the quickstart's
+    header)."""
+    step = parse_step(line)
+    return (line.startswith("quickstart: ") or bool(_REPORT.match(line)) or bool(_EVAL.match(line))
+            or (step is not None and step.complete() and line.startswith("step ")))
+
+
 def test_quickstart(env, launcher, tmp_path):
     out = tmp_path / "qs"
     proc = launcher(["quickstart", "--out", out], env, timeout=600, expect=0)
@@ -320,6 +337,11 @@ def test_quickstart(env, launcher, tmp_path):
     assert sample and len(sample[0]) > len("sample       'The function returns'") + 10
     assert str(out / "final") in text
     assert (out / "final" / "model.safetensors").is_file()
+    # a quiet first run: every line, on stdout and stderr, is one of launcher's own (no library warnings,
+    # no bitsandbytes kernel notice in a full fine-tune, no DeepSpeed accelerator guess or runner chatter)
+    foreign = [line for line in (proc.stdout + proc.stderr).splitlines() if not is_launcher_line(line)]
+    assert not foreign, "lines that are not launcher's own:\n" + "\n".join(foreign[:20])
+    assert "bitsandbytes" not in (out / "logs" / "launch.log").read_text()  # not even imported: nothing to say
     # the claim: under two minutes on 2 CPU cores (cold data cache included)
     assert proc.seconds < 120, f"quickstart took {proc.seconds:.0f} s"
     # refuses a non-empty folder without --force

@@ -23,7 +23,8 @@ def test_wheel_installs_into_a_fresh_venv_and_finds_its_data(tmp_path):
     (wheel,) = dist.glob("launcher-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("launcher/_data/ds_configs/zero3_offload_bf16.json", "launcher/tiny/config.json",
-                     "launcher/tiny/tokenizer.json", "launcher/tiny/corpus.txt"):
+                     "launcher/tiny/tokenizer.json", "launcher/tiny/corpus.txt",
+                     "launcher/plan/known_models.json"):  # the known models' table (offline estimates)
         assert required in names, required
     assert any(n.startswith("launcher/_data/slurm/") for n in names)
 

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from launcher.cli import COMMANDS, cli
 
-HEAVY = ("torch", "transformers", "deepspeed", "peft", "bitsandbytes", "datasets")
+HEAVY = ("torch", "transformers", "deepspeed", "peft", "bitsandbytes", "datasets", "wandb", "mlflow")
 # Commands that must answer without importing any heavy library (clarifications.md, decision 1).
 LIGHT = {
     "help": ["--help"],
@@ -23,6 +23,9 @@ LIGHT = {
 for _name, _args in {
     "slurm": ["slurm", "--dry-run", "--out", "{tmp}/run"],
     "estimate": ["estimate"],
+    # a hub id from the shipped table of known models, with no hub and no cache
+    "estimate-known-model": ["estimate", "--model", "meta-llama/Meta-Llama-3-8B", "--gpu", "H100-80GB"],
+    "sync": ["sync", "--help"],
     "status": ["status", "--help"],
     "logs": ["logs", "--help"],
     "cost": ["cost", "--help"],

@@ -4,6 +4,7 @@ bitsandbytes' real 4-bit footprint, and the cost formula."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -153,6 +154,46 @@ def test_estimate_cli_json_has_the_promised_keys(cli, tmp_path):
         assert out[key] is not None, key
 
 
-def test_estimate_of_a_hub_id_says_what_it_needs(cli):
-    proc = cli("estimate", "--model", "meta-llama/Meta-Llama-3-8B")
+def test_estimate_of_an_unknown_hub_id_says_what_it_needs(cli, tmp_path):
+    proc = cli("estimate", "--model", "some-org/not-a-known-model", env={"HF_HOME": str(tmp_path)})
     assert proc.returncode == 2 and "config.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert "table of known models" in proc.stderr and "launcher stage" in proc.stderr
+
+
+def test_estimate_of_a_known_model_needs_no_hub_and_says_where_its_numbers_come_from(cli, tmp_path, llama8b_dir):
+    # no hub (HF_HUB_OFFLINE, an unroutable endpoint) and an empty cache: the shipped table answers, at once
+    env = {"HF_HOME": str(tmp_path / "empty"), "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    t0 = time.monotonic()
+    proc = cli("estimate", "--model", "meta-llama/Meta-Llama-3-8B", "--gpu", "H100-80GB", "--gpus-per-node", "8",
+               "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert time.monotonic() - t0 < 10  # no hub lookup with its 10 s timeout
+    got = json.loads(proc.stdout)
+    assert got["model_config"]["origin"] == "known-models table"
+    assert got["model_config"]["source"] == "https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json"
+    # the same numbers as from the model's own config.json (the conftest's Llama-3-8B directory)
+    local = json.loads(cli("estimate", "--model", str(llama8b_dir), "--gpu", "H100-80GB", "--gpus-per-node", "8",
+                           "--json").stdout)
+    assert got["params"] == local["params"] == 8_030_261_248
+    assert got["peak_bytes_per_gpu"] == local["peak_bytes_per_gpu"]
+    text = cli("estimate", "--model", "meta-llama/Meta-Llama-3-8B", env=env).stdout
+    assert text.splitlines()[0].startswith("model config        published hyper-parameters from launcher's table")
+
+
+def test_a_staged_config_json_wins_over_the_table(cli, tmp_path):
+    # huggingface_hub's cache layout: refs/main names the snapshot that holds config.json
+    repo = tmp_path / "hf" / "hub" / "models--Qwen--Qwen2.5-0.5B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    snap = repo / "snapshots" / "c0ffee"
+    snap.mkdir(parents=True)
+    from launcher.plan import modelinfo
+
+    cfg = dict(modelinfo.known_models()["Qwen/Qwen2.5-0.5B"]["config"], num_hidden_layers=2)
+    (snap / "config.json").write_text(json.dumps(cfg))
+    proc = cli("estimate", "--model", "Qwen/Qwen2.5-0.5B", "--json", env={"HF_HOME": str(tmp_path / "hf")})
+    got = json.loads(proc.stdout)
+    assert got["model_config"] == {"origin": "hub cache", "source": str(snap / "config.json")}
+    table = json.loads(cli("estimate", "--model", "Qwen/Qwen2.5-0.5B", "--json",
+                           env={"HF_HOME": str(tmp_path / "none")}).stdout)
+    assert table["model_config"]["origin"] == "known-models table" and got["params"] < table["params"]

@@ -567,7 +567,27 @@ _VALUES: dict[str, tuple[list[str], str]] = {
     "betas-nan": (["--set", "optim.betas=[.nan, 0.9]"], "optim.betas"),
     "eval-fraction-one": (["--set", "data.eval_fraction=1"], "data.eval_fraction"),
     "clusters-file-missing": (["--clusters", "{d}/no-such-clusters.yaml"], "no-such-clusters.yaml"),
+    "tracker-unknown": (["--set", "output.trackers=[comet]"], "output.trackers"),
+    "tracker-twice": (["--set", "output.trackers=[wandb, wandb]"], "output.trackers"),
+    "tracker-a-word": (["--set", "output.trackers=wandb"], "output.trackers"),
+    "wandb-mode-junk": (["--set", "output.wandb.mode=cloud"], "output.wandb.mode"),
+    "mlflow-uri-scheme": (["--set", "output.mlflow.tracking_uri=ftp://host/x"], "output.mlflow.tracking_uri"),
+    "mlflow-uri-no-host": (["--set", "output.mlflow.tracking_uri=http://"], "output.mlflow.tracking_uri"),
+    "mlflow-uri-spaces": (["--set", "output.mlflow.tracking_uri='http://a b:5000'"], "output.mlflow.tracking_uri"),
 }
+def _no_mlflow_env(d: Path) -> None:
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # the fixture's monkeypatch restores it
+
+
+add("5-values",
+    Case("slurm-mlflow-without-a-server", ["slurm", "--set", "output.trackers=[mlflow]", "--out", "{d}/new"],
+         needle="output.mlflow.tracking_uri", setup=_no_mlflow_env),
+    Case("slurm-profile-mlflow-uri-junk", ["slurm", "--cluster", "lab", "--clusters", "{d}/c.yaml", "--out", "{d}/new"],
+         needle="mlflow_tracking_uri", files={"c.yaml": "lab: {mlflow_tracking_uri: 'not a uri'}\n"}),
+    Case("sync-not-a-run-dir", ["sync", "{d}/nowhere"], needle="not a run dir"),
+    Case("sync-run-without-wandb", ["sync", "{d}/rd"], needle="no wandb run", setup=run_dir()),
+    Case("sync-damaged-trackers-file", ["sync", "{d}/rd"], needle="no wandb run",
+         setup=run_dir(("trackers.json", "{cut off"))))
 for _name, (_args, _needle) in _VALUES.items():
     add("5-values",
         Case(f"spec-{_name}", ["spec", *_args], needle=_needle),
@@ -756,7 +776,17 @@ for _t, _v in TOKENS.items():
         Case(f"slurm-{_t}-token-in-profile-env", ["slurm", "--cluster", "lab", "--clusters", "{d}/c.yaml", "--out",
                                                    "{d}/new"], needle="cluster.env.X",
              files={"c.yaml": f"lab: {{env: {{X: '{_v}'}}}}\n"}))
+def _password_not_echoed(d: Path, out: str, err: str) -> None:
+    assert "sekret-in-spec-70399" not in out + err
+
+
 add("9-secrets",
+    Case("slurm-password-in-mlflow-uri", ["slurm", "--set", "output.mlflow.tracking_uri=http://me:sekret-in-spec-70399"
+                                          "@mlflow:5000", "--out", "{d}/new"], needle="output.mlflow.tracking_uri",
+         check=_password_not_echoed),
+    Case("slurm-password-in-profile-mlflow-uri", ["slurm", "--cluster", "lab", "--clusters", "{d}/c.yaml", "--out",
+                                                  "{d}/new"], needle="mlflow_tracking_uri", check=_password_not_echoed,
+         files={"c.yaml": "lab: {mlflow_tracking_uri: 'https://me:sekret-in-spec-70399@mlflow:5000'}\n"}),
     Case("slurm-env-secrets-never-written", ["slurm", "--out", "{d}/new"], code=0),
     Case("slurm-harmless-env-is-accepted", ["slurm", "--set", "cluster.env.OMP_NUM_THREADS='4'", "--out", "{d}/new"],
          code=0))

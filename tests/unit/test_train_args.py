@@ -21,7 +21,7 @@ from launcher.rank.loop import check_world_size, resume_point, training_argument
 from launcher.render.deepspeed import render
 from launcher.rundir.checkpoints import COMPLETE_MARKER, incomplete_checkpoints, is_complete, newest_checkpoint
 from launcher.rundir.metrics import format_step, parse_step_lines
-from launcher.submit.local import launch_command
+from launcher.submit.local import DEEPSPEED_CHATTER, launch_command
 
 CASES = [
     # (flags, sets)
@@ -172,6 +172,7 @@ def test_launch_command_cpu(tmp_path):
     i = argv.index("--module")
     assert argv[i + 1:] == ["launcher", "train", str(tmp_path / "run" / "spec.yaml")]
     assert env["OMP_NUM_THREADS"] == "4"  # 8 cores / 2 ranks
+    assert env["DS_ACCELERATOR"] == "cpu"  # DeepSpeed does not guess (and say so)
     assert env["PATH"] == "/bin"
     pkg_root = str(Path(__file__).resolve().parents[2])
     assert env["PYTHONPATH"].split(":")[0] == pkg_root
@@ -184,8 +185,25 @@ def test_launch_command_gpu_keeps_threads_and_user_env(tmp_path):
     assert argv[argv.index("--num_gpus") + 1] == "4"
     assert env["OMP_NUM_THREADS"] == "7"
     assert env["PYTHONPATH"].endswith(":/x")
+    assert env["DS_ACCELERATOR"] == "cuda"
     argv_q, env_q = launch_command(tmp_path / "run", plan, 4, base_env={}, quiet=True)
     assert argv_q[argv_q.index("--log_level") + 1] == "warning"
+
+
+@pytest.mark.parametrize("line, chatter", [
+    ("[2026-12-05 08:36:02,360] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile, will proceed", True),
+    ("[2026-12-05 08:36:08,164] [INFO] [launch.py:152:main] WORLD INFO DICT: {'localhost': [0]}", True),
+    ("[2026-12-05 08:35:59,271] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU.", True),
+    ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", True),
+    ("Time to load cpu_adam op: 2.53 seconds", True),
+    # what a user can act on stays on the terminal
+    ("[2026-12-05 08:36:08,164] [ERROR] [launch.py:321:sigkill_handler] exits with return code = 1", False),
+    ("[2026-12-05 08:36:08,164] [WARNING] [engine.py:1200:_configure] gradient clipping with fp16 is unsupported", False),
+    ("UserWarning: OMP_NUM_THREADS/MKL_NUM_THREADS unset", False),
+    ("step 5/120 loss 6.1 lr 3.0e-03 tokens/s 1,024", False),
+])
+def test_quiet_launch_keeps_deepspeed_launcher_chatter_off_the_terminal_only(line, chatter):
+    assert bool(DEEPSPEED_CHATTER.match(line)) is chatter
 
 
 def test_world_size_check(tmp_path):
