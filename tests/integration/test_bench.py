@@ -72,7 +72,10 @@ def test_every_setup_gives_a_complete_row(run):
         assert r["tokens_per_s"] > 0 and r["tokens_per_s_per_device"] == r["tokens_per_s"]
         assert r["step_time_s"] == pytest.approx(64 / r["tokens_per_s"])
         assert r["model_tflops_per_device"] == pytest.approx(r["tokens_per_s"] * r["model_flops_per_token"] / 1e12)
-        assert r["mfu"] is None and r["hfu"] is None  # CPU without --device-tflops
+        # CPU without --device-tflops: MFU against the bf16 matmul peak the rank measured on this machine
+        assert r["peak_basis"].startswith("bf16 2048^3 matmul") and r["peak_tflops_per_device"] > 0.01
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_device"] / r["peak_tflops_per_device"])
+        assert r["first_step_s"] > 0
         assert r["peak_mem_bytes"] == r["rss_peak_bytes"] > 100 * 2**20  # RSS of a process with torch loaded
         assert r["peak_mem_reserved_bytes"] is None
     csv_lines = (out / report.RESULTS_CSV).read_text().splitlines()
