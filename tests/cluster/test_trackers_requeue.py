@@ -27,7 +27,9 @@ from pathlib import Path
 
 import pytest
 
-from test_preemption import ROOT, log_of, signal_at_step, steps_of, submit, watch  # the same path
+from test_preemption import ROOT, log_of, steps_of, submit, watch  # the same path
+
+from launcher.testing.faults import FAULT_ENV
 
 MAX_STEPS = 8
 PLANTED = {"WANDB_API_KEY": "planted0wandb0key0" + "7" * 22, "MLFLOW_TRACKING_TOKEN": "planted0mlflow0token0x9"}
@@ -89,9 +91,12 @@ def preempted(slurm_lab, mlflow_server, tmp_path_factory):
     t0 = time.monotonic()
     # offline wandb never needs the network; an unroutable server makes sure nothing is sent
     # planted keys: the trackers read them from the environment and nothing in the run dir may hold them
+    # The preemption: USR1 at the end of step 2 of the first attempt, sent by the rank to itself (the test-only
+    # fault), so that it lands mid-run however fast the steps go (a scancel timed from the log can come after
+    # the last of 8 quick steps, and then nothing is requeued).
     job, run_dir = submit(slurm_lab, tmp, "tracked", spec, WANDB_BASE_URL="http://127.0.0.1:9",
-                          WANDB_API_KEY=PLANTED["WANDB_API_KEY"], MLFLOW_TRACKING_TOKEN=PLANTED["MLFLOW_TRACKING_TOKEN"])
-    signal_at_step(slurm_lab, job, run_dir, 2)
+                          WANDB_API_KEY=PLANTED["WANDB_API_KEY"], MLFLOW_TRACKING_TOKEN=PLANTED["MLFLOW_TRACKING_TOKEN"],
+                          **{FAULT_ENV: "signal:rank=0:step=2:attempt=0"})
     state, restarts = watch(slurm_lab, job)
     return {"job": job, "run_dir": run_dir, "state": state, "restarts": restarts, "log": log_of(run_dir),
             "seconds": time.monotonic() - t0}
