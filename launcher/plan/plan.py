@@ -192,6 +192,8 @@ def make_plan(spec: RunSpec) -> Plan:
 def settled(spec: RunSpec, plan: Plan | None = None) -> RunSpec:
     """`spec` with each `auto` the plan decides replaced by its choice (ZeRO stage, precision, loss), for
     the code that builds the model and its trainer from the spec."""
+    if plan is None and "auto" not in (spec.zero.stage, spec.precision.dtype, spec.optim.loss):
+        return spec  # already concrete (the rank's and eval's spec, settled once): no second plan
     plan = plan or make_plan(spec)
     if (spec.zero.stage, spec.precision.dtype, spec.optim.loss) == (plan.zero_stage, plan.precision, plan.loss):
         return spec
