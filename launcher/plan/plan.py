@@ -355,9 +355,11 @@ def choose_stage(spec: RunSpec, plan: Plan) -> tuple[int, str]:
 def choose_optimizer(spec: RunSpec, plan: Plan) -> tuple[str, str]:
     """AdamW as the device runs it fastest, all exact (fp32 arithmetic on fp32 states)."""
     if merged_zero(spec.zero, []).offload_optimizer != "none":
-        return "DeepSpeed CPUAdam", "the optimizer runs on the CPU (offload): DeepSpeed's AVX-512 Adam"
+        return "DeepSpeed CPUAdam", ("the optimizer runs on the CPU (offload): DeepSpeed's AVX-512 Adam (a resume "
+                                      "matches an uninterrupted run to rounding, not bitwise: README)")
     if plan.device == "cuda":
         return "torch fused AdamW", ("one fused CUDA kernel over all tensors, as fast as DeepSpeed's FusedAdam "
                                      "and with no op to compile on the nodes")
-    return "DeepSpeed FusedAdam (CPU)", ("DeepSpeed's AVX-512 Adam kernel, faster than torch's AdamW on CPU "
-                                         "(benchmarks/README.md)")
+    return "torch fused AdamW", ("torch's fused CPU kernel, as fast as DeepSpeed's AVX-512 Adam, and exact on "
+                                 "resume: it takes Adam's bias correction from the step count, where DeepSpeed's "
+                                 "kernel multiplies it up step by step and starts again from pow() after a resume")

@@ -61,11 +61,10 @@ def zero_section(spec: RunSpec, buckets: ZeroBuckets, stage: int) -> dict[str, A
 def optimizer_section(spec: RunSpec, plan: Plan | None) -> dict[str, Any]:
     o = spec.optim
     params: dict[str, Any] = {"lr": o.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    # The optimizer the plan chose (plan.choose_optimizer). With optimizer offload DeepSpeed runs its CPU Adam
-    # whatever the section says. On CPU ranks, leaving out torch_adam makes DeepSpeed build its FusedAdam, which
-    # on the CPU accelerator is its AVX-512 Adam kernel. A preset (no plan) serves GPUs: torch's AdamW, which
-    # needs no compiled DeepSpeed op.
-    if merged_zero(spec.zero, []).offload_optimizer == "none" and (plan is None or plan.device == "cuda"):
+    # The optimizer the plan chose (plan.choose_optimizer): torch's fused AdamW on every device, CPU ranks
+    # included; with optimizer offload DeepSpeed runs its CPU Adam whatever the section says. A preset (no
+    # plan) says torch's AdamW, which needs no compiled DeepSpeed op, and leaves `fused` to the plan.
+    if merged_zero(spec.zero, []).offload_optimizer == "none":
         params["torch_adam"] = True
         if plan is not None:
             params["fused"] = True

@@ -206,8 +206,9 @@ def test_the_estimate_counts_one_chunk_of_logits_under_the_chunked_loss(cpu_flag
 
 def test_the_optimizer_is_the_fastest_exact_one_for_the_device(cpu_flag):
     cpu = plan_for()
-    assert cpu.optimizer == "DeepSpeed FusedAdam (CPU)"
-    assert "torch_adam" not in render(resolve(), cpu)["optimizer"]["params"]  # DeepSpeed builds its own
+    assert cpu.optimizer == "torch fused AdamW"  # as fast as DeepSpeed's CPU kernel, and exact on resume
+    assert render(resolve(), cpu)["optimizer"]["params"] | {"torch_adam": True, "fused": True} == \
+        render(resolve(), cpu)["optimizer"]["params"]
     gpu_spec = resolve(sets=["cluster.gpus_per_node=8"])
     gpu = make_plan(gpu_spec)
     assert gpu.optimizer == "torch fused AdamW"
@@ -221,7 +222,7 @@ def test_the_optimizer_is_the_fastest_exact_one_for_the_device(cpu_flag):
 def test_plan_text_names_every_choice_and_a_rank_follows_the_run_dirs_config(cpu_flag):
     p = plan_for("cluster.nproc_per_node=2")
     text = "\n".join(p.summary())
-    for what in ("precision    bf16", "ZeRO stage   0", "loss         standard", "optimizer    DeepSpeed FusedAdam"):
+    for what in ("precision    bf16", "ZeRO stage   0", "loss         standard", "optimizer    torch fused AdamW"):
         assert what in text
     cfg = render(resolve(sets=["cluster.nproc_per_node=2"]), p)
     cpu_flag(None)  # another node's CPU, without bf16: the rank still runs what the run dir says
