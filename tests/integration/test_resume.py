@@ -106,6 +106,18 @@ def assert_same_weights(a, b):
     return bitwise, worst
 
 
+def weights_digest(weights):
+    """sha256 over every tensor's name and bytes: two uninterrupted runs with one digest ended bitwise equal."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(weights):
+        h.update(k.encode() + weights[k].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def assert_lr_is_transformers_schedule(run):
     """The lr a real run logged with each step, the one that step ran at (DeepSpeed stepping the scheduler),
     is what transformers' get_scheduler gives for the same warmup, cosine and length: lr x lambda(step - 1),
@@ -195,6 +207,7 @@ def test_signal_save_exit3_resume_ends_with_the_uninterrupted_weights(tmp_path, 
     if RESULTS is not None:
         with RESULTS.open("a") as f:
             f.write(json.dumps({"case": f"{method}-zero{zero}", "stopped_at": stops, "max_steps": MAX_STEPS,
+                                "reference_weights_sha256": weights_digest(load(tmp_path / "ref.pt")),
                                 "steps_lost": 0, "bitwise": bitwise, "max_abs_diff": worst,
                                 "seconds": {"reference": round(ref.seconds, 1), "resume": round(resumed.seconds, 1)}}) + "\n")
 
