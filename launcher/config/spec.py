@@ -299,7 +299,12 @@ class ClusterSpec(_Section):
     qos: str | None = None
     time: str = Field("01:00:00", description="Slurm time limit: [D-]HH:MM:SS, MM:SS or minutes")
     mem: str | None = Field(None, description="memory per node, Slurm syntax (e.g. 200G; 0 = all)")
-    cpus_per_task: Int | None = Field(None, ge=1)
+    cpus_per_task: Int | None = Field(None, ge=1, description="CPUs per rank; none = the cluster profile's "
+                                      "cpus_per_node shared by the ranks on GPU nodes, else Slurm's default")
+    cpus_per_node: Int | None = Field(None, ge=1, description="CPUs a node has, from the cluster profile's partition; "
+                                      "fills cpus_per_task of GPU jobs")
+    mem_per_node: str | None = Field(None, description="memory a node has, from the cluster profile's partition; "
+                                     "fills mem of GPU jobs")
     constraint: str | None = None
     reservation: str | None = None
     exclusive: bool = False

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from launcher import assets
+from launcher.config.profiles import Profile
+from launcher.config.resolve import deep_merge
 from launcher.config.spec import RunSpec, validate
 from launcher.errors import SpecError
 from launcher.plan.plan import make_plan
@@ -58,6 +60,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                           "setup": ["module load python/3.11",
                                                                     "source /opt/venv/bin/activate"]}},
 }
+# GPU jobs that state no CPUs or memory: the cluster profile's node gives them (cpus_per_node shared by
+# the ranks, mem_per_node, or --exclusive with --mem=0 where the profile gives nodes whole).
+_H100_PARTITION = {"gpu_type": "h100", "gpus_per_node": 8, "cpus_per_node": 96, "mem_per_node": "1000G",
+                   "max_time": "2-00:00:00"}
+_PROFILE = Profile.model_validate({"name": "lab", "account": "llm", "net_ifname": "ib0",
+                                   "partitions": {"gpu": _H100_PARTITION}})
+_EXCLUSIVE_PROFILE = Profile.model_validate({"name": "lab-whole", "account": "llm", "net_ifname": "ib0",
+                                             "partitions": {"gpu": {**_H100_PARTITION, "exclusive": True}}})
+VARIANTS["gpu_from_profile"] = deep_merge(_PROFILE.layer(None), {
+    "name": "cpt-8b", "cluster": {"nodes": 2}, "zero": {"stage": 2, "offload_optimizer": "cpu"}})
+VARIANTS["gpu_exclusive_srun"] = deep_merge(_EXCLUSIVE_PROFILE.layer(None), {
+    "name": "sft-whole", "cluster": {"nodes": 2, "launcher": "srun"}})
 # What `launcher bench --slurm` renders: the job prepares the data in a first step of its own. Every
 # other variant is what `launcher slurm` writes, with the preparation queued as a job before it.
 IN_JOB_PREP = {"cpu_in_job_prep": "cpu"}
@@ -172,6 +186,27 @@ def test_golden_script_is_valid_bash(name):
     path = GOLDEN / f"{name}.sbatch"
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_jobs_get_their_cpus_memory_and_threads_from_the_profile():
+    # torchrun: one task per node holds the node's 8 ranks, each with 96 / 8 = 12 cores
+    text = rendered("gpu_from_profile")
+    d = directives_of(text)
+    assert d["--cpus-per-task"] == "96" and d["--mem"] == "1000G" and "--exclusive" not in d
+    assert "export OMP_NUM_THREADS=12\n" in text and " --cpus-per-task=96 " in text
+    # optimizer offload compiles DeepSpeed's CPU Adam: node-local, one folder per attempt, no shared lock
+    assert 'export TORCH_EXTENSIONS_DIR="${TMPDIR:-/tmp}/launcher-torch-extensions-' in text
+    # srun: one task per rank, 12 CPUs each; the profile gives nodes whole: --exclusive --mem=0
+    text = rendered("gpu_exclusive_srun")
+    d = directives_of(text)
+    assert d["--cpus-per-task"] == "12" and d["--mem"] == "0" and "--exclusive" in d
+    assert "export OMP_NUM_THREADS=12\n" in text and "TORCH_EXTENSIONS_DIR" not in text
+    # the plan says the same
+    spec = spec_of(VARIANTS["gpu_from_profile"])
+    host = make_plan(spec).host_line()
+    assert "12 CPU core(s) per rank" in host and "1000G per node = 125.0 GiB per rank" in host
+    # a CPU job without a profile keeps Slurm's defaults
+    assert "--cpus-per-task" not in directives_of(rendered("cpu")) and "OMP_NUM_THREADS" not in rendered("cpu")
 
 
 def test_rendering_is_byte_identical_across_calls():
