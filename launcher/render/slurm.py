@@ -368,6 +368,9 @@ def render_sbatch(
     array_tasks = len(array_specs) if array_specs else 0
     container, container_srun, exec_prefix = _container(spec, run_dir, gpu=c.gpus_per_node > 0)
     cpus = _cpus_per_task(spec, plan)
+    # One srun task per rank: a site's default binding (SLURM_GPU_BIND, --gpus-per-task) can leave each
+    # task one GPU, while the ranks address cuda:LOCAL_RANK among all of the node's (as torchrun's do).
+    gpu_bind = " --gpu-bind=none" if c.launcher == "srun" and c.gpus_per_node > 0 else ""
     srun_args = (f" --cpus-per-task={cpus}" if cpus else "") + container_srun
     python_from_path = bool(c.setup or c.container)
     text = _template().render(
@@ -384,6 +387,7 @@ def render_sbatch(
         node_local_extensions=plan.device == "cuda" and plan.compiles_ops,
         launcher=c.launcher,
         srun_args=Sh(srun_args),
+        gpu_bind=Sh(gpu_bind),
         exec_prefix=Sh(exec_prefix),
         shutdown_timeout=c.signal_grace_s or DEFAULT_SHUTDOWN_S,
         requeue=c.requeue,

@@ -201,6 +201,9 @@ def test_gpu_jobs_get_their_cpus_memory_and_threads_from_the_profile():
     d = directives_of(text)
     assert d["--cpus-per-task"] == "12" and d["--mem"] == "0" and "--exclusive" in d
     assert "export OMP_NUM_THREADS=12\n" in text and "TORCH_EXTENSIONS_DIR" not in text
+    # a site binding one GPU per task would leave cuda:LOCAL_RANK missing: every task sees the node's GPUs
+    assert "--ntasks-per-node=8 --gpu-bind=none --cpus-per-task=12 " in text
+    assert "--gpu-bind" not in rendered("cpu_srun_per_rank")
     # the plan says the same
     spec = spec_of(VARIANTS["gpu_from_profile"])
     host = make_plan(spec).host_line()
