@@ -139,6 +139,7 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     for note in preflight.check(spec, ignore_fit=ignore_fit, device_memory=local_gpu_memory(plan0)):
         print(f"note: {note}", file=sys.stderr, flush=True)
     check_environment(spec, plan0)  # GPUs, precision, attention kernel: before any rank
+    device_selection(plan0, plan0.nproc_per_node, dict(os.environ))  # the GPUs the user made visible
     rd, spec, plan = create(out, spec, force=force)
     prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache
     if spec.model.name == "tiny":
