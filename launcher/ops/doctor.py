@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launcher import __version__, assets, identity
+from launcher.requirements import first_line, flash_attn_import_error
 from launcher.rundir import manifest as manifest_file
 
 PREFIX = "LAUNCHER-DOCTOR "  # the probe's result line; anything else a node prints is ignored
@@ -47,17 +48,12 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def torch_info() -> dict[str, Any]:
     """torch, CUDA and NCCL versions, the GPUs (name, memory), or the error importing torch."""
     try:
         import torch
     except Exception as exc:  # a node without torch, or a broken one: reported, not raised
-        return {"error": _first_line(exc)}
+        return {"error": first_line(exc)}
     info: dict[str, Any] = {"version": torch.__version__, "cuda": torch.version.cuda, "nccl": None,
                             "cuda_available": False, "gpus": []}
     try:
@@ -65,7 +61,7 @@ def torch_info() -> dict[str, Any]:
             v = torch.cuda.nccl.version()
             info["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     except Exception as exc:
-        info["nccl"] = f"error: {_first_line(exc)}"
+        info["nccl"] = f"error: {first_line(exc)}"
     try:
         info["cuda_available"] = bool(torch.cuda.is_available())
         for i in range(torch.cuda.device_count() if info["cuda_available"] else 0):
@@ -73,7 +69,7 @@ def torch_info() -> dict[str, Any]:
             info["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                                  "capability": f"{p.major}.{p.minor}"})
     except Exception as exc:
-        info["cuda_error"] = _first_line(exc)
+        info["cuda_error"] = first_line(exc)
     return info
 
 
@@ -82,12 +78,12 @@ def flash_attn_status(installed: bool) -> str:
     with this torch, the usual way it breaks)."""
     if not installed:
         return "not installed"
-    try:
-        import flash_attn
+    error = flash_attn_import_error()
+    if error:
+        return f"error: {error}"
+    import flash_attn
 
-        return f"ok {getattr(flash_attn, '__version__', '')}".strip()
-    except Exception as exc:
-        return f"error: {_first_line(exc)}"
+    return f"ok {getattr(flash_attn, '__version__', '')}".strip()
 
 
 def bitsandbytes_status(cuda: bool, installed: bool) -> str:
@@ -111,7 +107,7 @@ def bitsandbytes_status(cuda: bool, installed: bool) -> str:
         torch.cuda.synchronize()
         return f"ok ({type(lib).__name__}, {cextension.BNB_BACKEND})"
     except Exception as exc:
-        return f"error: {_first_line(exc)}"
+        return f"error: {first_line(exc)}"
 
 
 def first_node() -> str | None:
@@ -161,7 +157,7 @@ def route_interface(target: str | None) -> dict[str, Any]:
         if info["ifname"] is None and local.startswith("127."):
             info["ifname"] = "lo"
     except OSError as exc:
-        info["error"] = _first_line(exc)
+        info["error"] = first_line(exc)
     return info
 
 
@@ -176,7 +172,7 @@ def shared_dir_check(out_dir: Path, run_id: str, index: int, expect: int, wait_s
         tmp.write_text(json.dumps({"node": identity.current().node, "run": run_id}) + "\n")
         os.replace(tmp, d / f"node-{index}.token")
     except OSError as exc:
-        info["error"] = f"cannot write in {out_dir}: {_first_line(exc)}"
+        info["error"] = f"cannot write in {out_dir}: {first_line(exc)}"
         return info
     deadline = time.monotonic() + wait_s
     while True:
@@ -212,7 +208,7 @@ def probe(out_dir: str | os.PathLike[str], run_id: str, expect: int = 1, wait_s:
     try:
         rec["disk_free_bytes"] = shutil.disk_usage(out).free
     except OSError as exc:
-        rec["disk_free_bytes"], rec["disk_error"] = None, _first_line(exc)
+        rec["disk_free_bytes"], rec["disk_error"] = None, first_line(exc)
     rec["out_dir"] = str(out)
     rec["net"] = route_interface(first_node())
     return rec

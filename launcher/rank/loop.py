@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from launcher import identity
+from launcher import identity, requirements
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 from launcher.data.build import load_prepared
 from launcher.data.cache import require_prepared
@@ -145,6 +145,9 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
     import torch
 
     spec = settled(spec, plan)
+    old = requirements.version_problems(requirements.installed_versions())  # this node's (or container's) packages
+    if old:
+        raise UserError("; ".join(old), field="dependencies")
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UserError("the plan is for GPUs (cluster.gpus_per_node > 0) but this machine has no CUDA device; "
                         "run with --gpus-per-node 0 for CPU ranks over gloo")
