@@ -148,3 +148,91 @@ def test_preflight_refuses_old_packages_in_the_python_the_ranks_run(tmp_path, ca
     spec = validate({"cluster": {"setup": ["source /opt/env/bin/activate"]}, "output": {"dir": str(out)}})
     notes = preflight.check(spec, slurm=True)
     assert any("launcher doctor" in n for n in notes)
+
+
+# --------------------------------------------------------------------------- 5. doctor on a GPU partition
+
+def _probe_here(tmp_path):
+    from launcher.ops import doctor
+
+    return doctor.probe(tmp_path, "t", wait_s=0)
+
+
+def test_doctor_flags_a_cpu_only_torch_on_a_gpu_partition(tmp_path):
+    """This machine's own probe (torch is a CPU build here) against a partition with 2 GPUs per node."""
+    from launcher.ops import doctor
+
+    rec = _probe_here(tmp_path)
+    import torch
+
+    if torch.version.cuda:
+        pytest.skip("this torch is a CUDA build; the fabricated cases below still run")
+    r = doctor.analyze(doctor.Report("local", ["probe"], str(tmp_path), nodes=[rec], gpus_per_node=2))
+    assert not r.ok and any("is a CPU-only build" in p and "2 GPU(s) per node" in p for p in r.problems), r.problems
+    text = "\n".join(doctor.format_report(r))
+    assert "no (CPU-only build)" in text and "bitsandbytes CUDA lib" in text and "DeepSpeed CPU Adam" in text
+    # the same probe on a CPU partition is fine
+    assert doctor.analyze(doctor.Report("local", ["probe"], str(tmp_path), nodes=[rec], gpus_per_node=0)).ok
+
+
+def _node(**torch_info):
+    t = {"version": "2.13.0+cu128", "cuda": "12.8", "nccl": "2.27.3", "cuda_available": True,
+         "gpus": [{"name": "NVIDIA H100 80GB HBM3", "memory_gib": 79.1, "capability": "9.0"}] * 2}
+    t.update(torch_info)
+    return {"node": "gpu1", "index": 0, "python": "3.11.7", "torch": t, "shared": {"seen": {"0": "gpu1"}},
+            "packages": {"torch": t["version"], "deepspeed": "0.19.8", "transformers": "5.23.0"},
+            "flash_attn": "not installed", "bitsandbytes_cuda": "ok (CudaBNBNativeLibrary, CUDA)",
+            "op_build": {"missing": [], "built": True, "dir": "/tmp/x", "locks": []}, "net": {}}
+
+
+def test_doctor_flags_missing_gpus_old_packages_and_what_cannot_build():
+    from launcher.ops import doctor
+
+    def problems(rec, gpus=2):
+        return doctor.analyze(doctor.Report("local", ["p"], "/o", nodes=[rec], gpus_per_node=gpus))
+
+    assert problems(_node()).ok
+    r = problems(_node(cuda_available=False, gpus=[], cuda_error="RuntimeError: no CUDA-capable device"))
+    assert any("sees no usable GPU: RuntimeError: no CUDA-capable device" in p for p in r.problems)
+    r = problems(_node(gpus=[{"name": "H100", "memory_gib": 79.1, "capability": "9.0"}]))
+    assert any("torch sees 1 GPU(s), the partition has 2 per node" in p for p in r.problems)
+    old = _node(version="2.8.0+cu128")
+    old["packages"].update(torch="2.8.0+cu128", deepspeed="0.19.2")
+    r = problems(old)
+    assert any("gpu1: torch 2.8.0+cu128 is older than launcher's floor 2.13.0" in p for p in r.problems)
+    assert any("deepspeed 0.19.2" in p and "PR 8148" in p for p in r.problems)
+    stuck = _node()
+    stuck["op_build"] = {"missing": ["the CUDA toolkit's nvcc (CUDA_HOME unset or without bin/nvcc; module load cuda)"],
+                         "built": False, "dir": "/home/u/.cache/torch_extensions",
+                         "locks": ["/home/u/.cache/torch_extensions/py311_cu128/cpu_adam/lock"]}
+    r = problems(stuck)
+    assert r.ok  # only runs with optimizer offload need the build: said, not failed
+    assert any("cannot compile its CPU Adam" in n and "nvcc" in n for n in r.notes)
+    assert any("cpu_adam/lock" in n and "until the watchdog fires" in n for n in r.notes)
+
+
+def test_the_watchdog_names_the_extension_lock_a_rank_waits_on(tmp_path):
+    import threading
+
+    from torch.utils.file_baton import FileBaton
+
+    from launcher.rank import watchdog
+
+    lock = tmp_path / "py311_cu128" / "cpu_adam" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("")
+    t = threading.Thread(target=FileBaton(str(lock), wait_seconds=0.01).wait, daemon=True)
+    t.start()
+    try:
+        import time
+
+        for _ in range(100):
+            frame = sys._current_frames().get(t.ident)
+            if watchdog.lock_file_waited_on(frame):
+                break
+            time.sleep(0.01)
+        assert watchdog.lock_file_waited_on(frame) == str(lock)
+        assert watchdog.lock_file_waited_on(sys._getframe()) is None
+    finally:
+        lock.unlink()
+        t.join(5)
