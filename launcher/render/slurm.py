@@ -245,6 +245,7 @@ def _marker_names() -> dict[str, Sh]:
         if not found or rest:
             raise ValueError(f"a {kind} marker's name does not end with the attempt's part {mine!r}")
         out[key] = _plain(prefix)
+    out["nccl_abort"] = sh(markers.NCCL_WATCHDOG_LINE)
     out["pattern"] = Sh(markers.marker_name("*", "JOB", "ATTEMPT") + "*" + markers.SUFFIX)
     out["requeue_name"] = _plain(markers.marker_name(markers.REQUEUE, "JOB", "ATTEMPT") + markers.SUFFIX)
     return out

@@ -69,6 +69,11 @@ def check(spec: RunSpec, *, slurm: bool = False, ignore_fit: bool = False, devic
     if refusal:
         gather([UserError(refusal, field="precision.dtype")])
     gather(_clashes(spec, plan, slurm=slurm))
+    c = spec.cluster
+    if c.hang_timeout_s and c.hang_timeout_s + 60 >= c.nccl.timeout_s:
+        notes.append(f"cluster.hang_timeout_s={c.hang_timeout_s} (+60 s grace) is not below cluster.nccl.timeout_s="
+                     f"{c.nccl.timeout_s}: the collective timeout fires first, ending the ranks blocked in a collective "
+                     f"before the watchdog names the stuck rank; keep hang_timeout_s at least 60 s below it")
     if not _ranks_use_this_python(spec):
         notes.append("package versions not checked: cluster.setup or cluster.container brings the ranks' Python; "
                      "`launcher doctor --cluster NAME` checks them on the nodes")

@@ -236,3 +236,23 @@ def test_the_watchdog_names_the_extension_lock_a_rank_waits_on(tmp_path):
     finally:
         lock.unlink()
         t.join(5)
+
+
+# --------------------------------------------------------------------------- 8. NCCL aborts and the two timeouts
+
+def test_nccls_abort_lines_alone_say_collective_timeout():
+    from launcher.ops import reasons
+
+    log = ("[rank3]:[E1205 10:31:02.346100 77 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:681] [Rank 3] To avoid "
+           "data inconsistency, we are taking the entire process down.\n[rank3]:Fatal Python error: Aborted\n")
+    assert reasons.classify("FAILED", 1, None, log)[0] == reasons.COLLECTIVE_TIMEOUT
+
+
+def test_the_hang_watchdog_fires_before_the_collective_timeout_by_default(tmp_path):
+    from launcher.submit import preflight
+
+    c = validate({}).cluster
+    assert c.hang_timeout_s + 60 < c.nccl.timeout_s  # + the grace a rank blocked in a collective gets
+    same = validate({"cluster": {"hang_timeout_s": 1800}, "output": {"dir": str(tmp_path / "r")}})
+    assert any("the collective timeout fires first" in n for n in preflight.check(same))
+    assert not any("fires first" in n for n in preflight.check(validate({"output": {"dir": str(tmp_path / "s")}})))

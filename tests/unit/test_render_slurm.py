@@ -462,7 +462,10 @@ STUBS = {
 export SLURM_PROCID=0 SLURM_NTASKS=2 SLURM_LOCALID=0 SLURM_NODEID=0
 exec "$@"
 ''',
-    "scontrol": _RECORD + 'printf "node-a\\nnode-b\\n"\n',
+    # scontrol show job: where the job's log is (the test may write it); anything else: the hosts
+    "scontrol": _RECORD + r'''if [ "$1 $2" = "show job" ]; then echo "   StdOut=$SANDBOX/job.out"; exit 0; fi
+printf "node-a\nnode-b\n"
+''',
     # scancel --signal=SIG JOB: deliver SIG to the waiting stub rank, as Slurm would to the step
     "scancel": _RECORD + r'''[ -f "$SANDBOX/ready" ] && kill -s "${1#--signal=}" "$(cat "$SANDBOX/ready")"
 exit 0
@@ -821,6 +824,46 @@ def test_failed_step_is_retried_within_max_retries_naming_the_silent_rank(tmp_pa
     second = sb.run(script, STUB_MODE="fail-1", SLURM_RESTART_COUNT="1")
     assert second.returncode == 1 and "not requeueing: 1 of cluster.max_retries=1 used" in second.stderr
     assert [j["kind"] for j in _jobs(sb)] == ["retry"]
+
+
+# What a rank's log shows when NCCL's C++ watchdog aborts it (torch 2.13, ProcessGroupNCCL): no Python
+# exception, no exit marker, SIGABRT.
+NCCL_ABORT_LOG = """\
+[rank1]:[E1205 10:31:02.345678 4242 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:632] [Rank 1] Watchdog caught \
+collective operation timeout: WorkNCCL(SeqNum=41, OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=1800000) ran \
+for 1800089 milliseconds before timing out.
+[rank1]:[E1205 10:31:02.346000 4242 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:2168] [PG ID 0 PG GUID 0(default_pg) \
+Rank 1]  failure detected by watchdog at work sequence id: 41 PG status: last enqueued work: 41, last completed work: 40
+[rank1]:[E1205 10:31:02.346100 4242 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:681] [Rank 1] To avoid data \
+inconsistency, we are taking the entire process down.
+[rank1]:terminate called after throwing an instance of 'c10::DistBackendError'
+[rank1]:  what():  [PG ID 0 PG GUID 0(default_pg) Rank 1] Process group watchdog thread terminated with exception: \
+[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=41, OpType=ALLREDUCE) ran for 1800089 milliseconds
+[rank1]:Fatal Python error: Aborted
+E1205 10:31:05.000000 4100 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: -6) local_rank: 1 \
+(pid: 4242) of binary: /opt/venv/bin/python
+"""
+
+
+def test_a_rank_nccls_watchdog_aborted_is_a_collective_timeout_not_a_kill(tmp_path):
+    from launcher.ops import reasons
+
+    sb = Sandbox(tmp_path)
+    (tmp_path / "job.out").write_text(NCCL_ABORT_LOG)
+    proc = sb.run(_requeue_script(sb, max_retries=1), STUB_MODE="fail-1")
+    assert "rank 1 on node-b ended without an exit record: collective timeout (the log shows NCCL's watchdog" \
+        in proc.stderr, proc.stderr
+    assert "killed (SIGKILL" not in proc.stderr
+    assert "requeueing job 4242 (retry 1 of 1)" in proc.stderr  # transient: retried
+    # launcher status reads the same log (with the script's summary line after it) as a collective timeout
+    log = NCCL_ABORT_LOG + proc.stderr
+    reason, line = reasons.classify("FAILED", 1, None, log)
+    assert reason == reasons.COLLECTIVE_TIMEOUT and "Watchdog caught collective operation timeout" in line
+    assert reason in reasons.TRANSIENT
+    # without the line, the same silent rank is still called killed
+    (tmp_path / "job.out").write_text("")
+    proc = sb.run(_requeue_script(sb), STUB_MODE="fail-1", SLURM_JOB_ID="4243")
+    assert "rank 1 on node-b ended without an exit record: killed (SIGKILL" in proc.stderr
 
 
 @pytest.mark.parametrize("code", [2, 5])
