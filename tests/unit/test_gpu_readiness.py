@@ -11,23 +11,13 @@ from pathlib import Path
 import pytest
 
 from launcher import requirements
-from launcher.cli import main
 from launcher.config.spec import validate
 from launcher.errors import UserError
+from test_preflight import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 ABI_ERROR = ("/venv/lib/python3.11/site-packages/flash_attn_2_cuda.cpython-311-x86_64-linux-gnu.so: "
              "undefined symbol: _ZN3c104cuda9SetDeviceEib")
-
-
-def run_cli(args, capsys):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 @pytest.fixture
