@@ -36,6 +36,8 @@ def doctor(cluster: str | None, clusters: str | None, partition: str | None, nod
     (optimizer offload), the GPUs, free disk under --out, whether --out is shared between the nodes, and
     the network interface that reaches the first node (for --net-ifname).
 
+    With --cluster, the probe runs inside the profile's container, where the ranks run.
+
     Exits 1 when a check fails: versions that differ between nodes or lie below launcher's floors, a
     CPU-only torch or fewer GPUs than --gpus-per-node, an output dir that is not shared, a node that
     did not answer, srun that failed. Without srun on the PATH it probes this machine once.
@@ -46,6 +48,7 @@ def doctor(cluster: str | None, clusters: str | None, partition: str | None, nod
         name, part = profile.partition(partition)
         target.partition = name
         target.account, target.qos, target.net_ifname = profile.account, profile.qos, profile.net_ifname
+        target.container = profile.container  # versions as the ranks see them: inside their container
         if gpus_per_node is None and part is not None:
             target.gpus_per_node = part.gpus_per_node
     report = collect(target, out, timeout_s=timeout_s)

@@ -284,6 +284,11 @@ class Target:
     gpus_per_node: int = 0
     net_ifname: str | None = None
     time_min: int = 10
+    container: Any = None  # the profile's ContainerSpec: the probe runs inside it, as the ranks do
+
+
+# The interpreter inside a container: whatever its PATH puts first (as the batch scripts take it).
+CONTAINER_PYTHON = "python3"
 
 
 def srun_command(t: Target, out_dir: Path, run_id: str, python: str = sys.executable,
@@ -299,6 +304,15 @@ def srun_command(t: Target, out_dir: Path, run_id: str, python: str = sys.execut
         argv.append(f"--qos={t.qos}")
     if t.gpus_per_node:
         argv.append(f"--gpus-per-node={t.gpus_per_node}")
+    ct = t.container
+    if ct is not None:
+        # inside the ranks' container: the output dir and this launcher's source mounted at their own paths
+        mounts = ",".join([f"{out_dir}:{out_dir}", f"{_PACKAGE_ROOT}:{_PACKAGE_ROOT}", *ct.mounts])
+        python = CONTAINER_PYTHON
+        if ct.runtime == "pyxis":
+            argv += [f"--container-image={ct.image}", f"--container-mounts={mounts}"]
+        else:
+            argv += ["apptainer", "exec", *(["--nv"] if t.gpus_per_node else []), "--bind", mounts, ct.image]
     return argv + [python, "-m", "launcher.ops.doctor", "probe", str(out_dir), "--id", run_id,
                    "--expect", str(t.nodes), "--wait", str(wait_s)]
 
