@@ -9,7 +9,7 @@ File: `--clusters FILE`, else $LAUNCHER_CLUSTERS, else ~/.config/launcher/cluste
       default_partition: gpu
       partitions:
         gpu: {gpu_type: h100, gpus_per_node: 8, cpus_per_node: 96, mem_per_node: 1000G,
-              max_time: "2-00:00:00", max_nodes: 16, usd_per_gpu_hour: 2.5}
+              max_time: "2-00:00:00", max_nodes: 16, usd_per_gpu_hour: 2.5, exclusive: false}
         cpu: {cpus_per_node: 64, mem_per_node: 256G, max_time: "12:00:00", usd_per_node_hour: 1.2}
       net_ifname: ib0
       nccl: {ib_hca: mlx5}
@@ -52,6 +52,7 @@ class Partition(_Strict):
     mem_per_node: str | None = None
     max_time: str | None = Field(None, description="partition time limit, Slurm syntax")
     max_nodes: Int | None = Field(None, ge=1)
+    exclusive: bool = Field(False, description="nodes are given whole: GPU jobs ask --exclusive and --mem=0")
     usd_per_gpu_hour: Float | None = Field(None, ge=0)
     usd_per_node_hour: Float | None = Field(None, ge=0)
     usd_per_cpu_hour: Float | None = Field(None, ge=0)
@@ -110,6 +111,13 @@ class Profile(_Strict):
                 c["gpu_type"] = part.gpu_type
             if part.max_time:
                 c["time"] = part.max_time
+            # what a node has: the plan gives GPU jobs its CPUs (per rank) and memory, not Slurm's default
+            if part.cpus_per_node is not None:
+                c["cpus_per_node"] = part.cpus_per_node
+            if part.mem_per_node is not None:
+                c["mem_per_node"] = part.mem_per_node
+            if part.exclusive:
+                c["exclusive"] = True
             for key in ("usd_per_gpu_hour", "usd_per_node_hour"):
                 if getattr(part, key) is not None:
                     c[key] = getattr(part, key)

@@ -299,7 +299,12 @@ class ClusterSpec(_Section):
     qos: str | None = None
     time: str = Field("01:00:00", description="Slurm time limit: [D-]HH:MM:SS, MM:SS or minutes")
     mem: str | None = Field(None, description="memory per node, Slurm syntax (e.g. 200G; 0 = all)")
-    cpus_per_task: Int | None = Field(None, ge=1)
+    cpus_per_task: Int | None = Field(None, ge=1, description="CPUs per rank; none = the cluster profile's "
+                                      "cpus_per_node shared by the ranks on GPU nodes, else Slurm's default")
+    cpus_per_node: Int | None = Field(None, ge=1, description="CPUs a node has, from the cluster profile's partition; "
+                                      "fills cpus_per_task of GPU jobs")
+    mem_per_node: str | None = Field(None, description="memory a node has, from the cluster profile's partition; "
+                                     "fills mem of GPU jobs")
     constraint: str | None = None
     reservation: str | None = None
     exclusive: bool = False
@@ -318,7 +323,10 @@ class ClusterSpec(_Section):
     array: str | None = None
     usd_per_gpu_hour: Float | None = Field(None, ge=0, description="price, from the cluster profile")
     usd_per_node_hour: Float | None = Field(None, ge=0, description="price of a CPU node-hour")
-    hang_timeout_s: Int = Field(1800, ge=0, description="watchdog: a rank with no finished optimizer step for this "
+    # Below nccl.timeout_s (1800) by design: the watchdog fires first on a rank stuck outside a collective,
+    # names it with its stacks and a marker and ends the step, before NCCL's own watchdog aborts the ranks
+    # blocked in the collective (SIGABRT, no marker). With its 60 s grace for ranks in a collective, 1260 s.
+    hang_timeout_s: Int = Field(1200, ge=0, description="watchdog: a rank with no finished optimizer step for this "
                                 "long writes every thread's stack to its log and exits 4; 0 = off")
     hf_home: str | None = Field(None, description="shared Hugging Face cache filled by `launcher stage`; jobs run "
                                 "with HF_HOME set to it and HF_HUB_OFFLINE=1")

@@ -19,6 +19,7 @@ from launcher import assets
 from launcher.config.spec import PEFT_METHODS, RunSpec
 from launcher.errors import UserError
 from launcher.plan.params import freeze_selection
+from launcher.requirements import flash_attn_import_error
 from launcher.rundir.layout import RunDir
 
 ATTN_IMPL = {"flash2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager"}
@@ -154,6 +155,13 @@ def flash2_problems(precision: str) -> list[str]:
     problems = []
     if importlib.util.find_spec("flash_attn") is None:
         problems.append("the flash_attn package is not installed (pip install flash-attn --no-build-isolation)")
+    elif (error := flash_attn_import_error()) is not None:
+        # found but broken, e.g. an undefined symbol after a torch upgrade: every rank would crash loading it
+        problems.append(f"flash_attn is installed but does not import ({error}); reinstall it against this torch "
+                        f"(pip install --force-reinstall --no-build-isolation flash-attn)")
+    elif torch.cuda.is_available() and not _transformers_flash2_available():
+        problems.append("transformers does not find FlashAttention-2 usable here (is_flash_attn_2_available(): "
+                        "flash-attn 2.3.3 or newer, built for CUDA)")
     if not torch.cuda.is_available():
         problems.append("no CUDA GPU is visible")
     else:
@@ -164,6 +172,13 @@ def flash2_problems(precision: str) -> list[str]:
     if precision not in ("bf16", "fp16"):
         problems.append(f"precision is {precision}; FlashAttention-2 runs in bf16 or fp16")
     return problems
+
+
+def _transformers_flash2_available() -> bool:
+    """transformers' own check: the one from_pretrained(attn_implementation="flash_attention_2") applies."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return bool(is_flash_attn_2_available())
 
 
 def choose_attn(spec: RunSpec) -> str:

@@ -1,13 +1,14 @@
 """`launcher doctor`: the environment on each node, as a job sees it, before a real job finds out.
 
 One task per node (`srun --nodes=N --ntasks-per-node=1`) runs the probe of this module,
-`python -m launcher.ops.doctor probe OUT_DIR --id ID ...`, which prints one JSON line: hostname, Python and package
-versions, torch/CUDA/NCCL versions, whether flash_attn imports and bitsandbytes' CUDA library loads with
-this torch, the GPUs, free disk under the output dir, whether that dir is shared (each node writes a
-token file there and reads the others'), and the network interface that carries the route to the first
-node (what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME must name). The command gathers the lines, compares
-the nodes and reports; a failed check (versions that differ, a dir that is not shared, a node that did
-not answer, srun that failed, a kernel library that does not load) makes it exit 1.
+`python -m launcher.ops.doctor probe OUT_DIR --id ID ...`, which prints one JSON line: hostname, Python and
+package versions, torch/CUDA/NCCL versions, whether flash_attn imports and bitsandbytes' CUDA library loads
+with this torch, whether DeepSpeed can compile its CPU Adam (optimizer offload), the GPUs, free disk under the
+output dir, whether that dir is shared (each node writes a token file there and reads the others'), and the
+network interface that carries the route to the first node (what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME must
+name). The command gathers the lines, compares the nodes and reports; a failed check (versions that differ
+or lie below launcher's floors, a CPU-only torch or fewer GPUs than the partition has, a dir that is not
+shared, a node that did not answer, srun that failed, a kernel library that does not load) makes it exit 1.
 
 Stdlib only at import; the probe imports torch (and bitsandbytes, flash_attn on CUDA nodes) itself.
 """
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launcher import __version__, assets, identity
+from launcher import requirements
+from launcher.requirements import first_line, flash_attn_import_error
 from launcher.rundir import manifest as manifest_file
 
 PREFIX = "LAUNCHER-DOCTOR "  # the probe's result line; anything else a node prints is ignored
@@ -47,17 +50,12 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
-
-
 def torch_info() -> dict[str, Any]:
     """torch, CUDA and NCCL versions, the GPUs (name, memory), or the error importing torch."""
     try:
         import torch
     except Exception as exc:  # a node without torch, or a broken one: reported, not raised
-        return {"error": _first_line(exc)}
+        return {"error": first_line(exc)}
     info: dict[str, Any] = {"version": torch.__version__, "cuda": torch.version.cuda, "nccl": None,
                             "cuda_available": False, "gpus": []}
     try:
@@ -65,7 +63,7 @@ def torch_info() -> dict[str, Any]:
             v = torch.cuda.nccl.version()
             info["nccl"] = ".".join(map(str, v)) if isinstance(v, tuple) else str(v)
     except Exception as exc:
-        info["nccl"] = f"error: {_first_line(exc)}"
+        info["nccl"] = f"error: {first_line(exc)}"
     try:
         info["cuda_available"] = bool(torch.cuda.is_available())
         for i in range(torch.cuda.device_count() if info["cuda_available"] else 0):
@@ -73,7 +71,7 @@ def torch_info() -> dict[str, Any]:
             info["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
                                  "capability": f"{p.major}.{p.minor}"})
     except Exception as exc:
-        info["cuda_error"] = _first_line(exc)
+        info["cuda_error"] = first_line(exc)
     return info
 
 
@@ -82,12 +80,12 @@ def flash_attn_status(installed: bool) -> str:
     with this torch, the usual way it breaks)."""
     if not installed:
         return "not installed"
-    try:
-        import flash_attn
+    error = flash_attn_import_error()
+    if error:
+        return f"error: {error}"
+    import flash_attn
 
-        return f"ok {getattr(flash_attn, '__version__', '')}".strip()
-    except Exception as exc:
-        return f"error: {_first_line(exc)}"
+    return f"ok {getattr(flash_attn, '__version__', '')}".strip()
 
 
 def bitsandbytes_status(cuda: bool, installed: bool) -> str:
@@ -111,7 +109,45 @@ def bitsandbytes_status(cuda: bool, installed: bool) -> str:
         torch.cuda.synchronize()
         return f"ok ({type(lib).__name__}, {cextension.BNB_BACKEND})"
     except Exception as exc:
-        return f"error: {_first_line(exc)}"
+        return f"error: {first_line(exc)}"
+
+
+def op_build_status(cuda: bool) -> dict[str, Any]:
+    """Whether DeepSpeed can compile its CPU Adam here, as optimizer offload does on first use (no build is
+    run: it takes minutes): ninja, a C++ compiler and, with a CUDA torch, the toolkit's nvcc; whether it is
+    already built in the extensions folder; and lock files left there, on which a rank building the op
+    would wait until the watchdog fires."""
+    info: dict[str, Any] = {"missing": [], "built": False, "locks": []}
+    try:
+        from torch.utils import cpp_extension
+
+        root = Path(cpp_extension.get_default_build_root())
+        cuda_home = cpp_extension.CUDA_HOME
+    except Exception as exc:
+        return {"error": first_line(exc)}
+    info["dir"] = str(root)
+    if not (shutil.which("ninja") or cpp_extension.is_ninja_available()):
+        info["missing"].append("ninja (pip install ninja)")
+    cxx = os.environ.get("CXX", "c++")
+    if not shutil.which(cxx):
+        info["missing"].append(f"a C++ compiler ({cxx}; install g++)")
+    if cuda and not (cuda_home and (Path(cuda_home) / "bin" / "nvcc").is_file()):
+        info["missing"].append("the CUDA toolkit's nvcc (CUDA_HOME unset or without bin/nvcc; module load cuda)")
+    try:
+        info["built"] = any(root.glob("*/cpu_adam/*.so"))
+        info["locks"] = sorted(str(p) for p in root.glob("*/*/lock"))[:10]
+    except OSError:
+        pass
+    return info
+
+
+def op_build_summary(info: dict[str, Any]) -> str:
+    """One cell of the report: built, can build, or what is missing."""
+    if info.get("error"):
+        return f"error: {info['error']}"
+    if info.get("built"):
+        return f"built ({info.get('dir')})"
+    return "can build" if not info.get("missing") else "cannot build: no " + ", no ".join(info["missing"])
 
 
 def first_node() -> str | None:
@@ -161,7 +197,7 @@ def route_interface(target: str | None) -> dict[str, Any]:
         if info["ifname"] is None and local.startswith("127."):
             info["ifname"] = "lo"
     except OSError as exc:
-        info["error"] = _first_line(exc)
+        info["error"] = first_line(exc)
     return info
 
 
@@ -176,7 +212,7 @@ def shared_dir_check(out_dir: Path, run_id: str, index: int, expect: int, wait_s
         tmp.write_text(json.dumps({"node": identity.current().node, "run": run_id}) + "\n")
         os.replace(tmp, d / f"node-{index}.token")
     except OSError as exc:
-        info["error"] = f"cannot write in {out_dir}: {_first_line(exc)}"
+        info["error"] = f"cannot write in {out_dir}: {first_line(exc)}"
         return info
     deadline = time.monotonic() + wait_s
     while True:
@@ -209,10 +245,11 @@ def probe(out_dir: str | os.PathLike[str], run_id: str, expect: int = 1, wait_s:
     cuda = bool(rec["torch"].get("cuda_available"))
     rec["flash_attn"] = flash_attn_status(rec["packages"].get("flash_attn") is not None)
     rec["bitsandbytes_cuda"] = bitsandbytes_status(cuda, rec["packages"].get("bitsandbytes") is not None)
+    rec["op_build"] = op_build_status(cuda)
     try:
         rec["disk_free_bytes"] = shutil.disk_usage(out).free
     except OSError as exc:
-        rec["disk_free_bytes"], rec["disk_error"] = None, _first_line(exc)
+        rec["disk_free_bytes"], rec["disk_error"] = None, first_line(exc)
     rec["out_dir"] = str(out)
     rec["net"] = route_interface(first_node())
     return rec
@@ -247,6 +284,11 @@ class Target:
     gpus_per_node: int = 0
     net_ifname: str | None = None
     time_min: int = 10
+    container: Any = None  # the profile's ContainerSpec: the probe runs inside it, as the ranks do
+
+
+# The interpreter inside a container: whatever its PATH puts first (as the batch scripts take it).
+CONTAINER_PYTHON = "python3"
 
 
 def srun_command(t: Target, out_dir: Path, run_id: str, python: str = sys.executable,
@@ -262,6 +304,15 @@ def srun_command(t: Target, out_dir: Path, run_id: str, python: str = sys.execut
         argv.append(f"--qos={t.qos}")
     if t.gpus_per_node:
         argv.append(f"--gpus-per-node={t.gpus_per_node}")
+    ct = t.container
+    if ct is not None:
+        # inside the ranks' container: the output dir and this launcher's source mounted at their own paths
+        mounts = ",".join([f"{out_dir}:{out_dir}", f"{_PACKAGE_ROOT}:{_PACKAGE_ROOT}", *ct.mounts])
+        python = CONTAINER_PYTHON
+        if ct.runtime == "pyxis":
+            argv += [f"--container-image={ct.image}", f"--container-mounts={mounts}"]
+        else:
+            argv += ["apptainer", "exec", *(["--nv"] if t.gpus_per_node else []), "--bind", mounts, ct.image]
     return argv + [python, "-m", "launcher.ops.doctor", "probe", str(out_dir), "--id", run_id,
                    "--expect", str(t.nodes), "--wait", str(wait_s)]
 
@@ -292,13 +343,15 @@ class Report:
     notes: list[str] = field(default_factory=list)
     expected: int = 1
     partition: str | None = None
+    gpus_per_node: int = 0  # what the partition has (--gpus-per-node or the profile): torch must see them
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "mode": self.mode, "partition": self.partition, "command": self.command,
+        return {"ok": self.ok, "mode": self.mode, "partition": self.partition, "gpus_per_node": self.gpus_per_node,
+                "command": self.command,
                 "out_dir": self.out_dir, "expected_nodes": self.expected, "nodes": self.nodes,
                 "problems": self.problems, "notes": self.notes, "net_ifname": _common_ifname(self.nodes),
                 "shared": _shared(self.nodes, self.expected) if self.mode == "srun" else None}
@@ -338,6 +391,17 @@ def analyze(report: Report, profile_ifname: str | None = None) -> Report:
         t = n.get("torch") or {}
         if t.get("error"):
             report.problems.append(f"{who}: torch does not import: {t['error']}")
+        report.problems += [f"{who}: {line}" for line in requirements.version_problems(n.get("packages") or {})]
+        report.problems += _gpu_problems(who, t, report.gpus_per_node)
+        build = n.get("op_build") or {}
+        if build.get("missing"):
+            report.notes.append(f"{who}: DeepSpeed cannot compile its CPU Adam here ({op_build_summary(build)}): a run "
+                                f"with optimizer offload would fail at its first step; install what is missing, or "
+                                f"build it once in a prep job")
+        if build.get("locks"):
+            report.notes.append(f"{who}: lock files left in the torch extensions folder ({', '.join(build['locks'])}): "
+                                f"a rank building an op there waits on them until the watchdog fires; delete them if no "
+                                f"build is running")
         if str(n.get("flash_attn", "")).startswith("error"):
             report.problems.append(f"{who}: flash_attn is installed but does not import: {n['flash_attn'][7:]}")
         if str(n.get("bitsandbytes_cuda", "")).startswith("error"):
@@ -370,6 +434,26 @@ def analyze(report: Report, profile_ifname: str | None = None) -> Report:
     return report
 
 
+def _gpu_problems(who: Any, t: dict[str, Any], gpus_per_node: int) -> list[str]:
+    """A GPU partition's node whose torch cannot use its GPUs: a CPU-only build, no device, or fewer than
+    the partition has."""
+    if gpus_per_node <= 0 or t.get("error"):
+        return []
+    if not t.get("cuda"):
+        return [f"{who}: torch {t.get('version')} is a CPU-only build (torch.version.cuda is None) on a partition with "
+                f"{gpus_per_node} GPU(s) per node: install a CUDA build of torch (pip install torch --index-url "
+                f"https://download.pytorch.org/whl/cuXXX, for the node's driver)"]
+    if not t.get("cuda_available"):
+        why = f": {t['cuda_error']}" if t.get("cuda_error") else ""
+        return [f"{who}: torch {t.get('version')} (CUDA {t.get('cuda')}) sees no usable GPU{why}; the partition has "
+                f"{gpus_per_node} per node: check the driver (nvidia-smi) and that the job asked for GPUs"]
+    seen = len(t.get("gpus") or [])
+    if seen < gpus_per_node:
+        return [f"{who}: torch sees {seen} GPU(s), the partition has {gpus_per_node} per node (--gpus-per-node "
+                f"{gpus_per_node}): the job was given fewer (CUDA_VISIBLE_DEVICES, gres) or a GPU is down"]
+    return []
+
+
 def collect(target: Target, out_dir: str | os.PathLike[str], *, timeout_s: float = 300,
             srun: str | None = None) -> Report:
     """Run the probe on `target.nodes` nodes through srun (or here once when srun is not on the PATH),
@@ -389,13 +473,14 @@ def collect(target: Target, out_dir: str | os.PathLike[str], *, timeout_s: float
     if srun is None:
         argv = [sys.executable, "-m", "launcher.ops.doctor", "probe", str(out), "--id", run_id,
                 "--expect", "1", "--wait", "0"]
-        report = Report("local", argv, str(out), expected=1)
+        report = Report("local", argv, str(out), expected=1, gpus_per_node=target.gpus_per_node)
         report.notes.append("srun is not on the PATH: probed this machine once (no Slurm, so no node comparison "
                             "and no shared-dir check)")
     else:
         argv = srun_command(target, out, run_id)
         argv[0] = srun
-        report = Report("srun", argv, str(out), expected=target.nodes, partition=target.partition)
+        report = Report("srun", argv, str(out), expected=target.nodes, partition=target.partition,
+                        gpus_per_node=target.gpus_per_node)
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=timeout_s)
         report.nodes = parse_lines(proc.stdout)
@@ -424,13 +509,22 @@ def _gpus(rec: dict[str, Any]) -> str:
     return ", ".join(f"{g['name']} {g['memory_gib']} GiB" for g in gpus) or "none"
 
 
+def _cuda_cell(rec: dict[str, Any]) -> str:
+    t = rec.get("torch") or {}
+    if not t.get("cuda"):
+        return "no (CPU-only build)"
+    return f"{t['cuda']}, {len(t.get('gpus') or [])} GPU(s) usable" if t.get("cuda_available") else f"{t['cuda']}, no GPU"
+
+
 def _rows(report: Report) -> list[tuple[str, list[str]]]:
     nodes, n_exp = report.nodes, report.expected
     rows: list[tuple[str, list[str]]] = [("hostname", [str(n.get("hostname")) for n in nodes])]
     for k in _versions(nodes[0]) if nodes else []:
         rows.append((k, [str(_versions(n).get(k) or "-") for n in nodes]))
     rows.append(("GPUs", [_gpus(n) for n in nodes]))
+    rows.append(("CUDA in torch", [_cuda_cell(n) for n in nodes]))
     rows.append(("flash_attn imports", [str(n.get("flash_attn")) for n in nodes]))
+    rows.append(("DeepSpeed CPU Adam", [op_build_summary(n.get("op_build") or {}) for n in nodes]))
     rows.append(("bitsandbytes CUDA lib", [str(n.get("bitsandbytes_cuda")) for n in nodes]))
     rows.append(("free disk", [_gib(n.get("disk_free_bytes")) for n in nodes]))
     if report.mode == "srun":

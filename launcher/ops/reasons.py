@@ -51,7 +51,9 @@ LOG_SIGNS: list[tuple[str, re.Pattern[str]]] = [
                                r"MemoryError\b", re.I)),
     # the watchdog's line, or the first line of its faulthandler backstop's dump (a hang holding the GIL)
     (HANG, re.compile(r"launcher: (?:watchdog|hang)|hang detected|no progress for \d+|" + BACKSTOP_DUMP.pattern, re.I)),
-    (COLLECTIVE_TIMEOUT, re.compile(r"Watchdog caught collective operation timeout|collective operation timeout|"
+    (COLLECTIVE_TIMEOUT, re.compile(re.escape(marker_file.NCCL_WATCHDOG_LINE) + r"|collective operation timeout|"
+                                    r"ProcessGroupNCCL.{0,200}?(?:taking the entire process down|watchdog thread "
+                                    r"terminated)|"
                                     r"(?:NCCL|gloo|c10d|ProcessGroup\w*|DistBackendError).{0,200}?timed out|"
                                     r"Timed out waiting \d+ ?ms for (?:recv|send)|Timeout\(ms\)=\d+\) ran for", re.I)),
     (NODE_FAILURE, re.compile(r"Node failure on|NODE_FAIL|DUE TO NODE FAILURE|Node \S+ not responding", re.I)),

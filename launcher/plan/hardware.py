@@ -16,7 +16,10 @@ class Device:
     bf16_tflops: float
     """Dense bf16/fp16 tensor-core peak, TFLOP/s."""
     tf32_tflops: float
-    """Dense fp32 peak, TFLOP/s (TF32 tensor cores where the library uses them)."""
+    """Dense TF32 tensor-core peak, TFLOP/s: what fp32 matmuls reach only with TF32 switched on
+    (torch.backends.cuda.matmul.allow_tf32, off by default in torch; launcher leaves it off)."""
+    fp32_tflops: float
+    """fp32 peak without tensor cores, TFLOP/s: what an fp32 run's matmuls reach under torch's defaults."""
     torch_names: tuple[str, ...]
     """What `torch.cuda.get_device_name` reports for the boards these numbers are for."""
     aliases: tuple[str, ...]
@@ -26,18 +29,25 @@ class Device:
     in torch_names (another board or form factor of the same chip)."""
 
 
-# Dense peaks from the vendors' data sheets; memory as torch reports total_memory.
+# Dense peaks from the vendors' data sheets (half the "with sparsity" figures); memory as torch reports
+# total_memory (H100 NVL and GH200: nvidia-smi's total less the 469 MiB torch does not count on an H100,
+# not yet read from torch on those boards). Order matters where one name holds another: the PCIe and NVL
+# boards of the H100 come before the H100 SXM row, which takes any other H100; GH200 is not an H200.
 DEVICES: dict[str, Device] = {d.key: d for d in (
-    Device("H100-80GB", 85_029_158_912, 989.4, 494.7, ("NVIDIA H100 80GB HBM3",), ("h100", "h100-80gb"),
+    Device("H100-PCIe", 85_029_158_912, 756.5, 378.0, 51.2, ("NVIDIA H100 PCIe",), ("h100-pcie",), r"H100.*PCIe"),
+    Device("H100-NVL", 99_993_255_936, 835.5, 417.5, 60.0, ("NVIDIA H100 NVL",), ("h100-nvl",), r"H100.*NVL"),
+    Device("H100-80GB", 85_029_158_912, 989.4, 494.7, 66.9, ("NVIDIA H100 80GB HBM3",), ("h100", "h100-80gb"),
            r"H100"),
-    Device("H200", 150_110_011_392, 989.4, 494.7, ("NVIDIA H200",), ("h200",), r"H200"),
-    Device("A100-80GB", 85_089_976_320, 312.0, 156.0, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
+    Device("GH200", 102_133_399_552, 989.4, 494.7, 66.9, ("NVIDIA GH200 480GB",), ("gh200",),
+           r"GH200(?!.*144G)"),  # the 96 GB HBM3 board; the 144 GB HBM3e one is not in the table
+    Device("H200", 150_110_011_392, 989.4, 494.7, 66.9, ("NVIDIA H200",), ("h200",), r"(?<!G)H200"),
+    Device("A100-80GB", 85_089_976_320, 312.0, 156.0, 19.5, ("NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe"),
            ("a100", "a100-80gb"), r"^(?!.*40GB).*A100"),  # an A100 without "40GB" in its name: the 80 GB one
-    Device("A100-40GB", 42_505_273_344, 312.0, 156.0, ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"),
+    Device("A100-40GB", 42_505_273_344, 312.0, 156.0, 19.5, ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"),
            ("a100-40gb",), r"^(?=.*40GB).*A100"),
-    Device("L40S", 47_697_362_944, 362.1, 183.0, ("NVIDIA L40S",), ("l40s",), r"L40S"),
-    Device("A10G", 23_677_698_048, 125.0, 62.5, ("NVIDIA A10G",), ("a10g",), r"A10G"),
-    Device("L4", 23_580_639_232, 121.0, 60.0, ("NVIDIA L4",), ("l4",), r"(?:^|\s)L4(?:\s|$)"),  # a word: not L40, L40S
+    Device("L40S", 47_697_362_944, 362.1, 183.0, 91.6, ("NVIDIA L40S",), ("l40s",), r"L40S"),
+    Device("A10G", 23_677_698_048, 125.0, 62.5, 31.2, ("NVIDIA A10G",), ("a10g",), r"A10G"),
+    Device("L4", 23_580_639_232, 121.0, 60.0, 30.3, ("NVIDIA L4",), ("l4",), r"(?:^|\s)L4(?:\s|$)"),  # a word: not L40, L40S
 )}
 
 _BY_NAME: dict[str, Device] = {n.casefold(): d for d in DEVICES.values()
@@ -58,9 +68,12 @@ def find(name: str | None) -> Device | None:
     return None
 
 
-def peak_tflops(device: Device, dtype: str) -> float:
-    """Dense peak of `device` for a training dtype (fp32 runs on TF32; bf16 and fp16 on the 16-bit cores)."""
-    return device.tf32_tflops if dtype == "fp32" else device.bf16_tflops
+def peak_tflops(device: Device, dtype: str, tf32: bool = False) -> float:
+    """Dense peak of `device` for a training dtype: bf16 and fp16 on the 16-bit tensor cores; fp32 on the
+    CUDA cores, as torch runs fp32 matmuls by default, or on TF32 tensor cores when `tf32` is on."""
+    if dtype == "fp32":
+        return device.tf32_tflops if tf32 else device.fp32_tflops
+    return device.bf16_tflops
 
 
 # GPU models without bf16 arithmetic (before Ampere): `precision: auto` takes fp16 on them.

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from launcher.config.profiles import mem_mib
 from launcher.config.resolve import with_overrides
 from launcher.config.spec import PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec, merged_zero
 from launcher.errors import SpecError, UserError
@@ -73,6 +74,8 @@ class Plan:
     loss: str = "standard"  # standard | chunked | liger
     optimizer: str = "torch AdamW"
     choices: tuple[str, ...] = ()  # one line per decision: what it is and why
+    cpus_per_rank: int | None = None  # CPU cores each rank gets (OMP_NUM_THREADS); None: Slurm's default
+    mem_per_node: str | None = None  # Slurm --mem of the training job ("0" = all of the node's); None: the default
 
     def setup(self, stage: int | None = None, loss: str | None = None) -> memory.Setup:
         """The plan's choices as the memory model takes them (another stage or loss to size that one)."""
@@ -88,6 +91,11 @@ class Plan:
         prec = ("bf16" if ds_config.get("bf16", {}).get("enabled") else
                 "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
         return replace(self, zero_stage=stage, precision=prec)
+
+    @property
+    def compiles_ops(self) -> bool:
+        """The ranks JIT-compile a DeepSpeed op (its CPU Adam) into TORCH_EXTENSIONS_DIR on first use."""
+        return self.optimizer.startswith("DeepSpeed")
 
     @property
     def tokens_per_step(self) -> int:
@@ -111,11 +119,41 @@ class Plan:
             n = f"{m.total_params():,} parameters" if m.counted else "parameters not counted for this architecture"
             lines.append(f"model        {m.model_type}, hidden {m.hidden_size}, {m.num_layers} layers, {n}")
             lines.append(f"config       {m.describe_origin()}")
+        lines.append(self.host_line())
         if self.trainable_params is not None:
             lines.append(f"trainable    {self.trainable_params:,} parameters ({self.method})")
         else:
             lines.append(f"trainable    not counted for this model ({self.method}); the training log gives the count")
         return lines + list(self.choices)
+
+
+    def host_line(self) -> str:
+        """The CPUs and host memory each rank gets, and where they come from."""
+        cpus = (f"{self.cpus_per_rank} CPU core(s) per rank (OMP_NUM_THREADS={self.cpus_per_rank})"
+                if self.cpus_per_rank else "CPUs per rank: Slurm's default (one per task unless the site says more)")
+        if self.mem_per_node == "0":
+            mem = f"all of each node's memory, shared by {self.nproc_per_node} rank(s)"
+        elif self.mem_per_node:
+            per_rank = mem_mib(self.mem_per_node) / self.nproc_per_node / 1024
+            mem = f"{self.mem_per_node} per node = {per_rank:,.1f} GiB per rank"
+        else:
+            mem = "memory: Slurm's default"
+        return f"host         {cpus}; {mem}"
+
+
+def host_resources(c: ClusterSpec, nproc: int) -> tuple[int | None, str | None]:
+    """(CPU cores per rank, --mem per node) of the training job. What the spec states wins; a GPU job
+    otherwise gets its node's share from the cluster profile (cpus_per_node / ranks, mem_per_node, or
+    --mem=0 on exclusive nodes): with one torchrun task per node, Slurm's default is one CPU for all
+    the node's ranks, NCCL's threads and the data loaders."""
+    gpu = c.gpus_per_node > 0
+    cpus = c.cpus_per_task
+    if cpus is None and gpu and c.cpus_per_node:
+        cpus = max(1, c.cpus_per_node // nproc)
+    mem = c.mem
+    if mem is None and gpu:
+        mem = "0" if c.exclusive else c.mem_per_node
+    return cpus, mem
 
 
 def _nearest_multiples(value: int, unit: int) -> list[int]:
@@ -186,7 +224,8 @@ def make_plan(spec: RunSpec) -> Plan:
         method=spec.method.name,
         trainable_params=_trainable(model, spec),
     )
-    return _choose(spec, plan)
+    cpus, mem = host_resources(c, nproc)
+    return _choose(spec, replace(plan, cpus_per_rank=cpus, mem_per_node=mem))
 
 
 def settled(spec: RunSpec, plan: Plan | None = None) -> RunSpec:

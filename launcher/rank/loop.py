@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from launcher import identity
+from launcher import identity, requirements
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 from launcher.data.build import load_prepared
 from launcher.data.cache import require_prepared
@@ -145,12 +145,18 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
     import torch
 
     spec = settled(spec, plan)
+    old = requirements.version_problems(requirements.installed_versions())  # this node's (or container's) packages
+    if old:
+        raise UserError("; ".join(old), field="dependencies")
     if plan.device == "cuda" and not torch.cuda.is_available():
         raise UserError("the plan is for GPUs (cluster.gpus_per_node > 0) but this machine has no CUDA device; "
                         "run with --gpus-per-node 0 for CPU ranks over gloo")
     if plan.device == "cuda" and torch.cuda.device_count() < plan.nproc_per_node:
+        bound = (" (this process sees only the GPUs Slurm bound to its task: the ranks address cuda:LOCAL_RANK "
+                 "among all of the node's, so the step needs --gpu-bind=none, as `launcher slurm` renders it; "
+                 "unset SLURM_GPU_BIND / --gpus-per-task)") if os.environ.get("SLURM_STEP_ID") is not None else ""
         raise UserError(f"the plan runs {plan.nproc_per_node} rank(s) per node, one per GPU, but this machine "
-                        f"shows {torch.cuda.device_count()} GPU(s); lower --nproc-per-node")
+                        f"shows {torch.cuda.device_count()} GPU(s){bound}; lower --nproc-per-node")
     refusal = unsupported_precision(spec, plan)
     if refusal:
         raise UserError(refusal)

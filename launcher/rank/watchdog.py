@@ -143,6 +143,11 @@ class Watchdog:
         where = f"last step {step}" if step is not None else "no step finished yet"
         if collective:
             where += f"; waiting in {collective}: another rank may be the one stuck"
+        lock = lock_file_waited_on()
+        if lock:
+            where += (f"; waiting for the lock file {lock} of a torch extension build (DeepSpeed's ops): another "
+                      f"process is building the op, or a build killed earlier left the lock behind: delete it and "
+                      f"requeue; TORCH_EXTENSIONS_DIR on node-local storage (as `launcher slurm` renders it) avoids it")
         head = (f"launcher: rank {who.rank} on {who.node} made no progress for {idle:.0f} s "
                 f"({where}); stacks of every thread follow")
         tail = (f"launcher: rank {who.rank}: the watchdog ends this rank with exit {EXIT_HANG} "
@@ -174,6 +179,21 @@ def _collective_of_main_thread() -> str | None:
             outer = f"a collective ({frame.f_code.co_name})"
         frame = frame.f_back
     return outer
+
+
+def lock_file_waited_on(frame: Any = None) -> str | None:
+    """The lock file torch's extension builder waits on (FileBaton.wait) in `frame`'s stack (default: the
+    main thread's), else None. Ranks that compile an op into one folder wait there, for ever when a
+    killed build left its lock behind."""
+    if frame is None:
+        frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    while frame is not None:
+        if frame.f_code.co_filename.replace(os.sep, "/").endswith("torch/utils/file_baton.py"):
+            path = getattr(frame.f_locals.get("self"), "lock_file_path", None)
+            if path:
+                return str(path)
+        frame = frame.f_back
+    return None
 
 
 def _stacks() -> str:

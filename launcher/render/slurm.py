@@ -106,7 +106,8 @@ def check(spec: RunSpec, run_dir: Path, *, python: str, array_specs: Sequence[Ru
         p.append("the job name (cluster.job_name or name) is empty; give the run a --name")
     if "/" in name:
         p.append(f"job name {name!r} contains '/': it names the log file (%x); use --name without '/'")
-    for field, mem in (("cluster.mem", c.mem), ("cluster.prep.mem", c.prep.mem)):
+    node_mem = c.mem_per_node if c.mem is None and c.gpus_per_node > 0 and not c.exclusive else None
+    for field, mem in (("cluster.mem", c.mem), ("cluster.mem_per_node", node_mem), ("cluster.prep.mem", c.prep.mem)):
         if mem is not None and not _MEM.fullmatch(mem):
             p.append(f"{field}={mem!r} is not Slurm memory syntax; write a number with an optional unit "
                      f"K, M, G or T (e.g. 200G; 0 = all of the node's memory)")
@@ -168,7 +169,7 @@ def directives(spec: RunSpec, plan: Plan, run_dir: Path, *, array_tasks: int = 0
         "ntasks-per-node": per_node_tasks,
         "gpus-per-node": c.gpus_per_node or None,
         "cpus-per-task": _cpus_per_task(spec, plan),
-        "mem": c.mem,
+        "mem": plan.mem_per_node,
         "time": c.time,
         "partition": c.partition,
         "account": c.account,
@@ -198,9 +199,10 @@ def _log_pattern(run_dir: Path, pattern: str) -> str:
 
 
 def _cpus_per_task(spec: RunSpec, plan: Plan) -> int | None:
-    # cluster.cpus_per_task counts CPUs per rank, whichever the launcher: with torchrun one Slurm
-    # task per node holds all of the node's ranks, so it asks for that many times as much.
-    per_rank = spec.cluster.cpus_per_task
+    # The plan's CPUs per rank (cluster.cpus_per_task, or the profile's node shared by the ranks),
+    # whichever the launcher: with torchrun one Slurm task per node holds all of the node's ranks, so
+    # it asks for that many times as much.
+    per_rank = plan.cpus_per_rank
     if per_rank is None:
         return None
     return per_rank * plan.nproc_per_node if spec.cluster.launcher == "torchrun" else per_rank
@@ -243,6 +245,7 @@ def _marker_names() -> dict[str, Sh]:
         if not found or rest:
             raise ValueError(f"a {kind} marker's name does not end with the attempt's part {mine!r}")
         out[key] = _plain(prefix)
+    out["nccl_abort"] = sh(markers.NCCL_WATCHDOG_LINE)
     out["pattern"] = Sh(markers.marker_name("*", "JOB", "ATTEMPT") + "*" + markers.SUFFIX)
     out["requeue_name"] = _plain(markers.marker_name(markers.REQUEUE, "JOB", "ATTEMPT") + markers.SUFFIX)
     return out
@@ -278,9 +281,12 @@ def _quoted_environment(env: list[tuple[str, str]]) -> list[tuple[Sh, Sh]]:
     return out
 
 
-def _environment(spec: RunSpec) -> list[tuple[Sh, Sh]]:
+def _environment(spec: RunSpec, plan: Plan) -> list[tuple[Sh, Sh]]:
     c = spec.cluster
     env: list[tuple[str, str]] = []
+    if plan.cpus_per_rank:
+        # torchrun sets OMP_NUM_THREADS=1 for several ranks unless it is set: each rank's share of cores
+        env.append(("OMP_NUM_THREADS", str(plan.cpus_per_rank)))
     if c.net_ifname:
         # Inside a job every node may resolve its own hostname to 127.0.0.1; the interface decides
         # which address the rendezvous and the collectives use.
@@ -363,6 +369,9 @@ def render_sbatch(
     array_tasks = len(array_specs) if array_specs else 0
     container, container_srun, exec_prefix = _container(spec, run_dir, gpu=c.gpus_per_node > 0)
     cpus = _cpus_per_task(spec, plan)
+    # One srun task per rank: a site's default binding (SLURM_GPU_BIND, --gpus-per-task) can leave each
+    # task one GPU, while the ranks address cuda:LOCAL_RANK among all of the node's (as torchrun's do).
+    gpu_bind = " --gpu-bind=none" if c.launcher == "srun" and c.gpus_per_node > 0 else ""
     srun_args = (f" --cpus-per-task={cpus}" if cpus else "") + container_srun
     python_from_path = bool(c.setup or c.container)
     text = _template().render(
@@ -375,9 +384,11 @@ def render_sbatch(
         nodes=plan.nodes,
         nproc=plan.nproc_per_node,
         setup=Sh("\n".join(c.setup)),  # the spec's own shell code, run as written by design
-        env=_environment(spec),
+        env=_environment(spec, plan),
+        node_local_extensions=plan.device == "cuda" and plan.compiles_ops,
         launcher=c.launcher,
         srun_args=Sh(srun_args),
+        gpu_bind=Sh(gpu_bind),
         exec_prefix=Sh(exec_prefix),
         shutdown_timeout=c.signal_grace_s or DEFAULT_SHUTDOWN_S,
         requeue=c.requeue,

@@ -71,6 +71,9 @@ COLLECTIVE_TIMEOUT = "collective_timeout"  # a collective failed: another rank d
 BAD_INPUT = "bad_input"
 FAILED = "failed"
 INTERRUPTED = "interrupted"  # KeyboardInterrupt or SystemExit (the manifest's attempt; no marker)
+# torch's line when NCCL's C++ watchdog finds a collective past its timeout (ProcessGroupNCCL); it then
+# aborts the process (SIGABRT), so the rank writes no exit marker and only its log says why.
+NCCL_WATCHDOG_LINE = "Watchdog caught collective operation timeout"
 REASONS = (COMPLETED, REQUEUED, OOM, HANG, COLLECTIVE_TIMEOUT, BAD_INPUT, FAILED, INTERRUPTED)
 
 # The exit code of `launcher train` that goes with each reason a marker carries.

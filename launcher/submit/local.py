@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import assets
+from launcher import assets, yamlio
 from launcher.cli import TRAIN_ENTRY
 from launcher.config.spec import RunSpec
 from launcher.data import build as data_mod
@@ -66,7 +66,7 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
     env = dict(os.environ if base_env is None else base_env)
     argv = [
         sys.executable, "-u", "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(nproc),
+        *device_selection(plan, nproc, env),
         "--master_addr", "127.0.0.1",
         "--master_port", str(master_port),
         "--no_local_rank",
@@ -87,6 +87,28 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
         env.setdefault("OMP_NUM_THREADS", threads)
         env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
     return argv, env
+
+
+def device_selection(plan: Plan, nproc: int, env: dict[str, str]) -> list[str]:
+    """The runner's arguments that pick the ranks' GPUs. `--num_gpus N` makes DeepSpeed's runner drop
+    CUDA_VISIBLE_DEVICES and take GPUs 0..N-1, perhaps someone else's: where the user made some GPUs
+    visible, the first N of those are named (`--include localhost:2,3`; the runner sets each rank's
+    CUDA_VISIBLE_DEVICES from it). CPU ranks are slots, not devices: `--num_gpus N`."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if plan.device != "cuda" or visible is None:
+        return ["--num_gpus", str(nproc)]
+    ids = [x.strip() for x in visible.split(",") if x.strip()]
+    if not ids:
+        raise UserError("CUDA_VISIBLE_DEVICES is set but empty, which hides every GPU from a GPU run; unset it or "
+                        "list the GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)", field="CUDA_VISIBLE_DEVICES")
+    if not all(x.isdigit() for x in ids):
+        raise UserError(f"CUDA_VISIBLE_DEVICES={yamlio.quote(visible, 200)}: DeepSpeed's runner selects GPUs by index "
+                        f"(--include localhost:0,1), not by UUID or MIG name; give indices (`nvidia-smi -L` lists "
+                        f"them)", field="CUDA_VISIBLE_DEVICES")
+    if len(ids) < nproc:
+        raise UserError(f"CUDA_VISIBLE_DEVICES={visible} makes {len(ids)} GPU(s) visible and the run starts {nproc} "
+                        f"rank(s), one per GPU; list more GPUs or use --nproc {len(ids)}", field="CUDA_VISIBLE_DEVICES")
+    return ["--include", "localhost:" + ",".join(ids[:nproc])]
 
 
 def free_port() -> int:
@@ -117,6 +139,7 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     for note in preflight.check(spec, ignore_fit=ignore_fit, device_memory=local_gpu_memory(plan0)):
         print(f"note: {note}", file=sys.stderr, flush=True)
     check_environment(spec, plan0)  # GPUs, precision, attention kernel: before any rank
+    device_selection(plan0, plan0.nproc_per_node, dict(os.environ))  # the GPUs the user made visible
     rd, spec, plan = create(out, spec, force=force)
     prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache
     if spec.model.name == "tiny":

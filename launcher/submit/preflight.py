@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from launcher import requirements
 from launcher.config import profiles
 from launcher.config.spec import TRACKER_EXTRA, RunSpec
 from launcher.data.check import check_data
@@ -66,6 +69,14 @@ def check(spec: RunSpec, *, slurm: bool = False, ignore_fit: bool = False, devic
     if refusal:
         gather([UserError(refusal, field="precision.dtype")])
     gather(_clashes(spec, plan, slurm=slurm))
+    c = spec.cluster
+    if c.hang_timeout_s and c.hang_timeout_s + 60 >= c.nccl.timeout_s:
+        notes.append(f"cluster.hang_timeout_s={c.hang_timeout_s} (+60 s grace) is not below cluster.nccl.timeout_s="
+                     f"{c.nccl.timeout_s}: the collective timeout fires first, ending the ranks blocked in a collective "
+                     f"before the watchdog names the stuck rank; keep hang_timeout_s at least 60 s below it")
+    if not _ranks_use_this_python(spec):
+        notes.append("package versions not checked: cluster.setup or cluster.container brings the ranks' Python; "
+                     "`launcher doctor --cluster NAME` checks them on the nodes")
     if plan is not None:
         notes += attempt(_model, spec, plan) or []
     attempt(check_cached, spec)  # a hub model is in cluster.hf_home when the jobs run offline from it
@@ -88,6 +99,15 @@ def _clashes(spec: RunSpec, plan: Plan | None, *, slurm: bool) -> list[UserError
         p.append(UserError("optim.loss=liger needs the liger-kernel package, which this Python cannot import; "
                            "pip install 'launcher[gpu]' (or liger-kernel) where the ranks run, or use --loss chunked "
                            "(the same memory saving in plain PyTorch)", field="optim.loss"))
+    if plan is not None and plan.device == "cuda" and spec.model.attn == "flash2" and _ranks_use_this_python(spec):
+        error = _flash_attn_import_error()
+        if error:
+            p.append(UserError(f"model.attn=flash2: {error}; reinstall flash-attn against this torch (pip install "
+                               f"--force-reinstall --no-build-isolation flash-attn) or use --attn sdpa (or auto, "
+                               f"which falls back to sdpa)", field="model.attn"))
+    if _ranks_use_this_python(spec):
+        p += [UserError(line, field="dependencies") for line in requirements.version_problems(
+            requirements.installed_versions())]
     p += _trackers(spec)
     if c.max_retries > 0 and not c.requeue:
         p.append(UserError(f"cluster.max_retries={c.max_retries} retries a failed job by requeueing it, but "
@@ -99,6 +119,23 @@ def _clashes(spec: RunSpec, plan: Plan | None, *, slurm: bool) -> list[UserError
                            f"the job starts; lower --set cluster.signal_grace_s or raise --time",
                            field="cluster.signal_grace_s"))
     return p
+
+
+def _ranks_use_this_python(spec: RunSpec) -> bool:
+    """The ranks run the Python that renders the run (no set-up lines or container bring another)."""
+    return not spec.cluster.setup and spec.cluster.container is None
+
+
+def _flash_attn_import_error() -> str | None:
+    """Whether flash_attn imports in this Python, tried in a child process (it imports torch, which
+    pre-flight never does): None, or what stops it (not installed, or the import's own error line)."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return "the flash_attn package is not installed where the ranks run (pip install flash-attn --no-build-isolation)"
+    proc = subprocess.run([sys.executable, "-c", "import flash_attn"], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        return None
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    return "flash_attn is installed but does not import: " + (lines[-1].strip()[:300] if lines else f"exit {proc.returncode}")
 
 
 def _trackers(spec: RunSpec) -> list[UserError]:

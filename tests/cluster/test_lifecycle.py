@@ -118,7 +118,8 @@ def jobs(slurm_lab, tmp_path_factory, profiles_file):
     gpu_spec = base / "gpu.yaml"
     gpu_spec.write_text(yaml.safe_dump({"name": "gpu2x2", "cluster": {
         "nodes": 2, "gpus_per_node": 2, "nproc_per_node": 1, "time": "10", "net_ifname": "eth0",
-        "setup": [f"export PATH={stub_dir}:$PATH"]}}))
+        # one CPU, not the profile's whole node: the hand-written jobs below run beside it, as they always did
+        "cpus_per_task": 1, "setup": [f"export PATH={stub_dir}:$PATH"]}}))
     gpu_run = base / "gpu"
     # --no-prep: the stand-in reads no data, and the run's cost is this one job's
     common = ["--cluster", "lab", "--clusters", str(profiles_file)]

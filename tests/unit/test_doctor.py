@@ -43,6 +43,22 @@ def test_srun_line_runs_one_probe_per_node_with_the_profile_settings():
                           "--id", "abc", "--expect", "4", "--wait", "60"]
 
 
+def test_the_probe_runs_inside_the_profiles_container_where_the_ranks_run():
+    from launcher.config.spec import ContainerSpec
+
+    pyxis = ContainerSpec(runtime="pyxis", image="nvcr.io#nvidia/pytorch:25.01-py3", mounts=["/data:/data"])
+    t = doctor.Target(nodes=2, partition="gpu", gpus_per_node=8, container=pyxis)
+    argv = doctor.srun_command(t, Path("/shared/runs"), "abc", python="/venv/bin/python")
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in argv
+    [mounts] = [a.split("=", 1)[1] for a in argv if a.startswith("--container-mounts=")]
+    assert mounts.split(",")[0] == "/shared/runs:/shared/runs" and mounts.endswith(",/data:/data")
+    assert argv[argv.index("-m") - 1] == "python3"  # the container's interpreter, not this host's
+    apptainer = ContainerSpec(runtime="apptainer", image="/images/train.sif")
+    argv = doctor.srun_command(doctor.Target(nodes=1, gpus_per_node=8, container=apptainer), Path("/o"), "abc")
+    i = argv.index("apptainer")
+    assert argv[i:i + 3] == ["apptainer", "exec", "--nv"] and argv[i + 5:i + 7] == ["/images/train.sif", "python3"]
+
+
 def test_healthy_nodes_pass_and_the_table_names_the_interface():
     r = report(node("n0", 0), node("n1", 1))
     assert r.ok, r.problems

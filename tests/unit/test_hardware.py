@@ -29,10 +29,11 @@ PROFILE_TYPES = {"h100": "H100-80GB", "h100-80gb": "H100-80GB", "h200": "H200", 
                  "a100-80gb": "A100-80GB", "a100-40gb": "A100-40GB", "l40s": "L40S", "a10g": "A10G", "l4": "L4"}
 
 # Names torch reports for boards the table lists by another name: found by the model's name in them
-OTHER_BOARDS = {"NVIDIA H100 PCIe": "H100-80GB", "NVIDIA H100 NVL": "H100-80GB", "NVIDIA A100-SXM4-80GB": "A100-80GB",
-                "NVIDIA A100-PCIE-40GB": "A100-40GB", "NVIDIA GH200 480GB": "H200", "NVIDIA L4": "L4",
-                "nvidia l40s": "L40S", "NVIDIA A10G": "A10G"}
-NOT_IN_TABLE = ["cpu (2 cores)", "NVIDIA L40", "NVIDIA A10", "NVIDIA GeForce RTX 4090", "Tesla V100-SXM2-16GB",
+OTHER_BOARDS = {"NVIDIA H100 80GB HBM3e": "H100-80GB", "NVIDIA H100 PCIe 80GB": "H100-PCIe",
+                "NVIDIA H100 NVL 94GB": "H100-NVL", "NVIDIA A100-SXM4-80GB": "A100-80GB",
+                "NVIDIA A100-PCIE-40GB": "A100-40GB", "NVIDIA GH200 96GB HBM3": "GH200", "NVIDIA H200 NVL": "H200",
+                "NVIDIA L4": "L4", "nvidia l40s": "L40S", "NVIDIA A10G": "A10G"}
+NOT_IN_TABLE = ["cpu (2 cores)", "NVIDIA GH200 144G HBM3e", "NVIDIA L40", "NVIDIA A10", "NVIDIA GeForce RTX 4090", "Tesla V100-SXM2-16GB",
                 "mi300x"]
 
 
@@ -47,7 +48,7 @@ def test_the_table_is_keyed_by_each_device_key_and_names_do_not_clash():
     for d in hardware.DEVICES.values():
         for name in (d.key, *d.aliases, *d.torch_names):
             assert owners.setdefault(name.casefold(), d.key) == d.key, name
-        assert d.bf16_tflops > d.tf32_tflops > 0 and d.memory_bytes > 16 * 2**30
+        assert d.bf16_tflops > d.tf32_tflops > d.fp32_tflops > 0 and d.memory_bytes > 16 * 2**30
 
 
 @pytest.mark.parametrize("name,key", NAMES)
@@ -74,7 +75,20 @@ def test_names_outside_the_table_resolve_to_nothing(name):
 def test_peak_follows_the_training_dtype():
     h100 = hardware.DEVICES["H100-80GB"]
     assert hardware.peak_tflops(h100, "bf16") == hardware.peak_tflops(h100, "fp16") == 989.4
-    assert hardware.peak_tflops(h100, "fp32") == 494.7
+    # torch runs fp32 matmuls on the CUDA cores unless TF32 is switched on (off by default; launcher leaves it)
+    assert hardware.peak_tflops(h100, "fp32") == 66.9
+    assert hardware.peak_tflops(h100, "fp32", tf32=True) == 494.7
+
+
+def test_each_h100_board_and_the_gh200_have_their_own_row():
+    """The PCIe and NVL boards peak ~25% and ~16% below the SXM one; a GH200 has 96 GB, not the H200's 141."""
+    pcie, nvl, sxm = (hardware.find(n) for n in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3"))
+    assert (pcie.key, nvl.key, sxm.key) == ("H100-PCIe", "H100-NVL", "H100-80GB")
+    assert pcie.bf16_tflops / sxm.bf16_tflops == pytest.approx(0.765, abs=0.01)
+    assert nvl.bf16_tflops / sxm.bf16_tflops == pytest.approx(0.844, abs=0.01)
+    gh200 = hardware.find("NVIDIA GH200 480GB")
+    assert gh200.key == "GH200" and 95 < gh200.memory_bytes / 2**30 < 96
+    assert hardware.find("NVIDIA H200").memory_bytes / 2**30 > 139
 
 
 @pytest.mark.parametrize("name,key", NAMES)

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from launcher import assets
+from launcher.config.profiles import Profile
+from launcher.config.resolve import deep_merge
 from launcher.config.spec import RunSpec, validate
 from launcher.errors import SpecError
 from launcher.plan.plan import make_plan
@@ -58,6 +60,18 @@ VARIANTS: dict[str, dict[str, Any]] = {
                                                           "setup": ["module load python/3.11",
                                                                     "source /opt/venv/bin/activate"]}},
 }
+# GPU jobs that state no CPUs or memory: the cluster profile's node gives them (cpus_per_node shared by
+# the ranks, mem_per_node, or --exclusive with --mem=0 where the profile gives nodes whole).
+_H100_PARTITION = {"gpu_type": "h100", "gpus_per_node": 8, "cpus_per_node": 96, "mem_per_node": "1000G",
+                   "max_time": "2-00:00:00"}
+_PROFILE = Profile.model_validate({"name": "lab", "account": "llm", "net_ifname": "ib0",
+                                   "partitions": {"gpu": _H100_PARTITION}})
+_EXCLUSIVE_PROFILE = Profile.model_validate({"name": "lab-whole", "account": "llm", "net_ifname": "ib0",
+                                             "partitions": {"gpu": {**_H100_PARTITION, "exclusive": True}}})
+VARIANTS["gpu_from_profile"] = deep_merge(_PROFILE.layer(None), {
+    "name": "cpt-8b", "cluster": {"nodes": 2}, "zero": {"stage": 2, "offload_optimizer": "cpu"}})
+VARIANTS["gpu_exclusive_srun"] = deep_merge(_EXCLUSIVE_PROFILE.layer(None), {
+    "name": "sft-whole", "cluster": {"nodes": 2, "launcher": "srun"}})
 # What `launcher bench --slurm` renders: the job prepares the data in a first step of its own. Every
 # other variant is what `launcher slurm` writes, with the preparation queued as a job before it.
 IN_JOB_PREP = {"cpu_in_job_prep": "cpu"}
@@ -172,6 +186,30 @@ def test_golden_script_is_valid_bash(name):
     path = GOLDEN / f"{name}.sbatch"
     proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gpu_jobs_get_their_cpus_memory_and_threads_from_the_profile():
+    # torchrun: one task per node holds the node's 8 ranks, each with 96 / 8 = 12 cores
+    text = rendered("gpu_from_profile")
+    d = directives_of(text)
+    assert d["--cpus-per-task"] == "96" and d["--mem"] == "1000G" and "--exclusive" not in d
+    assert "export OMP_NUM_THREADS=12\n" in text and " --cpus-per-task=96 " in text
+    # optimizer offload compiles DeepSpeed's CPU Adam: node-local, one folder per attempt, no shared lock
+    assert 'export TORCH_EXTENSIONS_DIR="${TMPDIR:-/tmp}/launcher-torch-extensions-' in text
+    # srun: one task per rank, 12 CPUs each; the profile gives nodes whole: --exclusive --mem=0
+    text = rendered("gpu_exclusive_srun")
+    d = directives_of(text)
+    assert d["--cpus-per-task"] == "12" and d["--mem"] == "0" and "--exclusive" in d
+    assert "export OMP_NUM_THREADS=12\n" in text and "TORCH_EXTENSIONS_DIR" not in text
+    # a site binding one GPU per task would leave cuda:LOCAL_RANK missing: every task sees the node's GPUs
+    assert "--ntasks-per-node=8 --gpu-bind=none --cpus-per-task=12 " in text
+    assert "--gpu-bind" not in rendered("cpu_srun_per_rank")
+    # the plan says the same
+    spec = spec_of(VARIANTS["gpu_from_profile"])
+    host = make_plan(spec).host_line()
+    assert "12 CPU core(s) per rank" in host and "1000G per node = 125.0 GiB per rank" in host
+    # a CPU job without a profile keeps Slurm's defaults
+    assert "--cpus-per-task" not in directives_of(rendered("cpu")) and "OMP_NUM_THREADS" not in rendered("cpu")
 
 
 def test_rendering_is_byte_identical_across_calls():
@@ -424,7 +462,10 @@ STUBS = {
 export SLURM_PROCID=0 SLURM_NTASKS=2 SLURM_LOCALID=0 SLURM_NODEID=0
 exec "$@"
 ''',
-    "scontrol": _RECORD + 'printf "node-a\\nnode-b\\n"\n',
+    # scontrol show job: where the job's log is (the test may write it); anything else: the hosts
+    "scontrol": _RECORD + r'''if [ "$1 $2" = "show job" ]; then echo "   StdOut=$SANDBOX/job.out"; exit 0; fi
+printf "node-a\nnode-b\n"
+''',
     # scancel --signal=SIG JOB: deliver SIG to the waiting stub rank, as Slurm would to the step
     "scancel": _RECORD + r'''[ -f "$SANDBOX/ready" ] && kill -s "${1#--signal=}" "$(cat "$SANDBOX/ready")"
 exit 0
@@ -783,6 +824,46 @@ def test_failed_step_is_retried_within_max_retries_naming_the_silent_rank(tmp_pa
     second = sb.run(script, STUB_MODE="fail-1", SLURM_RESTART_COUNT="1")
     assert second.returncode == 1 and "not requeueing: 1 of cluster.max_retries=1 used" in second.stderr
     assert [j["kind"] for j in _jobs(sb)] == ["retry"]
+
+
+# What a rank's log shows when NCCL's C++ watchdog aborts it (torch 2.13, ProcessGroupNCCL): no Python
+# exception, no exit marker, SIGABRT.
+NCCL_ABORT_LOG = """\
+[rank1]:[E1205 10:31:02.345678 4242 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:632] [Rank 1] Watchdog caught \
+collective operation timeout: WorkNCCL(SeqNum=41, OpType=ALLREDUCE, NumelIn=1, NumelOut=1, Timeout(ms)=1800000) ran \
+for 1800089 milliseconds before timing out.
+[rank1]:[E1205 10:31:02.346000 4242 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:2168] [PG ID 0 PG GUID 0(default_pg) \
+Rank 1]  failure detected by watchdog at work sequence id: 41 PG status: last enqueued work: 41, last completed work: 40
+[rank1]:[E1205 10:31:02.346100 4242 torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:681] [Rank 1] To avoid data \
+inconsistency, we are taking the entire process down.
+[rank1]:terminate called after throwing an instance of 'c10::DistBackendError'
+[rank1]:  what():  [PG ID 0 PG GUID 0(default_pg) Rank 1] Process group watchdog thread terminated with exception: \
+[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(SeqNum=41, OpType=ALLREDUCE) ran for 1800089 milliseconds
+[rank1]:Fatal Python error: Aborted
+E1205 10:31:05.000000 4100 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: -6) local_rank: 1 \
+(pid: 4242) of binary: /opt/venv/bin/python
+"""
+
+
+def test_a_rank_nccls_watchdog_aborted_is_a_collective_timeout_not_a_kill(tmp_path):
+    from launcher.ops import reasons
+
+    sb = Sandbox(tmp_path)
+    (tmp_path / "job.out").write_text(NCCL_ABORT_LOG)
+    proc = sb.run(_requeue_script(sb, max_retries=1), STUB_MODE="fail-1")
+    assert "rank 1 on node-b ended without an exit record: collective timeout (the log shows NCCL's watchdog" \
+        in proc.stderr, proc.stderr
+    assert "killed (SIGKILL" not in proc.stderr
+    assert "requeueing job 4242 (retry 1 of 1)" in proc.stderr  # transient: retried
+    # launcher status reads the same log (with the script's summary line after it) as a collective timeout
+    log = NCCL_ABORT_LOG + proc.stderr
+    reason, line = reasons.classify("FAILED", 1, None, log)
+    assert reason == reasons.COLLECTIVE_TIMEOUT and "Watchdog caught collective operation timeout" in line
+    assert reason in reasons.TRANSIENT
+    # without the line, the same silent rank is still called killed
+    (tmp_path / "job.out").write_text("")
+    proc = sb.run(_requeue_script(sb), STUB_MODE="fail-1", SLURM_JOB_ID="4243")
+    assert "rank 1 on node-b ended without an exit record: killed (SIGKILL" in proc.stderr
 
 
 @pytest.mark.parametrize("code", [2, 5])

@@ -190,6 +190,34 @@ def test_launch_command_gpu_keeps_threads_and_user_env(tmp_path):
     assert argv_q[argv_q.index("--log_level") + 1] == "warning"
 
 
+def test_launch_command_passes_the_users_visible_gpus_through(tmp_path):
+    """--num_gpus N makes DeepSpeed's runner drop CUDA_VISIBLE_DEVICES and take GPUs 0..N-1: the GPUs the user
+    made visible are named instead, and DeepSpeed's own parser and resource filter pick exactly those."""
+    from deepspeed.launcher.runner import parse_args, parse_inclusion_exclusion
+
+    spec = _spec({"precision": "bf16", "nproc_per_node": 2, "gpus_per_node": 2}, [], tmp_path)
+    plan = make_plan(spec)
+    argv, env = launch_command(tmp_path / "run", plan, 2, base_env={"CUDA_VISIBLE_DEVICES": "2,3,5"})
+    assert "--num_gpus" not in argv and argv[argv.index("--include") + 1] == "localhost:2,3"
+    args = parse_args(argv[4:])
+    assert args.include == "localhost:2,3" and args.num_gpus == -1  # the runner refuses both together
+    assert parse_inclusion_exclusion({"localhost": 8}, args.include, args.exclude) == {"localhost": [2, 3]}
+    # nothing set: --num_gpus as before; CPU ranks are slots, whatever the variable says
+    assert launch_command(tmp_path / "run", plan, 2, base_env={})[0][4:6] == ["--num_gpus", "2"]
+    cpu = make_plan(_spec({"precision": "fp32", "nproc_per_node": 2}, [], tmp_path))
+    assert "--num_gpus" in launch_command(tmp_path / "run", cpu, 2, base_env={"CUDA_VISIBLE_DEVICES": "1"})[0]
+
+
+@pytest.mark.parametrize("visible, words", [
+    ("", "hides every GPU"), ("GPU-8e1d2c3b-aaaa", "by index"), ("1", "1 GPU(s) visible"),
+])
+def test_launch_command_refuses_visible_devices_it_cannot_honour(tmp_path, visible, words):
+    plan = make_plan(_spec({"precision": "bf16", "nproc_per_node": 2, "gpus_per_node": 2}, [], tmp_path))
+    with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES") as exc:
+        launch_command(tmp_path / "run", plan, 2, base_env={"CUDA_VISIBLE_DEVICES": visible})
+    assert words in str(exc.value)
+
+
 @pytest.mark.parametrize("line, chatter", [
     ("[2026-12-05 08:36:02,360] [WARNING] [runner.py:214:fetch_hostfile] Unable to find hostfile, will proceed", True),
     ("[2026-12-05 08:36:08,164] [INFO] [launch.py:152:main] WORLD INFO DICT: {'localhost': [0]}", True),
