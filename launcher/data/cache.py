@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher import assets
+from launcher.config.spec import PREFERENCE_TASKS
 from launcher.data.source import data_files
 from launcher.errors import UserError
 from launcher.rundir.layout import RunDir
@@ -63,6 +64,9 @@ def key_inputs(spec: RunSpec, tokenizer_dir: str | os.PathLike[str]) -> dict[str
     shaping: dict[str, Any] = {"task": spec.task, "seq_len": d.seq_len}
     if spec.task == "pretrain":
         shaping["text_field"] = d.text_field
+    elif spec.task in PREFERENCE_TASKS:
+        shaping.update(prompt_field=d.prompt_field, chosen_field=d.chosen_field, rejected_field=d.rejected_field,
+                       completion_field=d.completion_field, label_field=d.label_field)
     else:
         shaping.update(packing=d.packing, prompt_field=d.prompt_field, response_field=d.response_field,
                        messages_field=d.messages_field)
