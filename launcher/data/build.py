@@ -81,11 +81,14 @@ def prepare(spec: RunSpec, tokenizer: Any = None) -> Path:
 
 
 def load_prepared(spec: RunSpec, tokenizer: Any = None, split: str = "train") -> Dataset:
-    """The prepared split ('train' or 'eval'); UserError with the fix when it has not been prepared."""
+    """The prepared split ('train' or 'eval'); UserError with the fix when it has not been prepared.
+
+    Preference rows are read into memory: TRL's trainers tokenize them on the rank, and a dataset in memory
+    keeps those results there instead of writing cache files into the shared cache entry."""
     path = require_prepared(spec, tokenizer)
     from datasets import load_from_disk
 
-    dd = load_from_disk(str(path))
+    dd = load_from_disk(str(path), keep_in_memory=spec.task in PREFERENCE_TASKS)
     if split not in dd:
         raise UserError(f"the prepared data has no {split!r} split (has: {', '.join(dd)}); "
                         f"set data.eval_fraction above 0 for an eval split", field="data.eval_fraction")

@@ -1,0 +1,86 @@
+"""Preference tuning through the same path as every run: `launcher run --task dpo` with no data argument trains
+on the embedded preference set and leaves a complete run dir; ORPO, KTO, SimPO and a reward model train on a CPU
+rank and their outputs load in transformers/peft; full DPO with precomputed reference log-probs has the losses
+of the in-memory reference. CPU, fp32, a few steps each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def tree(out: Path, task: str, method: str, steps: int = 2, **extra) -> dict:
+    t = {"task": task, "method": method, "precision": "fp32", "zero": {"stage": 2},
+         "data": {"seq_len": 64}, "optim": {"max_steps": steps, "lr": 1e-3, "micro_batch": 2 if task == "kto" else 1},
+         "output": {"dir": str(out / f"{task}-{method}-{extra.get('ref', 'auto')}")}}
+    if "ref" in extra:
+        t["pref"] = {"reference": extra["ref"]}
+    return t
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and r.get("kind", "step") == "step"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, env, train_cases):
+    out = tmp_path_factory.mktemp("pref")
+    cases = [("orpo", tree(out, "orpo", "lora")), ("kto", tree(out, "kto", "lora")),
+             ("simpo", tree(out, "simpo", "full")), ("rm", tree(out, "rm", "full")),
+             ("dpo_pre", tree(out, "dpo", "full", 3, ref="precomputed")),
+             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory"))]
+    sections, proc = train_cases(cases, env)
+    return {name: (Path(t["output"]["dir"]), sections.get(name, "")) for name, t in cases}, proc
+
+
+@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_pre", "dpo_mem"])
+def test_each_preference_task_trains_on_a_cpu_rank(one_rank, name):
+    runs, proc = one_rank
+    run_dir, text = runs[name]
+    assert f"@@ ok {name}" in text, f"{name} did not train\n{text[-4000:]}\n{proc.stderr[-3000:]}"
+    assert len(losses(run_dir)) >= 2 and (run_dir / "final").is_dir()
+
+
+def test_outputs_load_in_transformers_and_peft(one_rank):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    runs, _ = one_rank
+    rm = AutoModelForSequenceClassification.from_pretrained(runs["rm"][0] / "final")
+    assert rm.config.num_labels == 1
+    with torch.no_grad():
+        assert rm(input_ids=torch.tensor([[1, 50, 60, 2]])).logits.shape == (1, 1)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(runs["simpo"][0] / "final"), torch.nn.Module)
+    for name in ("orpo", "kto"):
+        model = AutoPeftModelForCausalLM.from_pretrained(runs[name][0] / "final")
+        assert model.peft_config["default"].r == 16
+
+
+def test_full_dpo_precomputed_reference_matches_in_memory_losses(one_rank):
+    runs, _ = one_rank
+    pre, mem = losses(runs["dpo_pre"][0]), losses(runs["dpo_mem"][0])
+    assert len(pre) == len(mem) == 3
+    assert max(abs(a - b) for a, b in zip(pre, mem)) <= 1e-5, (pre, mem)
+    assert "reference: precomputed" in runs["dpo_pre"][1] and "reference: in_memory" in runs["dpo_mem"][1]
+
+
+def test_dpo_lora_with_no_data_argument_leaves_a_complete_run_dir(tmp_path, env, launcher):
+    out = tmp_path / "dpo"
+    proc = launcher(["run", "--task", "dpo", "--method", "lora", "--max-steps", "3", "--seq-len", "64",
+                     "--precision", "fp32", "--zero", "2", "--nproc", "1", "--set", "optim.lr=1e-3", "--out", out],
+                    env, expect=0)
+    assert "reference: adapter" in proc.stdout and "step 3/3" in proc.stdout
+    for name in ("spec.yaml", "ds_config.json", "plan.txt", "manifest.json", "jobs.jsonl", "logs/metrics.jsonl",
+                 "final/adapter_model.safetensors", "final/adapter_config.json"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["attempts"][-1]["exit_reason"] == "completed", manifest["attempts"][-1]
+    assert manifest["attempts"][-1]["end_step"] == 3
+    status = launcher(["status", out], env)
+    assert "COMPLETED" in status.stdout, status.stdout
