@@ -612,6 +612,9 @@ def check_combinations(spec: RunSpec) -> list[str]:
     if spec.task in PREFERENCE_TASKS and meth not in PREFERENCE_METHODS:
         p.append(f"task {spec.task} runs with method {', '.join(PREFERENCE_METHODS)}; method {meth} is not one of "
                  f"them (not verified with TRL's trainers here): use --method lora or --method full")
+    if spec.task == "kto" and spec.optim.micro_batch < 2:
+        p.append("task kto estimates its KL term from the other completions of the micro batch, so it needs "
+                 "optim.micro_batch of 2 or more; use --micro-batch 2")
     if spec.task in PREFERENCE_TASKS and spec.model.compile:
         p.append(f"model.compile with task {spec.task}: TRL's trainers run the chosen and rejected sequences of "
                  f"varying lengths through the model (recompiles); use --no-compile")

@@ -337,14 +337,27 @@ def collective_timeout_s(spec: RunSpec) -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else spec.cluster.nccl.timeout_s
 
 
-def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
+class _NoRecord:
+    """The attempt record of a job that trains nothing (the reference job): nothing goes into the manifest."""
+
+    trainer: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+def train(spec: RunSpec, callbacks: Sequence[Any] = (), *, ref_only: bool = False) -> TrainResult:
     """Train on this rank. Every rank calls it. Returns the final output folder, or the step it stopped
     at after a signal (the checkpoint is complete and the requeue marker written). Global rank 0 records
     this attempt in manifest.json: at its start, and at its end however it ends (but SIGKILL).
 
     `callbacks`: extra transformers TrainerCallbacks (`launcher bench` measures through one); a callback
-    with a `trainer` attribute is given the Trainer once it exists."""
+    with a `trainer` attribute is given the Trainer once it exists.
 
+    `ref_only`: the reference job of full DPO (`launcher train --ref`): build the trainer, which computes the
+    reference log-probs of every row into the cache (rank/preference.py), and stop before the first step."""
+    if ref_only:
+        return _train(spec, _NoRecord(), ref_only=True)
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
                      max_steps=plan.max_steps, device=plan.device)
@@ -361,7 +374,8 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
     return result
 
 
-def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: Trackers | None = None) -> TrainResult:
+def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: Trackers | None = None, *,
+           ref_only: bool = False) -> TrainResult:
     model_mod.keep_bitsandbytes_out(spec.method.name)  # before transformers (and through it peft) is imported
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
@@ -377,7 +391,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
     # Ranks only read the tokenized data (`launcher run` or the Slurm prep job made it): a missing cache
     # ends every rank here with exit 2, before the heavy imports and the process group.
     require_prepared(spec)
-    resume = resume_point(spec)
+    resume = None if ref_only else resume_point(spec)
     record.start(resume, checkpoints.checkpoint_step(resume) if resume is not None else None)
     # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
@@ -454,6 +468,13 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
         f"ZeRO-{plan.zero_stage}; optimizer {plan.optimizer}" + ("; compiled blocks" if spec.model.compile else ""))
     say(f"loss         {loss_note}")
     say(f"data         {len(train_ds):,} training rows" + (f", {len(eval_ds):,} eval rows" if eval_ds is not None else ""))
+    if pref and preference.reference_mode(spec) == "precomputed":
+        what = ("computed here, before the first step, into" if getattr(trainer, "launcher_reference_computed", False)
+                else "read from")
+        say(f"reference    log-probs {what} {preference.reference_path(spec)}")
+    if ref_only:
+        sys.stdout.flush()
+        return TrainResult()
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if plan.zero_stage == 0 and plan.precision == "fp32":

@@ -10,8 +10,13 @@ in_memory; kto always). Heavy imports (trl, torch) live inside the functions.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from pathlib import Path
 from typing import Any
 
+from launcher import identity
 from launcher.config.spec import PEFT_METHODS, RunSpec
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # what TRL's DPO loss reads from a batch
@@ -93,18 +98,59 @@ def make_trainer(spec: RunSpec, args: Any, model: Any, tokenizer: Any, train_ds:
             """No README.md beside the checkpoints (TRL writes one at every save)."""
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
-            """The reference log-probs of every row, as two columns: those the ref job cached, or computed here
-            from the policy before its first step, kept in memory and given to every rank (TRL's own version
-            shares them through a cache file one rank writes beside the data)."""
+            """The reference log-probs of every row, as two columns: those the ref job cached (rows in the order
+            TRL prepared them), or computed here from the policy before its first step on every rank (the rows
+            split over the ranks and gathered back; TRL's own version shares them through a cache file one rank
+            writes beside the data) and then cached for the next job."""
             if all(c in dataset.column_names for c in REF_COLUMNS):
                 return dataset
-            chosen, rejected = reference_logps(self, dataset, batch_size)
-            return dataset.add_column(REF_COLUMNS[0], chosen).add_column(REF_COLUMNS[1], rejected)
+            folder = reference_path(spec)
+            cached = read_reference(folder, name, len(dataset))
+            if cached is None:
+                cached = reference_logps(self, dataset, batch_size)
+                write_reference(folder, name, *cached)
+                self.launcher_reference_computed = True
+            return dataset.add_column(REF_COLUMNS[0], cached[0]).add_column(REF_COLUMNS[1], cached[1])
 
     # dpo/kto with in_memory: no ref_model given, so TRL loads the frozen copy from the policy's own folder
     # (config name_or_path: the run dir's base for `tiny`, else model.name)
     return PreferenceTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, callbacks=callbacks, peft_config=peft_config)
+
+
+def reference_path(spec: RunSpec) -> Path:
+    """The cache folder of a full DPO run's reference log-probs (data/cache.py names it): the reference is the
+    run's base model, in the run's precision."""
+    from launcher.data.cache import reference_path as path_of
+    from launcher.model.load import model_source
+
+    return path_of(spec, model_source(spec), spec.precision.dtype)
+
+
+def read_reference(folder: Path, split: str, rows: int) -> tuple[list[float], list[float]] | None:
+    """A split's cached (chosen, rejected) log-probs, or None when not cached (or cached for other rows)."""
+    path = folder / f"{split}.json"
+    if not (folder / "meta.json").is_file() or not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if len(data["chosen"]) != rows:
+        return None
+    return data["chosen"], data["rejected"]
+
+
+def write_reference(folder: Path, split: str, chosen: list[float], rejected: list[float]) -> None:
+    """Global rank 0 writes a split's reference log-probs (every rank holds them all), atomically; meta.json
+    last marks the folder complete."""
+    if identity.rank() != 0:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, payload in ((f"{split}.json", {"chosen": chosen, "rejected": rejected}),
+                          ("meta.json", {"splits": sorted({*(p.stem for p in folder.glob("*.json")
+                                                             if p.name != "meta.json"), split}),
+                                         "time": time.time()})):
+        tmp = folder / f".{name}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(payload) + "\n")
+        os.replace(tmp, folder / name)
 
 
 def reference_logps(trainer: Any, dataset: Any, batch_size: int) -> tuple[list[float], list[float]]:

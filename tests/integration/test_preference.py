@@ -1,7 +1,7 @@
 """Preference tuning through the same path as every run: `launcher run --task dpo` with no data argument trains
 on the embedded preference set and leaves a complete run dir; ORPO, KTO, SimPO and a reward model train on a CPU
-rank and their outputs load in transformers/peft; full DPO with precomputed reference log-probs has the losses
-of the in-memory reference. CPU, fp32, a few steps each."""
+rank and their outputs load in transformers/peft; full DPO's reference job caches the reference log-probs and
+training with them has the losses of the in-memory reference. CPU, fp32, a few steps each."""
 
 from __future__ import annotations
 
@@ -32,13 +32,12 @@ def one_rank(tmp_path_factory, env, train_cases):
     out = tmp_path_factory.mktemp("pref")
     cases = [("orpo", tree(out, "orpo", "lora")), ("kto", tree(out, "kto", "lora")),
              ("simpo", tree(out, "simpo", "full")), ("rm", tree(out, "rm", "full")),
-             ("dpo_pre", tree(out, "dpo", "full", 3, ref="precomputed")),
-             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory"))]
+             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory")), ("dpo_lora", tree(out, "dpo", "lora"))]
     sections, proc = train_cases(cases, env)
     return {name: (Path(t["output"]["dir"]), sections.get(name, "")) for name, t in cases}, proc
 
 
-@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_pre", "dpo_mem"])
+@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_mem", "dpo_lora"])
 def test_each_preference_task_trains_on_a_cpu_rank(one_rank, name):
     runs, proc = one_rank
     run_dir, text = runs[name]
@@ -62,25 +61,30 @@ def test_outputs_load_in_transformers_and_peft(one_rank):
         assert model.peft_config["default"].r == 16
 
 
-def test_full_dpo_precomputed_reference_matches_in_memory_losses(one_rank):
-    runs, _ = one_rank
-    pre, mem = losses(runs["dpo_pre"][0]), losses(runs["dpo_mem"][0])
-    assert len(pre) == len(mem) == 3
-    assert max(abs(a - b) for a, b in zip(pre, mem)) <= 1e-5, (pre, mem)
-    assert "reference: precomputed" in runs["dpo_pre"][1] and "reference: in_memory" in runs["dpo_mem"][1]
-
-
-def test_dpo_lora_with_no_data_argument_leaves_a_complete_run_dir(tmp_path, env, launcher):
+def test_full_dpo_with_no_data_argument_runs_the_ref_job_then_trains_with_its_log_probs(tmp_path, env, launcher,
+                                                                                       one_rank):
+    """`launcher run --task dpo --method full`: the reference job (kind ref) caches the log-probs, the training
+    job reads them, and its losses equal the in-memory reference's (same seed, base and data) within 1e-5."""
     out = tmp_path / "dpo"
-    proc = launcher(["run", "--task", "dpo", "--method", "lora", "--max-steps", "3", "--seq-len", "64",
+    proc = launcher(["run", "--task", "dpo", "--method", "full", "--max-steps", "3", "--seq-len", "64",
                      "--precision", "fp32", "--zero", "2", "--nproc", "1", "--set", "optim.lr=1e-3", "--out", out],
                     env, expect=0)
-    assert "reference: adapter" in proc.stdout and "step 3/3" in proc.stdout
-    for name in ("spec.yaml", "ds_config.json", "plan.txt", "manifest.json", "jobs.jsonl", "logs/metrics.jsonl",
-                 "final/adapter_model.safetensors", "final/adapter_config.json"):
+    assert "log-probs computed here, before the first step, into" in proc.stdout  # the ref job
+    assert "log-probs read from" in proc.stdout and "step 3/3" in proc.stdout  # the training job
+    kinds = [json.loads(x)["kind"] for x in (out / "jobs.jsonl").read_text().splitlines()]
+    assert kinds == ["ref", "ref", "local", "local"], kinds
+    for name in ("spec.yaml", "ds_config.json", "plan.txt", "manifest.json", "logs/metrics.jsonl",
+                 "final/model.safetensors"):
         assert (out / name).is_file(), name
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["attempts"][-1]["exit_reason"] == "completed", manifest["attempts"][-1]
-    assert manifest["attempts"][-1]["end_step"] == 3
+    assert [a["exit_reason"] for a in manifest["attempts"]] == ["completed"]  # the ref job is no attempt
+    mem = losses(one_rank[0]["dpo_mem"][0])
+    assert max(abs(a - b) for a, b in zip(losses(out), mem)) <= 1e-5, (losses(out), mem)
     status = launcher(["status", out], env)
-    assert "COMPLETED" in status.stdout, status.stdout
+    assert "ref-" in status.stdout and "COMPLETED" in status.stdout, status.stdout
+
+
+def test_dpo_lora_with_no_data_argument_trains_against_the_adapter_disabled_base(one_rank):
+    runs, _ = one_rank
+    run_dir, text = runs["dpo_lora"]
+    assert "reference: adapter" in text and (run_dir / "final" / "adapter_model.safetensors").is_file()

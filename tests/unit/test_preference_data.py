@@ -15,7 +15,8 @@ from launcher.errors import SpecError, UserError
 
 
 def spec(path, task="dpo", method="full", **data):
-    return validate({"task": task, "method": method, "data": {"path": None if path is None else str(path), **data}})
+    return validate({"task": task, "method": method, "optim": {"micro_batch": 2},
+                     "data": {"path": None if path is None else str(path), **data}})
 
 
 def jsonl(path: Path, records) -> Path:
@@ -97,6 +98,9 @@ def test_preference_combinations_are_refused_with_the_fix():
         validate({"task": "dpo", "method": "ia3", "data": {"packing": True}})
     text = str(exc.value)
     assert "drop --packing" in text and "--method lora" in text
+    with pytest.raises(SpecError, match="--micro-batch 2"):
+        validate({"task": "kto"})
+    validate({"task": "kto", "optim": {"micro_batch": 2}})
 
 
 def test_bad_pair_exits_2_from_the_cli_with_no_traceback(tmp_path, cli):
