@@ -21,6 +21,26 @@ PREFERENCE_TASKS = ("dpo", "orpo", "kto", "simpo", "rm")
 # The methods a preference task trains with (the LoRA family keeps the reference as the base with the adapter
 # disabled; full keeps none in the training job when the reference log-probs are precomputed).
 PREFERENCE_METHODS = ("full", "lora", "qlora", "dora")
+
+
+def sequences_per_example(task: str) -> int:
+    """Sequences one training example puts through the model: 2 for a preference task (chosen and rejected in one
+    batch; KTO's completion and the mismatched completion of its KL term), else 1. Tokens/s, $ per 1M tokens and
+    the activation memory count them all."""
+    return 2 if task in PREFERENCE_TASKS else 1
+
+
+def reference_mode(spec: "RunSpec") -> str:
+    """How a task's loss gets its reference: 'none' (orpo, simpo, rm need none), 'adapter' (the base with the
+    adapter disabled), 'precomputed' (full dpo: log-probs computed before training by their own job) or
+    'in_memory' (a frozen copy in the training job: pref.reference=in_memory, and full kto)."""
+    if spec.task not in ("dpo", "kto"):
+        return "none"
+    if spec.method.name in PEFT_METHODS:
+        return "adapter"
+    if spec.task == "kto" or spec.pref.reference == "in_memory":
+        return "in_memory"
+    return "precomputed"
 MethodName = Literal["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]
 PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")  # trained through peft (final/ is an adapter)
 PROMPT_METHODS = ("prefix", "prompt")  # virtual tokens before the input (peft prompt learning)

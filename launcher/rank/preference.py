@@ -17,21 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from launcher import identity
-from launcher.config.spec import PEFT_METHODS, RunSpec
+from launcher.config.spec import RunSpec, reference_mode
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # what TRL's DPO loss reads from a batch
-
-
-def reference_mode(spec: RunSpec) -> str:
-    """How a task's loss gets its reference: 'none' (orpo, simpo, rm need none), 'adapter' (the base with the
-    adapter disabled), 'precomputed' (full dpo: log-probs computed before training) or 'in_memory' (a frozen copy)."""
-    if spec.task not in ("dpo", "kto"):
-        return "none"
-    if spec.method.name in PEFT_METHODS:
-        return "adapter"
-    if spec.task == "kto" or spec.pref.reference == "in_memory":
-        return "in_memory"
-    return "precomputed"
 
 
 def trl_classes(task: str) -> tuple[type, type]:

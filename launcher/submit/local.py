@@ -238,7 +238,8 @@ REF_ENTRY = (*TRAIN_ENTRY, "--ref")  # the reference job's per-rank entry
 def needs_reference_job(spec: RunSpec) -> bool:
     """Whether the run's loss reads reference log-probs computed before training (full DPO), made by their own
     job unless the cache holds them (data/cache.py reference_key)."""
-    from launcher.rank.preference import reference_mode, reference_path
+    from launcher.config.spec import reference_mode
+    from launcher.rank.preference import reference_path
 
     if reference_mode(spec) != "precomputed":
         return False
