@@ -88,3 +88,26 @@ def test_dpo_lora_with_no_data_argument_trains_against_the_adapter_disabled_base
     runs, _ = one_rank
     run_dir, text = runs["dpo_lora"]
     assert "reference: adapter" in text and (run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_reports_preference_accuracy_and_margin_for_tuned_and_base(one_rank, env, launcher, tmp_path):
+    run_dir = one_rank[0]["dpo_lora"][0]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Question: Write 'apple' in capital letters.\nAnswer:", "chosen": " APPLE", "rejected": " apple"},
+        {"prompt": "Question: What is 2 + 3?\nAnswer:", "chosen": " 5", "rejected": " 6"}]))
+    proc = launcher(["eval", run_dir, "--data", pairs, "--json", "--max-rows", "8"], env, expect=0)
+    res = json.loads(proc.stdout)
+    sets = {s["name"]: s for s in res["sets"]}
+    assert set(sets) == {"training data", "pairs.jsonl"}  # the run has no held-out split: its rows, marked seen
+    for s in sets.values():
+        for who in ("tuned", "base"):
+            assert 0.0 <= s[who]["pref_accuracy"] <= 1.0 and isinstance(s[who]["reward_margin"], float)
+        assert s["tuned"]["reward_margin"] != s["base"]["reward_margin"]  # the adapter changed the log-probs
+        assert 0.0 <= s["implicit_reward_accuracy"] <= 1.0
+    assert sets["pairs.jsonl"]["rows"] == 2 and sets["training data"]["rows"] == 8
+
+
+def test_eval_of_a_reward_model_is_refused_with_the_way_to_load_it(one_rank, env, launcher):
+    proc = launcher(["eval", one_rank[0]["rm"][0]], env, expect=2)
+    assert "AutoModelForSequenceClassification" in proc.stderr and "Traceback" not in proc.stderr
