@@ -275,11 +275,7 @@ def _check_record(spec: RunSpec, path: Path, where: str, record: Any, shape: lis
                         f"{d.prompt_field!r} and {d.response_field!r} fields (data.prompt_field, "
                         f"data.response_field), or 'instruction' and 'output'; fields found: "
                         f"{_fields_found(record)}", field="data.prompt_field")
-    if shape[0] is None:
-        shape[0] = kind
-    elif shape[0] != kind:
-        raise UserError(f"{at}: this record is {kind}-shaped but the first record is {shape[0]}-shaped; "
-                        f"use one layout for the whole data set", field="data.path")
+    _same_layout(at, shape, kind)
     if kind == "prompt":
         _need_str(at, record, d.prompt_field, "data.prompt_field")
         _need_str(at, record, d.response_field, "data.response_field")
@@ -290,6 +286,15 @@ def _check_record(spec: RunSpec, path: Path, where: str, record: Any, shape: lis
             _need_str(at, record, "input", None)
     else:
         _check_messages(at, record[d.messages_field], d.messages_field, has_template, spec)
+
+
+def _same_layout(at: str, shape: list[str | None], layout: str) -> None:
+    """The first record fixes the data set's layout (`shape`, shared across files); every other must match."""
+    if shape[0] is None:
+        shape[0] = layout
+    elif shape[0] != layout:
+        raise UserError(f"{at}: this record is {layout}-shaped but the first record is {shape[0]}-shaped; "
+                        f"use one layout for the whole data set", field="data.path")
 
 
 def _need_str(at: str, record: dict[str, Any], key: str, field: str | None) -> None:
@@ -364,12 +369,7 @@ def _check_preference(spec: RunSpec, at: str, record: dict[str, Any], shape: lis
     if len(layouts) > 1:
         raise UserError(f"{at}: some of {', '.join(repr(k) for k, _ in texts)} are strings and some chat messages; "
                         f"write all of a record's fields one way", field=texts[0][1])
-    layout = f"{kind}-{layouts.pop()}"
-    if shape[0] is None:
-        shape[0] = layout
-    elif shape[0] != layout:
-        raise UserError(f"{at}: this record is {layout} but the first record is {shape[0]}; use one layout for "
-                        f"the whole data set", field="data.path")
+    _same_layout(at, shape, f"{kind}-{layouts.pop()}")
     if kind == "unpaired":
         if not isinstance(record[d.label_field], bool):
             raise UserError(f"{at}: field {d.label_field!r} (data.label_field) is {yamlio.quote(record[d.label_field])}; "
