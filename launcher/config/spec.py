@@ -632,6 +632,9 @@ def check_combinations(spec: RunSpec) -> list[str]:
     if spec.task in PREFERENCE_TASKS and meth not in PREFERENCE_METHODS:
         p.append(f"task {spec.task} runs with method {', '.join(PREFERENCE_METHODS)}; method {meth} is not one of "
                  f"them (not verified with TRL's trainers here): use --method lora or --method full")
+    if spec.task in PREFERENCE_TASKS and spec.optim.loss in ("chunked", "liger"):
+        p.append(f"optim.loss={spec.optim.loss} is for the language-model loss of pretrain/sft; task {spec.task} runs "
+                 f"TRL's own loss (its fused LM head computes the log-probs without the full logits); drop --loss")
     if spec.task == "kto" and spec.optim.micro_batch < 2:
         p.append("task kto estimates its KL term from the other completions of the micro batch, so it needs "
                  "optim.micro_batch of 2 or more; use --micro-batch 2")

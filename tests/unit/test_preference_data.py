@@ -98,6 +98,8 @@ def test_preference_combinations_are_refused_with_the_fix():
         validate({"task": "dpo", "method": "ia3", "data": {"packing": True}})
     text = str(exc.value)
     assert "drop --packing" in text and "--method lora" in text
+    with pytest.raises(SpecError, match="drop --loss"):
+        validate({"task": "orpo", "optim": {"loss": "chunked"}})
     with pytest.raises(SpecError, match="--micro-batch 2"):
         validate({"task": "kto"})
     validate({"task": "kto", "optim": {"micro_batch": 2}})
