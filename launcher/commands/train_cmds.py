@@ -20,7 +20,7 @@ from launcher.submit.quickstart import quickstart as run_quickstart
 @click.command()
 @spec_options(spec_required=True)
 @click.option("--ref", "ref_only", is_flag=True, help="The reference job of full DPO: compute the reference "
-              "log-probs of every row into the cache and stop (`launcher run` runs it before training).")
+              "log-probs of every row into the cache and stop (`launcher run` runs it before training; `launcher slurm` queues it after prep).")
 def train(spec: RunSpec, ref_only: bool) -> None:
     """Train on this rank: the entry point every launcher calls (deepspeed, torchrun, srun).
 

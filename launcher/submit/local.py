@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from launcher import assets
-from launcher.cli import TRAIN_ENTRY
+from launcher.cli import REF_ENTRY, TRAIN_ENTRY
 from launcher.config.spec import RunSpec
 from launcher.data import build as data_mod
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
@@ -230,9 +230,6 @@ def _failure_note(rd: RunDir, job: str, backstop: bool = False) -> str:
         if rec.get("exit_code") not in (0, EXIT_REQUEUE, None):
             lines.append(f"launcher: rank {rec.get('rank')} on {rec.get('node')}: {rec.get('reason')}: {rec.get('message')}")
     return "\n".join(lines)
-
-
-REF_ENTRY = (*TRAIN_ENTRY, "--ref")  # the reference job's per-rank entry
 
 
 def needs_reference_job(spec: RunSpec) -> bool:
