@@ -13,6 +13,11 @@ perplexity = exp(loss). delta = tuned - base: below 0 the tuned model is better 
 reference set it has forgotten some of what the base knew. For SFT-shaped sets, exact match of the
 greedy completion of a sample of prompts with their reference responses.
 
+Preference sets (a preference run's held-out split, a --data file of {prompt, chosen, rejected} records): for
+each model, the log-probability it gives each response after its prompt (summed over the response's tokens);
+pref_accuracy = the share of pairs whose chosen response gets the higher one, reward_margin = the mean of
+log p(chosen) - log p(rejected). DPO's implicit reward margin is beta x (tuned margin - base margin).
+
 Runs in one process on CPU or one GPU; no DeepSpeed. Heavy libraries are imported inside functions.
 """
 
@@ -29,7 +34,7 @@ from typing import Any
 from launcher import assets, outpaths
 from launcher.config import spec as spec_mod
 from launcher.config.resolve import with_overrides
-from launcher.config.spec import RunSpec
+from launcher.config.spec import PREFERENCE_TASKS, RunSpec
 from launcher.data import build as data_mod
 from launcher.data.check import sample_records, sft_shape
 from launcher.data.collate import make_collator
@@ -93,6 +98,10 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
     if RunDir(path).spec_path.is_file():
         rd = open_run_dir(path)
         spec = rd.load_spec()
+        if spec.task == "rm":
+            raise UserError(f"{rd.path} trained a reward model (task rm): `launcher eval` compares causal language "
+                            f"models; load it with AutoModelForSequenceClassification and score pairs yourself "
+                            f"(preference evaluation of reward models is not built yet)", field="task")
         if seq_len:
             spec = with_overrides(spec, {"data": {"seq_len": seq_len}})
         notes = []
@@ -141,7 +150,9 @@ def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
     task = "pretrain"
     if fmt != "txt":
         for _, record in sample_records(files[0], fmt, probe):
-            if isinstance(record, dict) and sft_shape(record, probe) is not None \
+            if isinstance(record, dict) and probe.data.chosen_field in record and probe.data.rejected_field in record:
+                task = "dpo"  # preference pairs: pref_accuracy and reward_margin, not a loss
+            elif isinstance(record, dict) and sft_shape(record, probe) is not None \
                     and probe.data.text_field not in record:
                 task = "sft"
             break
@@ -152,7 +163,7 @@ def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet
     sets: list[EvalSet] = []
     spec = t.spec
     if t.run_dir is not None:
-        src = spec.data.path or f"embedded {('sft.jsonl' if spec.task == 'sft' else 'corpus.txt')}"
+        src = spec.data.path or f"embedded {data_files(spec)[1][0].name}"
         if spec.data.eval_fraction > 0:
             sets.append(EvalSet("held-out split", "in-distribution", src, spec))
         else:
@@ -253,6 +264,50 @@ def loss_on(model: Any, s: EvalSet, tokenizer: Any, batch_size: int, device: str
     return {"loss": mean, "perplexity": math.exp(mean) if mean < 50 else float("inf"), "tokens": count}
 
 
+def _response_ids(tokenizer: Any, prompt: Any, response: Any, seq_len: int) -> tuple[list[int], int]:
+    """Token ids of prompt + response (chat messages through the chat template; a text response ends in EOS, as
+    TRL's trainers train it) cut to seq_len, and where the response starts: where the prompt's own tokens and
+    the whole's part (as TRL finds the completion)."""
+    if isinstance(prompt, list):
+        p_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        f_text = tokenizer.apply_chat_template(prompt + list(response), tokenize=False)
+        p = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        full = tokenizer(f_text, add_special_tokens=False)["input_ids"]
+    else:
+        p = tokenizer(prompt)["input_ids"]
+        full = tokenizer(prompt + response + tokenizer.eos_token)["input_ids"]
+    start = next((k for k, (a, b) in enumerate(zip(p, full)) if a != b), min(len(p), len(full)))
+    return full[:seq_len], start
+
+
+def preference_on(model: Any, s: EvalSet, tokenizer: Any, device: str) -> dict[str, Any]:
+    """pref_accuracy and reward_margin of `model` on a set of {prompt, chosen, rejected} rows (module docstring)."""
+    import torch
+
+    if "chosen" not in s.rows.column_names:
+        raise UserError(f"{s.name} ({s.source}): no chosen/rejected pairs to compare (a kto run's held-out split is "
+                        f"unpaired); give a paired set with --data", field="data.path")
+
+    def logp(ids: list[int], start: int) -> float:
+        if start >= len(ids):
+            return 0.0  # the response was cut away entirely by seq_len
+        x = torch.tensor([ids], device=device)
+        with torch.no_grad():
+            logits = model(input_ids=x, use_cache=False).logits.float()[0, :-1]
+        lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
+        return float(lp[start - 1:].sum()) if start > 0 else float(lp.sum())
+
+    margins = []
+    for row in s.rows:
+        c = logp(*_response_ids(tokenizer, row["prompt"], row["chosen"], s.spec.data.seq_len))
+        r = logp(*_response_ids(tokenizer, row["prompt"], row["rejected"], s.spec.data.seq_len))
+        margins.append(c - r)
+    if not margins:
+        raise UserError(f"{s.name} ({s.source}): no pairs to evaluate")
+    return {"pref_accuracy": sum(m > 0 for m in margins) / len(margins),
+            "reward_margin": sum(margins) / len(margins), "pairs": len(margins), "margins": margins}
+
+
 def sft_samples(s: EvalSet, n: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reference response ids) of up to n examples: each row's first response span."""
     out = []
@@ -319,6 +374,9 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
             continue
         model = load_model(t, which, dev)
         for s in sets:
+            if s.spec.task in PREFERENCE_TASKS:
+                results[s.name][which] = preference_on(model, s, tokenizer, dev)
+                continue
             r = loss_on(model, s, tokenizer, batch_size, dev)
             results[s.name][which] = r
             if sft.get(s.name):
@@ -331,6 +389,16 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
     for s in sets:
         r = results[s.name]
         tuned, based = r["tuned"], r.get("base")
+        if s.spec.task in PREFERENCE_TASKS:
+            tm, bm = tuned.pop("margins"), based.pop("margins") if based else None
+            pref = {"name": s.name, "kind": s.kind, "source": s.source, "task": s.spec.task,
+                    "held_out": s.held_out, "rows": tuned["pairs"], "tokens": None, "tuned": tuned,
+                    "base": based, "delta_loss": None, **({"note": s.note} if s.note else {})}
+            if bm is not None:
+                # the chosen log-ratio log(tuned/base) beats the rejected one: DPO's implicit reward accuracy
+                pref["implicit_reward_accuracy"] = sum(a > b for a, b in zip(tm, bm)) / len(tm)
+            out_sets.append(pref)
+            continue
         entry: dict[str, Any] = {
             "name": s.name, "kind": s.kind, "source": s.source, "task": s.spec.task, "held_out": s.held_out,
             "rows": len(s.rows), "tokens": tuned["tokens"],
@@ -402,12 +470,21 @@ def format_table(res: dict[str, Any]) -> str:
     rows = [head]
     for e in res["sets"]:
         b = e["base"] or {}
+        if "pref_accuracy" in e["tuned"]:
+            continue  # preference sets: their own lines below
         rows.append((e["name"] + ("" if e["held_out"] else " (seen)"), e["kind"], str(e["rows"]), str(e["tokens"]),
                      f(e["tuned"]["loss"]), f(e["tuned"]["perplexity"], ".2f"), f(b.get("loss")),
                      f(b.get("perplexity"), ".2f"), f(e["delta_loss"], "+.4f")))
     widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
     lines = ["  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))) for r in rows]
     for e in res["sets"]:
+        if "pref_accuracy" in e["tuned"]:
+            b = e["base"] or {}
+            lines.append(f"preference on {e['name']} ({e['rows']} pairs): pref_accuracy tuned "
+                         f"{f(e['tuned']['pref_accuracy'], '.3f')}, base {f(b.get('pref_accuracy'), '.3f')}; "
+                         f"reward_margin tuned {f(e['tuned']['reward_margin'], '+.3f')}, base "
+                         f"{f(b.get('reward_margin'), '+.3f')} (log p(chosen) - log p(rejected), nats); implicit reward "
+                         f"accuracy {f(e.get('implicit_reward_accuracy'), '.3f')} (log tuned/base: chosen over rejected)")
         em = e.get("exact_match")
         if em:
             lines.append(f"exact match on {e['name']} ({em['samples']} greedy completions): "

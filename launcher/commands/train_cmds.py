@@ -19,7 +19,9 @@ from launcher.submit.quickstart import quickstart as run_quickstart
 
 @click.command()
 @spec_options(spec_required=True)
-def train(spec: RunSpec) -> None:
+@click.option("--ref", "ref_only", is_flag=True, help="The reference job of full DPO: compute the reference "
+              "log-probs of every row into the cache and stop (`launcher run` runs it before training; `launcher slurm` queues it after prep).")
+def train(spec: RunSpec, ref_only: bool) -> None:
     """Train on this rank: the entry point every launcher calls (deepspeed, torchrun, srun).
 
     SPEC is a run dir's spec.yaml (made by `launcher run --out` or `launcher slurm --out`): the
@@ -27,7 +29,7 @@ def train(spec: RunSpec) -> None:
     Rank, world size and master address come from the launcher's environment. USR1 or TERM: the
     ranks save a checkpoint at the same optimizer step and exit 3; the next start resumes from it.
     """
-    entry.finish(entry.train(spec))  # done (0) or stopped after a checkpoint (3); failures raise
+    entry.finish(entry.train(spec, ref_only=ref_only))  # done (0) or stopped after a checkpoint (3); failures raise
 
 
 @click.command()

@@ -26,7 +26,7 @@ class Flag:
 
 SPEC: tuple[Flag, ...] = (
     Flag("model", "model.name", ("--model",), "'tiny', a local model directory, or a hub id."),
-    Flag("task", "task", ("--task",), "Continued pretraining or fine-tuning."),
+    Flag("task", "task", ("--task",), "Continued pretraining, fine-tuning (sft), or preference tuning (dpo, orpo, kto, simpo, rm: reward model)."),
     Flag("method", "method.name", ("--method",), "Which weights train."),
     Flag("data", "data.path", ("--data",), "Data file, folder or datasets hub name (default: embedded corpus)."),
     Flag("seq_len", "data.seq_len", ("--seq-len",), "Tokens per sequence."),

@@ -15,7 +15,32 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictI
 from launcher import yamlio
 from launcher.errors import SpecError
 
-Task = Literal["pretrain", "sft"]
+Task = Literal["pretrain", "sft", "dpo", "orpo", "kto", "simpo", "rm"]
+# Preference tuning on TRL's trainers: pairs {prompt, chosen, rejected} (KTO: {prompt, completion, label}).
+PREFERENCE_TASKS = ("dpo", "orpo", "kto", "simpo", "rm")
+# The methods a preference task trains with (the LoRA family keeps the reference as the base with the adapter
+# disabled; full keeps none in the training job when the reference log-probs are precomputed).
+PREFERENCE_METHODS = ("full", "lora", "qlora", "dora")
+
+
+def sequences_per_example(task: str) -> int:
+    """Sequences one training example puts through the model: 2 for a preference task (chosen and rejected in one
+    batch; KTO's completion and the mismatched completion of its KL term), else 1. Tokens/s, $ per 1M tokens and
+    the activation memory count them all."""
+    return 2 if task in PREFERENCE_TASKS else 1
+
+
+def reference_mode(spec: "RunSpec") -> str:
+    """How a task's loss gets its reference: 'none' (orpo, simpo, rm need none), 'adapter' (the base with the
+    adapter disabled), 'precomputed' (full dpo: log-probs computed before training by their own job) or
+    'in_memory' (a frozen copy in the training job: pref.reference=in_memory, and full kto)."""
+    if spec.task not in ("dpo", "kto"):
+        return "none"
+    if spec.method.name in PEFT_METHODS:
+        return "adapter"
+    if spec.task == "kto" or spec.pref.reference == "in_memory":
+        return "in_memory"
+    return "precomputed"
 MethodName = Literal["full", "lora", "qlora", "dora", "ia3", "prefix", "prompt", "freeze"]
 PEFT_METHODS = ("lora", "qlora", "dora", "ia3", "prefix", "prompt")  # trained through peft (final/ is an adapter)
 PROMPT_METHODS = ("prefix", "prompt")  # virtual tokens before the input (peft prompt learning)
@@ -70,6 +95,10 @@ class DataSpec(_Section):
     prompt_field: str = "prompt"
     response_field: str = "response"
     messages_field: str = "messages"
+    chosen_field: str = Field("chosen", description="preference tasks: the preferred response (string or messages)")
+    rejected_field: str = Field("rejected", description="preference tasks: the dispreferred response")
+    completion_field: str = Field("completion", description="kto: the response a label judges")
+    label_field: str = Field("label", description="kto: true when the completion is desirable")
     packing: bool = Field(False, description="SFT: pack examples into seq_len, attention kept per example")
     eval_fraction: Float = Field(0.0, ge=0.0, lt=1.0, description="held-out share for evaluation")
     num_proc: Int | None = Field(None, ge=1, description="tokenizer processes; none = chosen by size")
@@ -160,6 +189,18 @@ class MethodSpec(_Shorthand):
     prompt: PromptSpec = Field(default_factory=PromptSpec)
     ia3: IA3Spec = Field(default_factory=IA3Spec)
     freeze: FreezeSpec = Field(default_factory=FreezeSpec)
+
+
+class PrefSpec(_Section):
+    """Preference tuning (task dpo, orpo, kto, simpo, rm) on TRL's trainers."""
+
+    beta: Float = Field(0.1, gt=0, description="dpo/kto: deviation from the reference; orpo: the odds-ratio weight "
+                        "(lambda); simpo: the reward scale")
+    simpo_gamma: Float = Field(0.5, ge=0, description="simpo: the target reward margin (gamma / beta)")
+    reference: Literal["auto", "precomputed", "in_memory"] = Field(
+        "auto", description="dpo/kto with method full: the reference log-probs computed by their own job before "
+        "training and cached (precomputed; what auto picks), or a frozen copy in the training job (in_memory). "
+        "LoRA-family methods use the base with the adapter disabled either way")
 
 
 class OptimSpec(_Section):
@@ -441,6 +482,7 @@ class RunSpec(_Section):
     data: DataSpec = Field(default_factory=DataSpec)
     method: MethodSpec = Field(default_factory=MethodSpec)
     optim: OptimSpec = Field(default_factory=OptimSpec)
+    pref: PrefSpec = Field(default_factory=PrefSpec)
     precision: PrecisionSpec = Field(default_factory=PrecisionSpec)
     zero: ZeroSpec = Field(default_factory=ZeroSpec)
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
@@ -592,6 +634,21 @@ def check_combinations(spec: RunSpec) -> list[str]:
     if c.gpus_per_node and c.nproc_per_node and c.nproc_per_node > c.gpus_per_node:
         p.append(f"cluster.nproc_per_node={c.nproc_per_node} is more than cluster.gpus_per_node={c.gpus_per_node}; "
                  f"one rank per GPU: lower --nproc-per-node")
+    if spec.task in PREFERENCE_TASKS and spec.data.packing:
+        p.append(f"data.packing is for --task sft; task {spec.task} compares whole sequences (chosen and rejected) "
+                 f"and never packs them: drop --packing")
+    if spec.task in PREFERENCE_TASKS and meth not in PREFERENCE_METHODS:
+        p.append(f"task {spec.task} runs with method {', '.join(PREFERENCE_METHODS)}; method {meth} is not one of "
+                 f"them (not verified with TRL's trainers here): use --method lora or --method full")
+    if spec.task in PREFERENCE_TASKS and spec.optim.loss in ("chunked", "liger"):
+        p.append(f"optim.loss={spec.optim.loss} is for the language-model loss of pretrain/sft; task {spec.task} runs "
+                 f"TRL's own loss (its fused LM head computes the log-probs without the full logits); drop --loss")
+    if spec.task == "kto" and spec.optim.micro_batch < 2:
+        p.append("task kto estimates its KL term from the other completions of the micro batch, so it needs "
+                 "optim.micro_batch of 2 or more; use --micro-batch 2")
+    if spec.task in PREFERENCE_TASKS and spec.model.compile:
+        p.append(f"model.compile with task {spec.task}: TRL's trainers run the chosen and rejected sequences of "
+                 f"varying lengths through the model (recompiles); use --no-compile")
     if spec.task == "pretrain" and spec.data.packing:
         p.append("data.packing is for --task sft (pretraining text is always concatenated and cut into blocks); "
                  "drop --packing")

@@ -6,6 +6,10 @@ pyarrow, transformers) are imported inside the functions.
 - pretrain: `input_ids`, exactly `seq_len` tokens (documents joined with EOS, cut into blocks; the
   tail shorter than a block is dropped). The collator adds `labels = input_ids`.
 - sft: `input_ids`, `labels` (-100 on prompt tokens), at most `seq_len` tokens; the collator pads.
+- dpo, orpo, simpo, rm: `prompt`, `chosen`, `rejected` (strings, or chat messages lists), renamed from the
+  spec's field names and not tokenized: TRL's trainer tokenizes them on the rank (its own prompt/completion
+  split and EOS handling). kto: `prompt`, `completion`, `label` (pairs are split into one desirable and one
+  undesirable example each).
 - sft with packing: examples packed in order into rows of at most `seq_len` tokens, with
   `position_ids` restarting at 0 per example and no attention mask; with `use_cache=False`
   transformers derives per-example attention from the position ids (see tests/integration/test_packing.py).
@@ -21,7 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.data.cache import cache_dir, cache_key, key_inputs, require_prepared, tokenizer_dir
-from launcher.data.check import check_data, sft_shape
+from launcher.config.spec import PREFERENCE_TASKS
+from launcher.data.check import check_data, preference_shape, sft_shape
 from launcher.data.source import data_files, datasets_builder, staged_dataset
 from launcher.errors import UserError
 from launcher.model.load import load_tokenizer, load_tokenizer_from
@@ -76,11 +81,14 @@ def prepare(spec: RunSpec, tokenizer: Any = None) -> Path:
 
 
 def load_prepared(spec: RunSpec, tokenizer: Any = None, split: str = "train") -> Dataset:
-    """The prepared split ('train' or 'eval'); UserError with the fix when it has not been prepared."""
+    """The prepared split ('train' or 'eval'); UserError with the fix when it has not been prepared.
+
+    Preference rows are read into memory: TRL's trainers tokenize them on the rank, and a dataset in memory
+    keeps those results there instead of writing cache files into the shared cache entry."""
     path = require_prepared(spec, tokenizer)
     from datasets import load_from_disk
 
-    dd = load_from_disk(str(path))
+    dd = load_from_disk(str(path), keep_in_memory=spec.task in PREFERENCE_TASKS)
     if split not in dd:
         raise UserError(f"the prepared data has no {split!r} split (has: {', '.join(dd)}); "
                         f"set data.eval_fraction above 0 for an eval split", field="data.eval_fraction")
@@ -139,7 +147,31 @@ def _build(spec: RunSpec, tokenizer: Any, hf_cache: Path) -> tuple[dict[str, Any
     nproc = _num_proc(spec, files, raw.num_rows)
     if spec.task == "pretrain":
         return _build_pretrain(spec, tokenizer, raw, nproc)
+    if spec.task in PREFERENCE_TASKS:
+        return _build_preference(spec, raw)
     return _build_sft(spec, tokenizer, raw, nproc)
+
+
+def _build_preference(spec: RunSpec, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Preference records with TRL's column names (see the module's docstring); pairs split for KTO."""
+    d = spec.data
+    kind = preference_shape(raw[0], spec)
+    names = ({d.prompt_field: "prompt", d.completion_field: "completion", d.label_field: "label"}
+             if kind == "unpaired" else
+             {d.prompt_field: "prompt", d.chosen_field: "chosen", d.rejected_field: "rejected"})
+    missing = [k for k in names if k not in raw.column_names]
+    if missing:
+        raise UserError(f"data columns {', '.join(raw.column_names)} lack {', '.join(map(repr, missing))} for task "
+                        f"{spec.task}; set the data.*_field names", field="data.prompt_field")
+    ds = raw.select_columns(list(names)).rename_columns({k: v for k, v in names.items() if k != v})
+    splits = _split(spec, ds)  # pairs stay whole across the split, also for KTO
+    if spec.task == "kto" and kind == "paired":
+        from trl.data_utils import unpair_preference_dataset
+
+        splits = {k: unpair_preference_dataset(v) for k, v in splits.items()}
+    meta = {"task": spec.task, "layout": kind, "examples": raw.num_rows,
+            "splits": {k: {"rows": v.num_rows} for k, v in splits.items()}}
+    return splits, meta
 
 
 class _PretrainTokenize:

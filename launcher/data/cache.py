@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher import assets
+from launcher.config.spec import PREFERENCE_TASKS
 from launcher.data.source import data_files
 from launcher.errors import UserError
 from launcher.rundir.layout import RunDir
@@ -63,6 +64,9 @@ def key_inputs(spec: RunSpec, tokenizer_dir: str | os.PathLike[str]) -> dict[str
     shaping: dict[str, Any] = {"task": spec.task, "seq_len": d.seq_len}
     if spec.task == "pretrain":
         shaping["text_field"] = d.text_field
+    elif spec.task in PREFERENCE_TASKS:
+        shaping.update(prompt_field=d.prompt_field, chosen_field=d.chosen_field, rejected_field=d.rejected_field,
+                       completion_field=d.completion_field, label_field=d.label_field)
     else:
         shaping.update(packing=d.packing, prompt_field=d.prompt_field, response_field=d.response_field,
                        messages_field=d.messages_field)
@@ -116,3 +120,26 @@ def require_prepared(spec: RunSpec, tokenizer: Any = None) -> Path:
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Counts `prepare` recorded: rows and tokens per split, examples dropped or truncated."""
     return json.loads((Path(path) / "meta.json").read_text())
+
+
+def _model_fingerprint(source: str, revision: str | None) -> dict[str, Any]:
+    """A model folder's config and weight files (name, size, mtime), or a hub id and revision."""
+    p = Path(source).expanduser()
+    if not p.is_dir():
+        return {"hub": source, "revision": revision}
+    files = sorted(f for f in p.iterdir() if f.is_file() and (f.name == "config.json" or f.suffix in
+                                                                (".safetensors", ".bin") or f.name.endswith(".index.json")))
+    return {"dir": str(p.resolve()), "files": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+def reference_key(spec: RunSpec, model_source: str, precision: str) -> str:
+    """Name of the cached reference log-probs of a full DPO run ('ref-<hash>'): the tokenized data's key (data
+    files, tokenizer, sequence settings), the reference model's files and the precision it runs in."""
+    inputs = {"data": cache_key(spec), "model": _model_fingerprint(model_source, spec.model.revision),
+              "precision": precision, "version": PIPELINE_VERSION}
+    return "ref-" + hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def reference_path(spec: RunSpec, model_source: str, precision: str) -> Path:
+    """Where the reference log-probs of a full DPO run are cached (meta.json there once complete)."""
+    return cache_dir(spec) / reference_key(spec, model_source, precision)

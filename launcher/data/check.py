@@ -10,13 +10,15 @@ import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from launcher import yamlio
+from launcher.config.spec import PREFERENCE_TASKS
 from launcher.data.source import data_files, open_text
 from launcher.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.spec import RunSpec
 
-SAMPLE_RECORDS = 100  # records check_data reads per file
+SAMPLE_RECORDS = 100  # records check_data reads per file (every record for a preference task: below)
 
 
 def check_data(spec: RunSpec, tokenizer_has_chat_template: bool | None = None) -> None:
@@ -29,13 +31,16 @@ def check_data(spec: RunSpec, tokenizer_has_chat_template: bool | None = None) -
     if fmt == "hub":
         return  # nothing on this machine to look at; the load in `prepare` reports problems
     shape: list[str | None] = [None]  # the SFT shape the first record fixed, shared across files
+    # A preference set is checked whole: a pair with chosen == rejected or an empty completion anywhere would
+    # otherwise surface on a rank, mid-run, as a loss of nan or a TRL error without a line number.
+    limit = None if spec.task in PREFERENCE_TASKS else SAMPLE_RECORDS
     for path in files:
         try:
             if path.stat().st_size == 0:
                 raise UserError(f"data file {path} is empty; give it records or point data.path elsewhere",
                                 field="data.path")
             n, where = 0, "the first record"
-            for where, record in sample_records(path, fmt, spec):
+            for where, record in sample_records(path, fmt, spec, limit):
                 _check_record(spec, path, where, record, shape, tokenizer_has_chat_template)
                 n += 1
             if path.suffix.lower() == ".gz":
@@ -82,9 +87,15 @@ def _csv_where(where: str, n: int) -> str:
     return f"after {where}" if n else "in its first records"
 
 
-def sample_records(path: Path, fmt: str, spec: RunSpec) -> Iterator[tuple[str, Any]]:
-    """(where, record) for the first SAMPLE_RECORDS records; `where` is 'line N' or 'record N'."""
+def sample_records(path: Path, fmt: str, spec: RunSpec, limit: int | None = SAMPLE_RECORDS) -> Iterator[tuple[str, Any]]:
+    """(where, record) for the first `limit` records (None: all); `where` is 'line N' or 'record N'."""
+    big = 1 << 62
+    limit = big if limit is None else limit
     if fmt == "txt":
+        if spec.task in PREFERENCE_TASKS:
+            raise UserError(f"data file {path}: --task {spec.task} needs records with "
+                            f"{spec.data.prompt_field!r}, {spec.data.chosen_field!r} and {spec.data.rejected_field!r} "
+                            f"fields, and a .txt file holds plain text; use jsonl records", field="data.path")
         if spec.task == "sft":
             raise UserError(f"data file {path}: --task sft needs records with prompt/response or messages fields, "
                             f"and a .txt file holds plain text; use jsonl records or --task pretrain",
@@ -98,7 +109,7 @@ def sample_records(path: Path, fmt: str, spec: RunSpec) -> Iterator[tuple[str, A
         with open_text(path) as f:
             reader = csv.DictReader(f)
             i = 0
-            while i < SAMPLE_RECORDS:
+            while i < limit:
                 try:
                     row = next(reader)
                 except StopIteration:
@@ -110,7 +121,7 @@ def sample_records(path: Path, fmt: str, spec: RunSpec) -> Iterator[tuple[str, A
                 i += 1
         return
     if fmt == "parquet":
-        yield from _sample_parquet(path)
+        yield from _sample_parquet(path, limit)
         return
     with open_text(path) as f:
         first = ""
@@ -119,14 +130,14 @@ def sample_records(path: Path, fmt: str, spec: RunSpec) -> Iterator[tuple[str, A
                 first = ch
                 break
     if fmt == "json" and first == "[":
-        yield from _sample_json_array(path)
+        yield from _sample_json_array(path, limit)
     elif fmt == "json" and first == "{" and not _first_line_is_object(path):
-        yield from _sample_json_columns(path)
+        yield from _sample_json_columns(path, limit)
     else:
-        yield from _sample_jsonl(path)
+        yield from _sample_jsonl(path, limit)
 
 
-def _sample_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+def _sample_jsonl(path: Path, limit: int = SAMPLE_RECORDS) -> Iterator[tuple[str, Any]]:
     n = 0
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -142,7 +153,7 @@ def _sample_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                                 f"be one flat JSON object of text fields", field="data.path") from None
             yield f"line {lineno}", record
             n += 1
-            if n >= SAMPLE_RECORDS:
+            if n >= limit:
                 return
 
 
@@ -157,13 +168,15 @@ def _first_line_is_object(path: Path) -> bool:
     return False
 
 
-def _sample_json_array(path: Path, chunk: int = 4 << 20) -> Iterator[tuple[str, Any]]:
+def _sample_json_array(path: Path, limit: int = SAMPLE_RECORDS, chunk: int = 4 << 20) -> Iterator[tuple[str, Any]]:
+    if limit > SAMPLE_RECORDS:
+        chunk = -1  # every record: the whole file
     with open_text(path) as f:
         text = f.read(chunk)
         complete = len(f.read(1)) == 0
     dec = json.JSONDecoder()
     pos = text.index("[") + 1
-    for n in range(SAMPLE_RECORDS):
+    for n in range(limit):
         while pos < len(text) and (text[pos].isspace() or (n and text[pos] == ",")):
             pos += 1
         if pos >= len(text) or text[pos] == "]":
@@ -182,7 +195,7 @@ def _sample_json_array(path: Path, chunk: int = 4 << 20) -> Iterator[tuple[str, 
         pos = end
 
 
-def _sample_json_columns(path: Path) -> Iterator[tuple[str, Any]]:
+def _sample_json_columns(path: Path, limit: int = SAMPLE_RECORDS) -> Iterator[tuple[str, Any]]:
     try:
         with open_text(path) as f:
             obj = json.load(f)
@@ -195,12 +208,12 @@ def _sample_json_columns(path: Path) -> Iterator[tuple[str, Any]]:
     if not (isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values())):
         raise UserError(f"data file {path} holds a single JSON object; write records as a JSON list of objects "
                         f"or one object per line (.jsonl)", field="data.path")
-    n = min(SAMPLE_RECORDS, *(len(v) for v in obj.values()))
+    n = min(limit, *(len(v) for v in obj.values()))
     for i in range(n):
         yield f"record {i + 1}", {k: v[i] for k, v in obj.items()}
 
 
-def _sample_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+def _sample_parquet(path: Path, limit: int = SAMPLE_RECORDS) -> Iterator[tuple[str, Any]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -211,9 +224,13 @@ def _sample_parquet(path: Path) -> Iterator[tuple[str, Any]]:
                         field="data.path") from None
     if pf.metadata.num_rows == 0:
         return
-    batch = next(pf.iter_batches(batch_size=SAMPLE_RECORDS))
-    for i, row in enumerate(batch.to_pylist()):
-        yield f"row {i + 1}", row
+    i = 0
+    for batch in pf.iter_batches(batch_size=min(limit, 1 << 16)):
+        for row in batch.to_pylist():
+            if i >= limit:
+                return
+            i += 1
+            yield f"row {i}", row
 
 
 def _fields_found(record: dict[str, Any]) -> str:
@@ -238,6 +255,9 @@ def _check_record(spec: RunSpec, path: Path, where: str, record: Any, shape: lis
     if not isinstance(record, dict):
         raise UserError(f"{at}: expected a JSON object with fields, got {type(record).__name__}", field="data.path")
     d = spec.data
+    if spec.task in PREFERENCE_TASKS:
+        _check_preference(spec, at, record, shape, has_template)
+        return
     if spec.task == "pretrain":
         if d.text_field not in record:
             raise UserError(f"{at}: no field {d.text_field!r} (data.text_field, the text to pretrain on); fields "
@@ -255,11 +275,7 @@ def _check_record(spec: RunSpec, path: Path, where: str, record: Any, shape: lis
                         f"{d.prompt_field!r} and {d.response_field!r} fields (data.prompt_field, "
                         f"data.response_field), or 'instruction' and 'output'; fields found: "
                         f"{_fields_found(record)}", field="data.prompt_field")
-    if shape[0] is None:
-        shape[0] = kind
-    elif shape[0] != kind:
-        raise UserError(f"{at}: this record is {kind}-shaped but the first record is {shape[0]}-shaped; "
-                        f"use one layout for the whole data set", field="data.path")
+    _same_layout(at, shape, kind)
     if kind == "prompt":
         _need_str(at, record, d.prompt_field, "data.prompt_field")
         _need_str(at, record, d.response_field, "data.response_field")
@@ -270,6 +286,15 @@ def _check_record(spec: RunSpec, path: Path, where: str, record: Any, shape: lis
             _need_str(at, record, "input", None)
     else:
         _check_messages(at, record[d.messages_field], d.messages_field, has_template, spec)
+
+
+def _same_layout(at: str, shape: list[str | None], layout: str) -> None:
+    """The first record fixes the data set's layout (`shape`, shared across files); every other must match."""
+    if shape[0] is None:
+        shape[0] = layout
+    elif shape[0] != layout:
+        raise UserError(f"{at}: this record is {layout}-shaped but the first record is {shape[0]}-shaped; "
+                        f"use one layout for the whole data set", field="data.path")
 
 
 def _need_str(at: str, record: dict[str, Any], key: str, field: str | None) -> None:
@@ -295,3 +320,79 @@ def _check_messages(at: str, msgs: Any, key: str, has_template: bool | None, spe
         raise UserError(f"{at}: chat {key!r} need the tokenizer's chat template, and the tokenizer of model "
                         f"{spec.model.name!r} has none; use a model whose tokenizer has one (an instruct/chat "
                         f"variant) or write the data as prompt/response fields", field="data.messages_field")
+
+
+def preference_shape(record: dict[str, Any], spec: RunSpec) -> str:
+    """'paired' ({prompt, chosen, rejected}) or 'unpaired' ({prompt, completion, label}: KTO only; KTO also takes
+    pairs, each split into a desirable and an undesirable example)."""
+    d = spec.data
+    if spec.task == "kto" and d.completion_field in record and d.chosen_field not in record:
+        return "unpaired"
+    return "paired"
+
+
+def _check_preference(spec: RunSpec, at: str, record: dict[str, Any], shape: list[str | None],
+                      has_template: bool | None) -> None:
+    """One preference record: its fields there, each text a non-empty string or a chat messages list (one kind
+    for the whole set), chosen and rejected different."""
+    d = spec.data
+    kind = preference_shape(record, spec)
+    if kind == "unpaired":
+        need = [(d.prompt_field, "data.prompt_field"), (d.completion_field, "data.completion_field"),
+                (d.label_field, "data.label_field")]
+    else:
+        need = [(d.prompt_field, "data.prompt_field"), (d.chosen_field, "data.chosen_field"),
+                (d.rejected_field, "data.rejected_field")]
+    for key, fld in need:
+        if key not in record:
+            wanted = ", ".join(repr(k) for k, _ in need)
+            alt = (f" (or {d.prompt_field!r}, {d.completion_field!r}, {d.label_field!r})" if spec.task == "kto"
+                   else "")
+            raise UserError(f"{at}: no field {key!r} ({fld}); task {spec.task} needs {wanted}{alt}; fields found: "
+                            f"{_fields_found(record)}; rename it in the data or set --set {fld}=NAME", field=fld)
+    texts = [(key, fld) for key, fld in need if fld != "data.label_field"]
+    layouts = set()
+    for key, fld in texts:
+        v = record[key]
+        if isinstance(v, str):
+            layouts.add("text")
+            if not v.strip() and fld != "data.prompt_field":
+                raise UserError(f"{at}: field {key!r} ({fld}) is empty; every response needs text (drop the "
+                                f"record or fill it in)", field=fld)
+        elif isinstance(v, list):
+            layouts.add("chat")
+            _check_turns(at, v, key, fld, has_template, spec, response=fld != "data.prompt_field")
+        else:
+            got = "null" if v is None else type(v).__name__
+            raise UserError(f"{at}: field {key!r} ({fld}) is {got}; expected a string or a list of "
+                            f"{{role, content}} messages", field=fld)
+    if len(layouts) > 1:
+        raise UserError(f"{at}: some of {', '.join(repr(k) for k, _ in texts)} are strings and some chat messages; "
+                        f"write all of a record's fields one way", field=texts[0][1])
+    _same_layout(at, shape, f"{kind}-{layouts.pop()}")
+    if kind == "unpaired":
+        if not isinstance(record[d.label_field], bool):
+            raise UserError(f"{at}: field {d.label_field!r} (data.label_field) is {yamlio.quote(record[d.label_field])}; "
+                            f"expected true (desirable) or false (undesirable)", field="data.label_field")
+    elif record[d.chosen_field] == record[d.rejected_field]:
+        raise UserError(f"{at}: {d.chosen_field!r} equals {d.rejected_field!r}, so the pair prefers nothing; drop "
+                        f"the record or fix one of them", field="data.chosen_field")
+
+
+def _check_turns(at: str, msgs: list[Any], key: str, fld: str, has_template: bool | None, spec: RunSpec, *,
+                 response: bool) -> None:
+    if not msgs:
+        raise UserError(f"{at}: field {key!r} ({fld}) is an empty list; give it {{role, content}} messages",
+                        field=fld)
+    for i, m in enumerate(msgs):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            found = _fields_found(m) if isinstance(m, dict) else type(m).__name__
+            raise UserError(f"{at}: {key}[{i}] needs a string 'role' and a string 'content' (found: {found})",
+                            field=fld)
+    if response and not any(m["role"] == "assistant" and m["content"].strip() for m in msgs):
+        raise UserError(f"{at}: field {key!r} ({fld}) has no non-empty 'assistant' message; a response is the "
+                        f"assistant's turn", field=fld)
+    if has_template is False:
+        raise UserError(f"{at}: chat messages in {key!r} need the tokenizer's chat template, and the tokenizer of "
+                        f"model {spec.model.name!r} has none; use a model whose tokenizer has one (an instruct/chat "
+                        f"variant) or write the fields as strings", field=fld)

@@ -23,7 +23,7 @@ def data_files(spec: RunSpec) -> tuple[str, list[Path]]:
     """(format, files) of the run's data; ("hub", []) for a datasets hub name."""
     d = spec.data
     if d.path is None:
-        name = "sft.jsonl" if spec.task == "sft" else "corpus.txt"
+        name = {"pretrain": "corpus.txt", "sft": "sft.jsonl"}.get(spec.task, "pref.jsonl")  # pref: preference pairs
         return EXT_FORMAT[Path(name).suffix], [assets.tiny_dir() / name]
     if d.format == "hub":
         return "hub", []

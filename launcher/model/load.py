@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import assets
-from launcher.config.spec import PEFT_METHODS, RunSpec
+from launcher.config.spec import PEFT_METHODS, PREFERENCE_TASKS, RunSpec
 from launcher.errors import UserError
 from launcher.plan.params import freeze_selection
 from launcher.requirements import flash_attn_import_error
@@ -222,9 +222,10 @@ def lora_config(spec: RunSpec) -> Any:
         lora_alpha=lo.alpha,
         lora_dropout=lo.dropout,
         target_modules=target,
-        modules_to_save=list(lo.modules_to_save) or None,
+        # a reward model's score head starts at random: it trains in full beside the adapter
+        modules_to_save=list(lo.modules_to_save) or (["score"] if spec.task == "rm" else None),
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if spec.task == "rm" else "CAUSAL_LM",
         use_dora=spec.method.name == "dora",  # DoRA: LoRA + a learned magnitude per output feature
     )
 
@@ -278,7 +279,7 @@ def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device
     registers it; build those first. Given `ds_config` and no live registration, one is made here and
     kept alive on the returned model.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     keepalive = None
@@ -300,6 +301,9 @@ def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device
     )
     if spec.model.revision:
         kwargs["revision"] = spec.model.revision
+    auto = AutoModelForCausalLM
+    if spec.task == "rm":  # a reward model: the decoder with a one-output score head (new, at random)
+        auto, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
     if method == "qlora":
         kwargs["quantization_config"] = quantization_config(spec)
         if not zero3:
@@ -307,7 +311,7 @@ def load_model(spec: RunSpec, *, ds_config: dict[str, Any] | None = None, device
             local = int(os.environ.get("LOCAL_RANK", "0"))
             kwargs["device_map"] = {"": f"cuda:{local}" if device == "cuda" else "cpu"}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model = auto.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise UserError(f"model.name={spec.model.name!r}: cannot load it ({exc}). Give 'tiny', a local model "
                         f"directory, or a hub id that this machine can download") from None
@@ -381,6 +385,10 @@ def apply_method(spec: RunSpec, model: Any) -> Any:
         embeddings = model.get_input_embeddings().weight
         if spec.model.grad_ckpt and not embeddings.requires_grad:
             model.enable_input_require_grads()  # as for the adapters below
+    if method in PEFT_METHODS and spec.task in PREFERENCE_TASKS:
+        if spec.model.grad_ckpt:
+            model.enable_input_require_grads()
+        return model  # TRL's trainer wraps it (peft_config): its reference is then the base, adapter disabled
     if method in PEFT_METHODS:
         from peft import get_peft_model
 

@@ -106,6 +106,12 @@ def estimate(spec: RunSpec, plan: Plan, *, device: str | None = None, device_mem
         train_h = train_tokens / tps / 3600
         if usd_per_device_hour is not None:
             train_usd = train_h * usd_per_device_hour * plan.world_size
+    if states.get("reference"):
+        notes.append(f"the in-memory reference copy holds {states['reference'] / 2**30:.2f} GiB per GPU (in the model "
+                     f"states) and costs one more forward per token; pref.reference=precomputed holds none")
+    if plan.sequences > 1:
+        notes.append(f"task {spec.task}: {plan.sequences} sequences per example (chosen and rejected), all counted "
+                     f"in tokens, tokens/s and $ per 1M tokens")
     if plan.precision == "fp32" or spec.method.name != "full":
         notes.append("DeepSpeed's estimators cover mixed-precision full fine-tuning only; "
                      "this setup is counted from tensor shapes")

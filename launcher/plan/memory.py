@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config.spec import RunSpec, merged_zero
+from launcher.config.spec import RunSpec, merged_zero, reference_mode, sequences_per_example
 from launcher.plan.modelinfo import ModelInfo
 from launcher.plan.params import Params, lora_params
 
@@ -57,6 +57,9 @@ def model_states(spec: RunSpec, s: Setup, p: Params) -> dict[str, int]:
         gradients = grads16 + 4 * t / (n if stage >= 1 else 1)
         optimizer = 12 * t / (n if stage >= 1 else 1)
     gathered = 4 * p.largest_layer if stage == 3 else 0
+    # dpo/kto with an in-memory reference: a frozen copy of the whole model (sharded at ZeRO-3, as TRL prepares
+    # it); the LoRA family (adapter disabled) and precomputed log-probs hold none
+    reference = (p.total * a / (n if stage == 3 else 1)) if reference_mode(spec) == "in_memory" else 0
     offloaded = 0.0
     if z.offload_optimizer != "none":  # gradients stream to the CPU optimizer as they are reduced
         offloaded += gradients + optimizer
@@ -65,7 +68,7 @@ def model_states(spec: RunSpec, s: Setup, p: Params) -> dict[str, int]:
         offloaded += weights
         weights = 0
     return {"weights": int(weights), "gradients": int(gradients), "optimizer": int(optimizer),
-            "gathered": int(gathered), "cpu_per_node": int(offloaded * s.nproc_per_node)}
+            "gathered": int(gathered), "reference": int(reference), "cpu_per_node": int(offloaded * s.nproc_per_node)}
 
 
 def quantized_bytes_per_param(spec: RunSpec) -> float:
@@ -145,7 +148,7 @@ class Peak:
     @property
     def model_states(self) -> int:
         st = self.states
-        return st["weights"] + st["gradients"] + st["optimizer"] + st["gathered"]
+        return st["weights"] + st["gradients"] + st["optimizer"] + st["gathered"] + st.get("reference", 0)
 
     @property
     def transient(self) -> int:
@@ -157,6 +160,8 @@ class Peak:
 
 
 def peak(m: ModelInfo, spec: RunSpec, s: Setup, p: Params, micro: int, seq: int) -> Peak:
-    """Every term of one rank's peak memory for this setup."""
+    """Every term of one rank's peak memory for this setup. A preference task's micro batch of examples runs
+    two sequences each (chosen and rejected) through the model at once."""
+    micro *= sequences_per_example(spec.task)
     saved, per_layer, logits, recompute = activation_bytes(m, spec, s, micro, seq)
     return Peak(model_states(spec, s, p), saved, per_layer, logits, recompute, buffer_bytes(spec, s))

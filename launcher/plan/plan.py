@@ -13,7 +13,8 @@ from typing import Any
 
 from launcher.config.profiles import mem_mib
 from launcher.config.resolve import with_overrides
-from launcher.config.spec import PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec, merged_zero
+from launcher.config.spec import (PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec, merged_zero, reference_mode,
+                                  sequences_per_example)
 from launcher.errors import SpecError, UserError
 from launcher.plan import hardware, memory, modelinfo
 from launcher.plan.modelinfo import ModelInfo
@@ -73,6 +74,7 @@ class Plan:
     precision: str = "fp32"  # bf16 | fp16 | fp32
     loss: str = "standard"  # standard | chunked | liger
     optimizer: str = "torch AdamW"
+    sequences: int = 1  # sequences per example: 2 for preference tasks (chosen and rejected)
     choices: tuple[str, ...] = ()  # one line per decision: what it is and why
     cpus_per_rank: int | None = None  # CPU cores each rank gets (OMP_NUM_THREADS); None: Slurm's default
     mem_per_node: str | None = None  # Slurm --mem of the training job ("0" = all of the node's); None: the default
@@ -99,7 +101,7 @@ class Plan:
 
     @property
     def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
+        return self.global_batch * self.sequences * self.seq_len
 
     @property
     def total_tokens(self) -> int:
@@ -110,8 +112,9 @@ class Plan:
             f"ranks        {self.nodes} node(s) x {self.nproc_per_node} rank(s) = world size {self.world_size} "
             f"({self.device})",
             f"batch        micro {self.micro_batch} x accumulation {self.grad_accum} x world {self.world_size} "
-            f"= {self.global_batch} sequences/step",
-            f"tokens       {self.global_batch} x seq_len {self.seq_len} = {self.tokens_per_step:,} tokens/step; "
+            f"= {self.global_batch} {'examples (pairs)' if self.sequences > 1 else 'sequences'}/step",
+            f"tokens       {self.global_batch}{' x ' + str(self.sequences) + ' sequences' if self.sequences > 1 else ''}"
+            f" x seq_len {self.seq_len} = {self.tokens_per_step:,} tokens/step; "
             f"{self.max_steps} steps = {self.total_tokens:,} tokens",
         ]
         if self.model is not None:
@@ -223,6 +226,7 @@ def make_plan(spec: RunSpec) -> Plan:
         zero_buckets=zero_buckets(spec.zero, model.hidden_size if model is not None else None),
         method=spec.method.name,
         trainable_params=_trainable(model, spec),
+        sequences=sequences_per_example(spec.task),
     )
     cpus, mem = host_resources(c, nproc)
     return _choose(spec, replace(plan, cpus_per_rank=cpus, mem_per_node=mem))

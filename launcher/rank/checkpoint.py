@@ -89,8 +89,9 @@ def prune(checkpoints: Path, keep_last: int) -> list[Path]:
     return removed
 
 
-def trainer_class() -> type:
-    """transformers.Trainer with atomic checkpoints, a free-disk check and keep-last-K.
+def trainer_class(base: type | None = None) -> type:
+    """transformers.Trainer (or `base`, a subclass of it: TRL's trainers) with atomic checkpoints, a free-disk
+    check and keep-last-K.
 
     Every rank writes into checkpoints/.staging-checkpoint-N/checkpoint-N (the Trainer's own save:
     model, DeepSpeed's engine, optimizer and scheduler states, RNG states, trainer_state.json); after
@@ -99,7 +100,7 @@ def trainer_class() -> type:
     point leaves either the previous checkpoints untouched or a staging folder that resume ignores."""
     from transformers import Trainer
 
-    class ResilientTrainer(Trainer):
+    class ResilientTrainer(base or Trainer):  # type: ignore[misc, valid-type]
         launcher_keep_last: int = 2
         launcher_stopping: bool = False  # set by the stop callback: this save precedes a requeue
         launcher_staging: str | None = None

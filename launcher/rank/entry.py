@@ -20,12 +20,12 @@ from launcher.rank.stop import ignore_stop_signals, install_signal_handlers, tel
 from launcher.rundir import markers
 
 
-def train(spec: RunSpec) -> int:
+def train(spec: RunSpec, *, ref_only: bool = False) -> int:
     """`launcher train`: this rank's whole run (markers, the training loop, leaving the process group) and
     its exit code: 0 done, 3 stopped at the same step as every rank after a complete checkpoint (requeue
     me). Failures leave through run_rank (exit 1, 2, 5)."""
     run_dir = Path(spec.output.dir)
-    result = run_rank(run_dir, lambda: train_loop(spec))
+    result = run_rank(run_dir, lambda: train_loop(spec, ref_only=ref_only))
     ignore_stop_signals()
     leave_process_group()
     if result.stopped_at is not None:

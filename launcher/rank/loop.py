@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launcher import identity, requirements
-from launcher.config.spec import MERGEABLE_METHODS, RunSpec
+from launcher.config.spec import MERGEABLE_METHODS, PEFT_METHODS, PREFERENCE_TASKS, RunSpec
 from launcher.data.build import load_prepared
 from launcher.data.cache import require_prepared
 from launcher.data.collate import make_collator
@@ -27,7 +27,7 @@ from launcher.model import load as model_mod
 from launcher.model.load import choose_attn
 from launcher.model.loss import apply_loss
 from launcher.plan.plan import Plan, make_plan, settled, unsupported_precision
-from launcher.rank import checkpoint, watchdog
+from launcher.rank import checkpoint, preference, watchdog
 from launcher.rank.records import Attempt
 from launcher.rank.stop import STOP, finish_stop, stop_callback
 from launcher.rank.trackers import Trackers
@@ -304,6 +304,9 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every rank
+        from datasets.utils.logging import disable_progress_bar
+
+        disable_progress_bar()  # TRL's trainers tokenize preference rows on the rank through datasets' map
     except Exception:  # pragma: no cover
         pass
     try:
@@ -340,14 +343,27 @@ def collective_timeout_s(spec: RunSpec) -> int:
     return int(raw) if raw.isdigit() and int(raw) > 0 else spec.cluster.nccl.timeout_s
 
 
-def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
+class _NoRecord:
+    """The attempt record of a job that trains nothing (the reference job): nothing goes into the manifest."""
+
+    trainer: Any = None
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **k: None
+
+
+def train(spec: RunSpec, callbacks: Sequence[Any] = (), *, ref_only: bool = False) -> TrainResult:
     """Train on this rank. Every rank calls it. Returns the final output folder, or the step it stopped
     at after a signal (the checkpoint is complete and the requeue marker written). Global rank 0 records
     this attempt in manifest.json: at its start, and at its end however it ends (but SIGKILL).
 
     `callbacks`: extra transformers TrainerCallbacks (`launcher bench` measures through one); a callback
-    with a `trainer` attribute is given the Trainer once it exists."""
+    with a `trainer` attribute is given the Trainer once it exists.
 
+    `ref_only`: the reference job of full DPO (`launcher train --ref`): build the trainer, which computes the
+    reference log-probs of every row into the cache (rank/preference.py), and stop before the first step."""
+    if ref_only:
+        return _train(spec, _NoRecord(), ref_only=True)
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
                      max_steps=plan.max_steps, device=plan.device)
@@ -364,7 +380,8 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = ()) -> TrainResult:
     return result
 
 
-def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: Trackers | None = None) -> TrainResult:
+def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: Trackers | None = None, *,
+           ref_only: bool = False) -> TrainResult:
     model_mod.keep_bitsandbytes_out(spec.method.name)  # before transformers (and through it peft) is imported
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
@@ -380,7 +397,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
     # Ranks only read the tokenized data (`launcher run` or the Slurm prep job made it): a missing cache
     # ends every rank here with exit 2, before the heavy imports and the process group.
     require_prepared(spec)
-    resume = resume_point(spec)
+    resume = None if ref_only else resume_point(spec)
     record.start(resume, checkpoints.checkpoint_step(resume) if resume is not None else None)
     # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
@@ -412,7 +429,9 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
 
     deepspeed.init_distributed(dist_backend="nccl" if plan.device == "cuda" else "gloo",
                                timeout=timedelta(seconds=kwargs["ddp_timeout"]))
-    args = TrainingArguments(**kwargs)
+    pref = spec.task in PREFERENCE_TASKS
+    # preference tasks: TRL's config of the task, a TrainingArguments with the same keywords and the task's own
+    args = preference.training_arguments(spec, kwargs) if pref else TrainingArguments(**kwargs)
     _ = args.device  # accelerate's state over the group joined above
     record.devices()  # every rank's node and device, into the manifest (a collective)
     _unlink_shm_buffer()  # after that collective every rank has mapped every other's buffer
@@ -425,28 +444,43 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
 
     set_seed(spec.optim.seed)
     model = model_mod.load_model(spec, ds_config=ds_config, device=plan.device)
-    loss_note = apply_loss(model, plan.loss, chunk_tokens=spec.optim.loss_chunk_tokens)
+    loss_note = (f"TRL's {spec.task} loss; reference: {preference.reference_mode(spec)}" if pref else
+                 apply_loss(model, plan.loss, chunk_tokens=spec.optim.loss_chunk_tokens))
+
+    testing = _testing()
+    stop = stop_callback()
+    # the hang watchdog after the stop callback, so that it sees a save the stop asks for
+    step_callbacks = [_make_log_callback(plan, run_dir.metrics_path, trackers),
+                      *(testing.step_callbacks() if testing else []), stop,
+                      watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
+                                                 on_fire=lambda why: record.end(markers.HANG, message=why))]
+    if pref:
+        # TRL's trainer takes the unwrapped model and the peft config, and wraps it itself
+        trainer = preference.make_trainer(spec, args, model, tokenizer, train_ds, eval_ds, step_callbacks,
+                                          model_mod.peft_config(spec) if spec.method.name in PEFT_METHODS else None)
+        model = trainer.model
+    else:
+        trainer = checkpoint.trainer_class()(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            data_collator=make_collator(spec, tokenizer),
+            processing_class=tokenizer,
+            callbacks=step_callbacks,
+        )
     say(f"model        {spec.model.name} ({spec.method.name}): {model_mod.describe(model)}; "
         f"attention {getattr(model.config, '_attn_implementation', '?')}; precision {plan.precision}; "
         f"ZeRO-{plan.zero_stage}; optimizer {plan.optimizer}" + ("; compiled blocks" if spec.model.compile else ""))
     say(f"loss         {loss_note}")
     say(f"data         {len(train_ds):,} training rows" + (f", {len(eval_ds):,} eval rows" if eval_ds is not None else ""))
-
-    testing = _testing()
-    stop = stop_callback()
-    trainer = checkpoint.trainer_class()(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=make_collator(spec, tokenizer),
-        processing_class=tokenizer,
-        # the hang watchdog after the stop callback, so that it sees a save the stop asks for
-        callbacks=[_make_log_callback(plan, run_dir.metrics_path, trackers),
-                   *(testing.step_callbacks() if testing else []), stop,
-                   watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
-                                              on_fire=lambda why: record.end(markers.HANG, message=why))],
-    )
+    if pref and preference.reference_mode(spec) == "precomputed":
+        what = ("computed here, before the first step, into" if getattr(trainer, "launcher_reference_computed", False)
+                else "read from")
+        say(f"reference    log-probs {what} {preference.reference_path(spec)}")
+    if ref_only:
+        sys.stdout.flush()
+        return TrainResult()
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     if plan.zero_stage == 0 and plan.precision == "fp32":
@@ -497,12 +531,13 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(final))
     trainer.accelerator.wait_for_everyone()
+    head = "SequenceClassification" if spec.task == "rm" else "CausalLM"  # a reward model: the score head
     if hasattr(model, "peft_config"):
         merge = (f"`launcher merge {run_dir.path} --out DIR` writes a merged model" if spec.method.name in MERGEABLE_METHODS
                  else "virtual tokens, not weights: it cannot be merged into the model")
         say(f"output       {ADAPTER_NAMES[spec.method.name]} adapter + tokenizer in {final} "
-            f"(peft.AutoPeftModelForCausalLM.from_pretrained; {merge})")
+            f"(peft.AutoPeftModelFor{head}.from_pretrained; {merge})")
     else:
-        say(f"output       model + tokenizer in {final} (AutoModelForCausalLM.from_pretrained)")
+        say(f"output       model + tokenizer in {final} (AutoModelFor{head}.from_pretrained)")
     sys.stdout.flush()
     return TrainResult(final=final)

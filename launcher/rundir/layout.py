@@ -22,6 +22,7 @@ ARRAY_LOG_PATTERN = "%x-%A_%a.out"
 # The job id (%j, or %A_%a) a log file's name ends with.
 LOG_JOB_ID = re.compile(r"-(\d+(?:_\d+)?)\.out$")
 JOB_SCRIPT = "job.sbatch"  # the training job's batch script
+REF_SCRIPT = "ref.sbatch"  # full DPO's reference job: the training job's script running `launcher train --ref`
 # The batch scripts of the follow-up jobs, by kind.
 CHAIN_SCRIPTS = {"prep": "prepare.sbatch", "merge": "merge.sbatch", "eval": "eval.sbatch"}
 # Folders inside a run dir that are never run dirs themselves (`launcher runs` skips them).
@@ -63,6 +64,11 @@ class RunDir:
     def job_script(self) -> Path:
         """The training job's batch script."""
         return self.path / JOB_SCRIPT
+
+    @property
+    def ref_script(self) -> Path:
+        """The reference job's batch script (full DPO): on the training job's nodes and ranks."""
+        return self.path / REF_SCRIPT
 
     def chain_script(self, kind: str) -> Path:
         """The batch script of a follow-up job: prep, merge or eval."""

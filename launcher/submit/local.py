@@ -26,13 +26,13 @@ import time
 from pathlib import Path
 
 from launcher import assets, yamlio
-from launcher.cli import TRAIN_ENTRY
+from launcher.cli import REF_ENTRY, TRAIN_ENTRY
 from launcher.config.spec import RunSpec
 from launcher.data import build as data_mod
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
 from launcher.model.load import ensure_tiny_base
 from launcher.ops.reasons import BACKSTOP_DUMP
-from launcher.plan.plan import make_plan, Plan
+from launcher.plan.plan import make_plan, Plan, settled
 from launcher.rank.loop import check_environment
 from launcher.rundir import markers
 from launcher.rundir.checkpoints import complete_checkpoints
@@ -167,14 +167,16 @@ def rank_processes(root_pid: int) -> list[int]:
     return out
 
 
-def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False) -> int:
+def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False,
+              entry: tuple[str, ...] = TRAIN_ENTRY, kind: str = "local") -> int:
     """Spawn the ranks, tee their output to RUN_DIR/logs/launch.log, return the exit code.
 
     USR1 and TERM to this process go to the ranks themselves (they save a checkpoint at one optimizer
     step and exit 3); the deepspeed launcher would kill them at once on TERM and dies of USR1.
-    Ctrl-C (INT) stops the whole launch tree now."""
-    argv, env = launch_command(rd.path, plan, plan.nproc_per_node, master_port=free_port(), quiet=quiet)
-    job = f"local-{os.getpid()}-{int(time.time())}"
+    Ctrl-C (INT) stops the whole launch tree now. `entry` and `kind`: the reference job of full DPO runs
+    `launcher train --ref` as kind "ref" in jobs.jsonl."""
+    argv, env = launch_command(rd.path, plan, plan.nproc_per_node, master_port=free_port(), quiet=quiet, entry=entry)
+    job = f"{kind}-{os.getpid()}-{int(time.time())}"
     env["LAUNCHER_JOB_ID"] = job
     env["LAUNCHER_ATTEMPT"] = "0"
     rd.logs.mkdir(parents=True, exist_ok=True)
@@ -186,7 +188,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
         log.flush()
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 start_new_session=True, text=True, errors="replace", bufsize=1)
-        record_job(rd.path, job, "local", "started", nproc=plan.nproc_per_node, pid=proc.pid)
+        record_job(rd.path, job, kind, "started", nproc=plan.nproc_per_node, pid=proc.pid)
 
         def forward(signum: int, frame: object) -> None:  # Ctrl-C reaches the whole launch tree
             try:
@@ -230,7 +232,7 @@ def run_ranks(rd: RunDir, plan: Plan, *, echo: bool = True, quiet: bool = False)
             if rec.get("exit_code") == EXIT_HANG]
     if (hung or backstop) and code not in _KNOWN_EXITS | {0}:
         code = EXIT_HANG  # a rank's watchdog fired; the others' failed collectives (exit 1) are its echo
-    record_job(rd.path, job, "local", f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
+    record_job(rd.path, job, kind, f"exit {code}", exit_code=code, seconds=round(time.time() - started, 1))
     rd_note = _failure_note(rd, job, backstop) if code not in (0, EXIT_REQUEUE) else ""
     if rd_note:
         sys.stderr.write(rd_note + "\n")
@@ -253,6 +255,17 @@ def _failure_note(rd: RunDir, job: str, backstop: bool = False) -> str:
     return "\n".join(lines)
 
 
+def needs_reference_job(spec: RunSpec) -> bool:
+    """Whether the run's loss reads reference log-probs computed before training (full DPO), made by their own
+    job unless the cache holds them (data/cache.py reference_key)."""
+    from launcher.config.spec import reference_mode
+    from launcher.rank.preference import reference_path
+
+    if reference_mode(spec) != "precomputed":
+        return False
+    return not (reference_path(spec) / "meta.json").is_file()
+
+
 def resume_hint(rd: RunDir) -> str:
     return f"launcher run {rd.spec_path} --out {rd.path} --force"
 
@@ -265,6 +278,12 @@ def run(spec: RunSpec, out: str | Path, *, force: bool = False, echo: bool = Tru
     if echo:
         print("\n".join(plan.summary()), flush=True)
         print(f"run dir      {rd.path}", flush=True)
+    if needs_reference_job(settled(spec, plan)):
+        # full DPO: the reference log-probs by their own job, on the same ranks, before training
+        code = run_ranks(rd, plan, echo=echo, quiet=quiet, entry=REF_ENTRY, kind="ref")
+        if code != 0:
+            exit_code = code if code in _KNOWN_EXITS else EXIT_FAILED
+            raise RunFailed(f"the reference job failed (exit {code}); logs: {rd.launch_log}", exit_code=exit_code)
     code = run_ranks(rd, plan, echo=echo, quiet=quiet)
     if code == EXIT_REQUEUE:
         done = complete_checkpoints(rd.checkpoints)

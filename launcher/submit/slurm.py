@@ -22,13 +22,14 @@ from typing import Any, Callable
 
 from launcher import outpaths, yamlio
 from launcher.config.resolve import parse_set, with_overrides
-from launcher.config.spec import MERGEABLE_METHODS, RunSpec
+from launcher.cli import REF_ENTRY
+from launcher.config.spec import MERGEABLE_METHODS, RunSpec, reference_mode
 from launcher.data.cache import prepared_path
 from launcher.errors import RunFailed, SpecError, UserError
-from launcher.plan.plan import make_plan
+from launcher.plan.plan import make_plan, settled
 from launcher.render.slurm import render_chain_sbatch, render_sbatch
 from launcher.rundir.jobs import record_job
-from launcher.rundir.layout import CHAIN_SCRIPTS, JOB_SCRIPT
+from launcher.rundir.layout import CHAIN_SCRIPTS, JOB_SCRIPT, REF_SCRIPT
 from launcher.submit import preflight
 from launcher.submit.rundir import check_target, create
 
@@ -73,12 +74,17 @@ def write_run(spec: RunSpec, out: str | Path, *, force: bool = False, submit: bo
         for note in preflight.check(each, slurm=True, ignore_fit=ignore_fit):
             say(f"note: {note}")
     missing = unprepared(task_specs or [spec])
-    kinds = chain_kinds(prep and bool(missing), then)
-    chain = {k: render_chain(spec, k, run_dir, python, task_specs) for k in kinds if k != "train"}
+    # full DPO: the reference log-probs by their own job on the training ranks, after prep and before train (a
+    # cache hit when an earlier job computed them); a sweep's tasks compute their own in their training jobs
+    with_ref = not tasks and reference_mode(settled(spec, plan)) == "precomputed"
+    kinds = chain_kinds(prep and bool(missing), then, with_ref=with_ref)
+    chain = {k: render_chain(spec, k, run_dir, python, task_specs) for k in kinds if k not in ("train", "ref")}
+    if with_ref:
+        chain["ref"] = render_sbatch(spec, plan, run_dir, python=python, prepare_step=False, entry=REF_ENTRY)
     if dry_run:
         emit(script)
         for kind, text in chain.items():
-            emit(f"\n# ==== {CHAIN_SCRIPTS[kind]} ({kind} job) ====\n")
+            emit(f"\n# ==== {SCRIPT_NAMES[kind]} ({kind} job) ====\n")
             emit(text)
         for i, t in enumerate(tasks):
             say(f"task {i}: {t.describe()}")
@@ -96,6 +102,11 @@ def write_run(spec: RunSpec, out: str | Path, *, force: bool = False, submit: bo
     script = render_sbatch(spec, plan, rd.path, python=python, array_specs=created or None, prepare_step=False)
     with outpaths.writing(rd.path, "--out"):
         files = {"train": _write_script(rd.job_script, script)}
+        if with_ref:
+            files["ref"] = _write_script(rd.ref_script, render_sbatch(spec, plan, rd.path, python=python,
+                                                                      prepare_step=False, entry=REF_ENTRY))
+        elif rd.ref_script.is_file() and _rendered_here(rd.ref_script):
+            rd.ref_script.unlink()
         for kind in CHAIN_SCRIPTS:
             path = rd.chain_script(kind)
             if kind in kinds:
@@ -161,13 +172,16 @@ def check_chain(spec: RunSpec, then: tuple[str, ...] | list[str], sweeps: tuple[
         raise UserError("; ".join(problems))
 
 
-def chain_kinds(with_prep: bool, then: tuple[str, ...] | list[str]) -> list[str]:
+def chain_kinds(with_prep: bool, then: tuple[str, ...] | list[str], *, with_ref: bool = False) -> list[str]:
     """The jobs in the order they are queued, each after the one before."""
-    return (["prep"] if with_prep else []) + ["train", *then]
+    return (["prep"] if with_prep else []) + (["ref"] if with_ref else []) + ["train", *then]
+
+
+SCRIPT_NAMES = {"train": JOB_SCRIPT, "ref": REF_SCRIPT, **CHAIN_SCRIPTS}
 
 
 def describe_chain(kinds: list[str]) -> str:
-    names = {"train": JOB_SCRIPT, **CHAIN_SCRIPTS}
+    names = SCRIPT_NAMES
     return ", then ".join(f"{names[k]} ({k})" for k in kinds) + (" (each after the one before succeeds)"
                                                                   if len(kinds) > 1 else "")
 

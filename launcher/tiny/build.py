@@ -139,6 +139,36 @@ def build_sft() -> str:
     return "".join(json.dumps({"messages": _sft_example(rng)}) + "\n" for _ in range(SFT_EXAMPLES))
 
 
+# --------------------------------------------------------------------------- preference set
+
+PREF_EXAMPLES = 400
+
+
+def _pref_example(rng: random.Random) -> dict[str, str]:
+    """One preference pair whose chosen response follows a rule the tiny model can pick up from a few hundred
+    steps (capital letters, a reversed word, the next number, the sum), and whose rejected one breaks it."""
+    kind = rng.choice(["upper", "reverse", "next", "add"])
+    w = rng.choice(_WORDS)
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    if kind == "upper":
+        q, good, bad = f"Write '{w}' in capital letters.", w.upper(), w
+    elif kind == "reverse":
+        q, good, bad = f"Spell the word '{w}' backwards.", w[::-1], w
+    elif kind == "next":
+        q, good, bad = f"What number comes after {a}?", f"{a + 1}", f"{max(a - 1, 0) if a else a + 2}"
+    else:
+        off = rng.choice([-2, -1, 1, 2, 10])
+        q, good, bad = f"What is {a} + {b}?", f"{a + b}", f"{a + b + off}"
+    return {"prompt": f"Question: {q}\nAnswer:", "chosen": f" {good}", "rejected": f" {bad}"}
+
+
+def build_pref() -> str:
+    """The embedded preference set (`launcher run --task dpo` with no data): {prompt, chosen, rejected} strings.
+    Not part of the tokenizer's training text, so adding it left the tokenizer as it was."""
+    rng = random.Random(SEED + 1)
+    return "".join(json.dumps(_pref_example(rng)) + "\n" for _ in range(PREF_EXAMPLES))
+
+
 # --------------------------------------------------------------------------- tokenizer and config
 
 def build_tokenizer(corpus: str, sft: str, out: Path) -> None:
@@ -188,6 +218,7 @@ def main(out: Path = HERE) -> None:
     corpus, sft = build_corpus(), build_sft()
     (out / "corpus.txt").write_text(corpus, encoding="utf-8")
     (out / "sft.jsonl").write_text(sft, encoding="utf-8")
+    (out / "pref.jsonl").write_text(build_pref(), encoding="utf-8")
     build_tokenizer(corpus, sft, out)
     from transformers import AutoTokenizer
 

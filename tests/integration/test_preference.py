@@ -1,0 +1,113 @@
+"""Preference tuning through the same path as every run: `launcher run --task dpo` with no data argument trains
+on the embedded preference set and leaves a complete run dir; ORPO, KTO, SimPO and a reward model train on a CPU
+rank and their outputs load in transformers/peft; full DPO's reference job caches the reference log-probs and
+training with them has the losses of the in-memory reference. CPU, fp32, a few steps each."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def tree(out: Path, task: str, method: str, steps: int = 2, **extra) -> dict:
+    t = {"task": task, "method": method, "precision": "fp32", "zero": {"stage": 2},
+         "data": {"seq_len": 64}, "optim": {"max_steps": steps, "lr": 1e-3, "micro_batch": 2 if task == "kto" else 1},
+         "output": {"dir": str(out / f"{task}-{method}-{extra.get('ref', 'auto')}")}}
+    if "ref" in extra:
+        t["pref"] = {"reference": extra["ref"]}
+    return t
+
+
+def losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and r.get("kind", "step") == "step"]
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory, env, train_cases):
+    out = tmp_path_factory.mktemp("pref")
+    cases = [("orpo", tree(out, "orpo", "lora")), ("kto", tree(out, "kto", "lora")),
+             ("simpo", tree(out, "simpo", "full")), ("rm", tree(out, "rm", "full")),
+             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory")), ("dpo_lora", tree(out, "dpo", "lora"))]
+    sections, proc = train_cases(cases, env)
+    return {name: (Path(t["output"]["dir"]), sections.get(name, "")) for name, t in cases}, proc
+
+
+@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_mem", "dpo_lora"])
+def test_each_preference_task_trains_on_a_cpu_rank(one_rank, name):
+    runs, proc = one_rank
+    run_dir, text = runs[name]
+    assert f"@@ ok {name}" in text, f"{name} did not train\n{text[-4000:]}\n{proc.stderr[-3000:]}"
+    assert len(losses(run_dir)) >= 2 and (run_dir / "final").is_dir()
+
+
+def test_outputs_load_in_transformers_and_peft(one_rank):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    runs, _ = one_rank
+    rm = AutoModelForSequenceClassification.from_pretrained(runs["rm"][0] / "final")
+    assert rm.config.num_labels == 1
+    with torch.no_grad():
+        assert rm(input_ids=torch.tensor([[1, 50, 60, 2]])).logits.shape == (1, 1)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(runs["simpo"][0] / "final"), torch.nn.Module)
+    for name in ("orpo", "kto"):
+        model = AutoPeftModelForCausalLM.from_pretrained(runs[name][0] / "final")
+        assert model.peft_config["default"].r == 16
+
+
+def test_full_dpo_with_no_data_argument_runs_the_ref_job_then_trains_with_its_log_probs(tmp_path, env, launcher,
+                                                                                       one_rank):
+    """`launcher run --task dpo --method full`: the reference job (kind ref) caches the log-probs, the training
+    job reads them, and its losses equal the in-memory reference's (same seed, base and data) within 1e-5."""
+    out = tmp_path / "dpo"
+    proc = launcher(["run", "--task", "dpo", "--method", "full", "--max-steps", "3", "--seq-len", "64",
+                     "--precision", "fp32", "--zero", "2", "--nproc", "1", "--set", "optim.lr=1e-3", "--out", out],
+                    env, expect=0)
+    assert "log-probs computed here, before the first step, into" in proc.stdout  # the ref job
+    assert "log-probs read from" in proc.stdout and "step 3/3" in proc.stdout  # the training job
+    kinds = [json.loads(x)["kind"] for x in (out / "jobs.jsonl").read_text().splitlines()]
+    assert kinds == ["ref", "ref", "local", "local"], kinds
+    for name in ("spec.yaml", "ds_config.json", "plan.txt", "manifest.json", "logs/metrics.jsonl",
+                 "final/model.safetensors"):
+        assert (out / name).is_file(), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [a["exit_reason"] for a in manifest["attempts"]] == ["completed"]  # the ref job is no attempt
+    mem = losses(one_rank[0]["dpo_mem"][0])
+    assert max(abs(a - b) for a, b in zip(losses(out), mem)) <= 1e-5, (losses(out), mem)
+    status = launcher(["status", out], env)
+    assert "ref-" in status.stdout and "COMPLETED" in status.stdout, status.stdout
+
+
+def test_dpo_lora_with_no_data_argument_trains_against_the_adapter_disabled_base(one_rank):
+    runs, _ = one_rank
+    run_dir, text = runs["dpo_lora"]
+    assert "reference: adapter" in text and (run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_eval_reports_preference_accuracy_and_margin_for_tuned_and_base(one_rank, env, launcher, tmp_path):
+    run_dir = one_rank[0]["dpo_lora"][0]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": "Question: Write 'apple' in capital letters.\nAnswer:", "chosen": " APPLE", "rejected": " apple"},
+        {"prompt": "Question: What is 2 + 3?\nAnswer:", "chosen": " 5", "rejected": " 6"}]))
+    proc = launcher(["eval", run_dir, "--data", pairs, "--json", "--max-rows", "8"], env, expect=0)
+    res = json.loads(proc.stdout)
+    sets = {s["name"]: s for s in res["sets"]}
+    assert set(sets) == {"training data", "pairs.jsonl"}  # the run has no held-out split: its rows, marked seen
+    for s in sets.values():
+        for who in ("tuned", "base"):
+            assert 0.0 <= s[who]["pref_accuracy"] <= 1.0 and isinstance(s[who]["reward_margin"], float)
+        assert s["tuned"]["reward_margin"] != s["base"]["reward_margin"]  # the adapter changed the log-probs
+        assert 0.0 <= s["implicit_reward_accuracy"] <= 1.0
+    assert sets["pairs.jsonl"]["rows"] == 2 and sets["training data"]["rows"] == 8
+
+
+def test_eval_of_a_reward_model_is_refused_with_the_way_to_load_it(one_rank, env, launcher):
+    proc = launcher(["eval", one_rank[0]["rm"][0]], env, expect=2)
+    assert "AutoModelForSequenceClassification" in proc.stderr and "Traceback" not in proc.stderr
