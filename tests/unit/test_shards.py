@@ -1,0 +1,146 @@
+"""Memory-mapped token shards of mixture sources (launcher/data/shards.py, data/shardprep.py): byte-range
+parts read every document exactly once, the files agree with their manifest, a rerun writes only missing or
+damaged shards, a task of an array writes only its own, and ranks refuse an incomplete set."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launcher.config.spec import validate
+from launcher.data import shards
+from launcher.data.cache import require_prepared, source_dirs, unprepared_paths
+from launcher.data.shardprep import prepare_sources
+from launcher.errors import UserError
+
+
+def _paragraphs(rng: random.Random, n: int) -> list[str]:
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta"]
+    out = []
+    for _ in range(n):
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(rng.randint(1, 4))]
+        out.append("\n".join(lines))
+    return out
+
+
+def mixture_files(root: Path, n: int = 120, seed: int = 0) -> dict[str, Path]:
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = {"web": root / "web.jsonl", "code": root / "code.txt", "replay": root / "replay.jsonl"}
+    paths["web"].write_text("".join(json.dumps({"text": p}) + "\n" for p in _paragraphs(rng, n)))
+    # paragraphs separated by one or more blank lines (a blank line may hold spaces)
+    paths["code"].write_text("".join(p + rng.choice(["\n\n", "\n\n\n", "\n  \n"]) for p in _paragraphs(rng, n)))
+    paths["replay"].write_text("".join(json.dumps({"body": p}) + "\n" for p in _paragraphs(rng, n)))
+    return paths
+
+
+def mixture_spec(root: Path, cache: Path, **data):
+    p = mixture_files(root)
+    return validate({"data": {"seq_len": 32, "shard_mb": 0.002, "cache_dir": str(cache), "sources": [
+        {"name": "web", "path": str(p["web"]), "weight": 0.6},
+        {"name": "code", "path": str(p["code"]), "weight": 0.3},
+        {"name": "replay", "path": str(p["replay"]), "weight": 0.1, "text_field": "body"}], **data}})
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "txt"])
+@pytest.mark.parametrize("shard_bytes", [7, 50, 333, 10**9])
+def test_byte_range_parts_read_every_document_once(tmp_path, fmt, shard_bytes):
+    files = mixture_files(tmp_path)
+    path = files["web" if fmt == "jsonl" else "code"]
+    whole = [t for _, t in shards.iter_texts(shards.Part(str(path), fmt, 0, -1), "text")]
+    parts = shards.plan_parts([path], fmt, shard_bytes)
+    assert (len(parts) > 1) == (shard_bytes < path.stat().st_size)
+    cut = [t for part in parts for _, t in shards.iter_texts(part, "text")]
+    norm = (lambda t: t.strip()) if fmt == "txt" else (lambda t: t)
+    assert [norm(t) for t in cut] == [norm(t) for t in whole]
+    assert len(whole) == 120
+
+
+def test_shard_files_agree_with_their_record_and_read_back_memory_mapped(tmp_path):
+    docs = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12]]
+    info = shards.write_shard(tmp_path, 0, docs)
+    assert info["tokens"] == 12 and info["docs"] == 3
+    assert shards.shard_info(tmp_path, 0, deep=True) == info
+    assert shards.finalize(tmp_path, [shards.Part("f", "jsonl", 0, -1)], {"k": 1}) is not None
+    assert shards.verify(tmp_path, deep=True) == []
+    s = shards.ShardSet(tmp_path, seq_len=5)
+    assert s.blocks == 2  # 12 tokens: two blocks of 5, the tail of 2 left out
+    tokens, starts = s.block(1)
+    assert isinstance(s._maps[0][0], np.memmap)
+    assert tokens.tolist() == [6, 7, 8, 9, 10] and starts.tolist() == [0]
+    tokens, starts = s.block(0)
+    assert tokens.tolist() == [1, 2, 3, 4, 5] and starts.tolist() == [0, 3]
+    # a flipped byte keeps the size: only the deep check (sha256) sees it
+    raw = bytearray((tmp_path / "shard-00000.bin").read_bytes())
+    raw[0] ^= 1
+    (tmp_path / "shard-00000.bin").write_bytes(bytes(raw))
+    assert shards.verify(tmp_path) == [] and len(shards.verify(tmp_path, deep=True)) == 1
+
+
+def test_prepare_writes_shards_then_a_rerun_only_the_damaged_ones(tmp_path):
+    spec = mixture_spec(tmp_path / "d", tmp_path / "cache")
+    rep = prepare_sources(spec)
+    assert rep.complete and rep.written >= 6  # several parts per source at shard_mb=0.002
+    dirs = source_dirs(spec)
+    mans = [shards.read_manifest(d) for d in dirs]
+    assert [m["docs"] for m in mans] == [120, 120, 120]
+    assert all(len(m["shards"]) > 1 for m in mans)
+    assert require_prepared(spec) and unprepared_paths(spec) == []
+    # the tokens of a shard are its documents, each with the tokenizer's EOS at the end
+    from launcher.model.load import load_tokenizer
+
+    tok = load_tokenizer(spec)
+    first = json.loads((tmp_path / "d" / "web.jsonl").read_text().splitlines()[0])["text"]
+    s = shards.ShardSet(dirs[0], 32)
+    flat = np.memmap(dirs[0] / "shard-00000.bin", dtype="uint32", mode="r")
+    idx = np.memmap(dirs[0] / "shard-00000.idx", dtype="int64", mode="r")
+    doc0 = flat[idx[0]: idx[1]].tolist()
+    assert doc0[-1] == tok.eos_token_id and tok.decode(doc0[:-1], skip_special_tokens=True).strip() == first.strip()
+    assert s.tokens == mans[0]["tokens"]
+
+    assert prepare_sources(spec).written == 0  # complete: nothing to do
+    (dirs[1] / "shard-00001.bin").write_bytes(b"\0" * 8)  # damaged (wrong size)
+    (dirs[2] / "shard-00000.json").unlink()  # missing its record
+    with pytest.raises(UserError) as exc:
+        require_prepared(spec)
+    assert str(dirs[1]) in str(exc.value) and "launcher prepare" in str(exc.value)
+    rep = prepare_sources(spec)
+    assert rep.written == 2 and rep.complete
+    assert [shards.read_manifest(d)["shards"] for d in dirs] == [m["shards"] for m in mans]
+
+
+def test_array_tasks_write_disjoint_shards_and_the_last_one_completes_the_set(tmp_path):
+    spec = mixture_spec(tmp_path / "d", tmp_path / "cache")
+    reps = [prepare_sources(spec, task=k, tasks=3) for k in range(3)]
+    assert [r.complete for r in reps] == [False, False, True]
+    total = sum(len(shards.read_manifest(d)["shards"]) for d in source_dirs(spec))
+    assert sum(r.written for r in reps) == total
+    assert all(abs(r.written - total / 3) <= 1 for r in reps)
+
+
+def test_mixture_spec_is_refused_with_the_field_named(cli, tmp_path):
+    bad = {
+        "names": ({"sources": [{"name": "a", "path": "x", "weight": 1}, {"name": "a", "path": "y", "weight": 1}]},
+                  "names must be unique"),
+        "weight": ({"sources": [{"name": "a", "path": "x", "weight": 0}]}, "data.sources[0].weight"),
+        "stages": ({"sources": [{"name": "a", "path": "x", "weight": 1}],
+                    "stages": [{"until_step": 10, "weights": {"a": 1}}, {"until_step": 5, "weights": {"a": 1}}]},
+                   "data.stages[1].until_step=5"),
+        "unknown": ({"sources": [{"name": "a", "path": "x", "weight": 1}],
+                     "stages": [{"until_step": 10, "weights": {"b": 1}}]}, "names b, not in data.sources"),
+        "both": ({"path": "x.txt", "sources": [{"name": "a", "path": "x", "weight": 1}]}, "data.path and data.sources"),
+    }
+    for name, (data, words) in bad.items():
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(json.dumps({"data": data}))
+        proc = cli("spec", str(spec))
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert words in proc.stderr and "Traceback" not in proc.stderr, (name, proc.stderr)
+    spec = tmp_path / "sft.yaml"
+    spec.write_text(json.dumps({"task": "sft", "data": {"sources": [{"name": "a", "path": "x", "weight": 1}]}}))
+    proc = cli("spec", str(spec))
+    assert proc.returncode == 2 and "data.sources is for --task pretrain" in proc.stderr
