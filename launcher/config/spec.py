@@ -641,6 +641,9 @@ def check_combinations(spec: RunSpec) -> list[str]:
     if spec.task != "pretrain" and (spec.data.sources or spec.data.doc_mask):
         p.append(f"data.{'sources' if spec.data.sources else 'doc_mask'} is for --task pretrain (SFT data keeps "
                  f"its examples: use data.path, and --packing for per-example attention)")
+    if spec.data.doc_mask and not spec.data.sources and spec.task == "pretrain":
+        p.append("data.doc_mask needs data.sources (the token shards keep where documents start); write the data "
+                 "as one source: data.sources: [{name: main, path: ..., weight: 1}]")
     if spec.task == "pretrain" and spec.data.packing:
         p.append("data.packing is for --task sft (pretraining text is always concatenated and cut into blocks); "
                  "drop --packing")

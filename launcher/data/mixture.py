@@ -19,12 +19,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
+from launcher.data.cache import source_dirs
 from launcher.data.positions import IGNORE_INDEX, restart_positions
+from launcher.data.shards import ShardSet
 from launcher.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
     from launcher.config.spec import RunSpec
-    from launcher.data.shards import ShardSet
 
 CYCLE = 10_000  # weight resolution: 1 / CYCLE of the samples
 
@@ -206,3 +207,29 @@ class SourceEvalDataset:
 
     def __getitem__(self, n: int) -> dict[str, Any]:
         return item(*self.set.block(self.first + int(n)), self.doc_mask)
+
+
+def open_mixture(spec: RunSpec, global_batch: int, max_steps: int) -> tuple[MixtureDataset, dict[str, SourceEvalDataset]]:
+    """The training samples of the run and each source's held-out blocks (sources with none left out),
+    read memory-mapped from the prepared shards."""
+    sets = [ShardSet(d, spec.data.seq_len) for d in source_dirs(spec)]
+    evals = {src.name: SourceEvalDataset(spec, s, k) for k, (src, s) in enumerate(zip(spec.data.sources, sets))}
+    return MixtureDataset(spec, sets, global_batch, max_steps), {n: e for n, e in evals.items() if len(e)}
+
+
+def summary_lines(spec: RunSpec, global_batch: int, max_steps: int, usd_per_mtok: float | None) -> list[str]:
+    """plan.txt's lines on the mixture: each source's weight, training tokens over the run and their cost."""
+    sched = Schedule(spec, global_batch)
+    tokens = sched.tokens_by_source(max_steps, spec.data.seq_len)
+    total = sum(tokens.values()) or 1
+    lines = []
+    for src in spec.data.sources:
+        t = tokens[src.name]
+        usd = f", ${t / 1e6 * usd_per_mtok:,.2f}" if usd_per_mtok is not None else ""
+        lines.append(f"source       {src.name}: weight {src.weight:g}, {t:,} tokens ({100 * t / total:.1f}%){usd}")
+    for i, st in enumerate(sched.stages):
+        if len(sched.stages) > 1:
+            end = f"step {st.end_step}" if st.end_step is not None else "the end"
+            shares = ", ".join(f"{n} {w:.3f}" for n, w in zip(sched.names, st.weights))
+            lines.append(f"stage        {i}: step {st.start_step} to {end}: {shares}")
+    return lines
