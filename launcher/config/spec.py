@@ -306,6 +306,10 @@ class PrepSpec(_Section):
     cpus: Int = Field(4, ge=1, le=512, description="CPUs for tokenization")
     mem: str | None = Field(None, description="memory, Slurm syntax; none = the partition default")
     time: str = Field("01:00:00", description="time limit of the preparation job")
+    tasks: Int = Field(1, ge=1, le=10000, description="mixture sources (data.sources): a job array of this many "
+                       "tasks, each writing its share of the token shards")
+    retries: Int = Field(1, ge=0, le=100, description="mixture sources: times a failed preparation task runs again "
+                         "(it writes only the shards still missing)")
 
     @field_validator("time", mode="before")
     @classmethod
