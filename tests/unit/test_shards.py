@@ -116,3 +116,19 @@ def test_mixture_spec_is_refused_with_the_field_named(cli, tmp_path):
     spec.write_text(json.dumps({"task": "sft", "data": {"sources": [{"name": "a", "path": "x", "weight": 1}]}}))
     proc = cli("spec", str(spec))
     assert proc.returncode == 2 and "data.sources is for --task pretrain" in proc.stderr
+
+
+def test_estimate_knows_preparation_time_from_bytes_then_from_the_shards(tmp_path):
+    from launcher.plan.prep import BYTES_PER_TOKEN, TASK_START_S, TOKENS_PER_S_PER_PROCESS, estimate_prep
+
+    spec = mixture_spec(tmp_path / "d", tmp_path / "cache")
+    before = estimate_prep(spec)
+    size = sum(f.stat().st_size for f in (tmp_path / "d").iterdir())
+    assert not before.measured and abs(before.tokens - size / BYTES_PER_TOKEN) <= 3
+    prepare_sources(spec)
+    after = estimate_prep(spec)
+    assert after.measured and after.tokens == sum(shards.read_manifest(d)["tokens"] for d in source_dirs(spec))
+    four = estimate_prep(validate({**spec.to_dict(), "cluster": {"prep": {"tasks": 4}}}))
+    assert four.processes == 4
+    assert four.seconds - TASK_START_S == pytest.approx(after.tokens / (4 * TOKENS_PER_S_PER_PROCESS))
+    assert estimate_prep(validate({})) is None
