@@ -12,6 +12,7 @@ from launcher.data.mixture import open_mixture
 from launcher.data.shardprep import prepare_sources
 from launcher.model.load import load_tokenizer
 from mixdata import mixture_spec
+from test_packing import _model  # the tiny Llama in fp32, use_cache off, seeded
 
 pytestmark = pytest.mark.integration
 SEQ = 96
@@ -26,18 +27,6 @@ def blocks(tmp_path_factory):
     tok = load_tokenizer(spec)
     rows = [ds[n] for n in range(4)]
     return spec, tok, rows, make_collator(spec, tok)(rows)
-
-
-def _model(attn: str):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from launcher import assets
-
-    torch.manual_seed(0)
-    cfg = AutoConfig.from_pretrained(assets.tiny_dir())
-    cfg.use_cache = False
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32).eval()
 
 
 def _token_losses(logits, ids):
