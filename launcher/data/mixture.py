@@ -195,12 +195,13 @@ class MixtureDataset:
 
 
 class SourceEvalDataset:
-    """One source's held-out blocks, in order."""
+    """One source's held-out blocks in order (with held_out=False: its training blocks)."""
 
-    def __init__(self, spec: RunSpec, shard_set: ShardSet, k: int):
+    def __init__(self, spec: RunSpec, shard_set: ShardSet, k: int, held_out: bool = True):
         self.set, self.doc_mask = shard_set, spec.data.doc_mask
         n_eval = eval_blocks(shard_set.blocks, source_fraction(spec, k))
-        self.first, self.length = shard_set.blocks - n_eval, n_eval
+        self.first, self.length = ((shard_set.blocks - n_eval, n_eval) if held_out
+                                   else (0, shard_set.blocks - n_eval))
 
     def __len__(self) -> int:
         return self.length
@@ -233,3 +234,13 @@ def summary_lines(spec: RunSpec, global_batch: int, max_steps: int, usd_per_mtok
             shares = ", ".join(f"{n} {w:.3f}" for n, w in zip(sched.names, st.weights))
             lines.append(f"stage        {i}: step {st.start_step} to {end}: {shares}")
     return lines
+
+
+def source_rows(spec: RunSpec, k: int, held_out: bool = True) -> SourceEvalDataset:
+    """Source k's held-out blocks (or its training blocks), read from the prepared shards (`launcher eval`)."""
+    return SourceEvalDataset(spec, ShardSet(source_dirs(spec)[k], spec.data.seq_len), k, held_out)
+
+
+def eval_blocks_of(spec: RunSpec, k: int) -> bool:
+    """Whether source k holds blocks out for evaluation (its eval_fraction, else data.eval_fraction)."""
+    return source_fraction(spec, k) > 0
