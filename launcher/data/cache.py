@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import assets
 from launcher.data.shards import verify
-from launcher.data.source import data_files
+from launcher.data.source import data_files, source_spec
 from launcher.errors import UserError
 from launcher.rundir.layout import RunDir
 
@@ -94,14 +94,6 @@ def tokenizer_dir(spec: RunSpec, tokenizer: Any) -> str:
     if isinstance(tokenizer, (str, os.PathLike)):
         return str(tokenizer)
     return str(getattr(tokenizer, "name_or_path", "") or tokenizer_source(spec))
-
-
-def source_spec(spec: RunSpec, k: int) -> RunSpec:
-    """The run's spec as if mixture source k were its only data (data.path, format, text_field)."""
-    src, d = spec.data.sources[k], spec.data
-    data = d.model_copy(update={"path": src.path, "format": src.format or d.format,
-                                "text_field": src.text_field or d.text_field, "sources": [], "stages": []})
-    return spec.model_copy(update={"data": data})
 
 
 def source_key_inputs(spec: RunSpec, k: int, tokenizer_dir: str | os.PathLike[str]) -> dict[str, Any]:

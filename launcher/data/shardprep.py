@@ -14,9 +14,9 @@ from launcher.config.spec import RunSpec
 from launcher.data import shards
 from launcher.data.build import _PretrainTokenize
 from launcher.data.build import prepare as prepare_arrow
-from launcher.data.cache import source_dirs, source_key_inputs, source_spec, tokenizer_dir
+from launcher.data.cache import source_dirs, source_key_inputs, tokenizer_dir
 from launcher.data.check import check_data
-from launcher.data.source import data_files
+from launcher.data.source import data_files, source_spec
 from launcher.errors import UserError
 from launcher.model.load import load_tokenizer
 

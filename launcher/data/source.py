@@ -66,6 +66,14 @@ def data_files(spec: RunSpec) -> tuple[str, list[Path]]:
     return "hub", []
 
 
+def source_spec(spec: RunSpec, k: int) -> RunSpec:
+    """The run's spec as if mixture source k were its only data (data.path, format, text_field)."""
+    src, d = spec.data.sources[k], spec.data
+    data = d.model_copy(update={"path": src.path, "format": src.format or d.format,
+                                "text_field": src.text_field or d.text_field, "sources": [], "stages": []})
+    return spec.model_copy(update={"data": data})
+
+
 def format_of(path: Path) -> str | None:
     """The format a file's extension names (a trailing .gz looked through), or None."""
     suffixes = [s.lower() for s in path.suffixes]

@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from launcher.data.cache import source_dirs, source_spec
+from launcher.data.cache import source_dirs
 from launcher.data.shards import read_manifest
-from launcher.data.source import data_files
+from launcher.data.source import data_files, source_spec
 from launcher.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -10,9 +10,8 @@ from typing import Any
 
 from launcher import outpaths
 from launcher.config.spec import RunSpec, validate
-from launcher.data.cache import source_spec
 from launcher.data.mixture import summary_lines
-from launcher.data.source import data_files
+from launcher.data.source import data_files, source_spec
 from launcher.errors import UserError
 from launcher.plan.estimate import estimate_run
 from launcher.plan.plan import Plan, make_plan

@@ -132,3 +132,20 @@ def test_estimate_knows_preparation_time_from_bytes_then_from_the_shards(tmp_pat
     assert four.processes == 4
     assert four.seconds - TASK_START_S == pytest.approx(after.tokens / (4 * TOKENS_PER_S_PER_PROCESS))
     assert estimate_prep(validate({})) is None
+
+
+def test_a_missing_or_bad_source_file_is_named_before_anything_is_written(tmp_path, cli):
+    from launcher.data.check import check_data
+
+    spec = mixture_spec(tmp_path / "d", tmp_path / "cache")
+    (tmp_path / "d" / "code.txt").unlink()
+    with pytest.raises(UserError) as exc:
+        check_data(spec)
+    assert "code.txt" in str(exc.value)
+    (tmp_path / "d" / "code.txt").write_text("some text\n")
+    (tmp_path / "d" / "replay.jsonl").write_text('{"text": "no body field"}\n')
+    tree = spec.to_dict()
+    (tmp_path / "mix.yaml").write_text(json.dumps(tree))
+    proc = cli("slurm", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "run"), "--dry-run")
+    assert proc.returncode == 2 and "replay.jsonl" in proc.stderr and "body" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
