@@ -13,23 +13,20 @@ import pytest
 
 from launcher.testing.faults import TEST_DUMP_ENV, TEST_SAMPLE_LOG_ENV
 from mixdata import mixture_files
-from test_resume import assert_same_weights, interrupted_run, load
+from test_resume import MAX_STEPS, assert_same_weights, dropout_model, flags, interrupted_run, load  # noqa: F401
 
 pytestmark = pytest.mark.integration
-MAX_STEPS, G, SEQ = 8, 4, 32
+G, SEQ = 2, 64  # test_resume's flags: micro batch 2 on one rank, seq_len 64, 10 steps, cosine after 3 warm-up steps
 
 
 def spec_file(tmp_path: Path, cache: str) -> Path:
     p = mixture_files(tmp_path / "data")
-    spec = {"task": "pretrain", "precision": "fp32", "zero": {"stage": 2},
-            "optim": {"max_steps": MAX_STEPS, "micro_batch": 2, "global_batch": G, "lr": 3e-3, "warmup_steps": 2},
-            "data": {"seq_len": SEQ, "shard_mb": 0.002, "eval_fraction": 0.1, "cache_dir": cache, "sources": [
+    spec = {"data": {"shard_mb": 0.002, "eval_fraction": 0.1, "cache_dir": cache, "sources": [
                 {"name": "web", "path": str(p["web"]), "weight": 0.6},
                 {"name": "code", "path": str(p["code"]), "weight": 0.3},
                 {"name": "replay", "path": str(p["replay"]), "weight": 0.1, "text_field": "body"}],
                 "stages": [{"until_step": 3, "weights": {"web": 1.0}},
-                           {"until_step": 100, "weights": {"web": 0.6, "code": 0.3, "replay": 0.1}}]},
-            "output": {"log_every": 1, "eval_every": 4}}
+                           {"until_step": 100, "weights": {"web": 0.6, "code": 0.3, "replay": 0.1}}]}}
     path = tmp_path / "mix.yaml"
     path.write_text(json.dumps(spec))
     return path
@@ -39,9 +36,10 @@ def samples(path: Path) -> list[tuple[int, int, int]]:
     return [tuple(map(int, line.split())) for line in path.read_text().splitlines()]
 
 
-def test_mixture_run_logs_tokens_per_source_and_resumes_the_exact_block_sequence(tmp_path, env, launcher):
-    spec = spec_file(tmp_path, str(tmp_path / "cache"))
-    ref = launcher(["run", spec, "--out", tmp_path / "ref"], env, expect=0,
+def test_mixture_run_logs_tokens_per_source_and_resumes_the_exact_block_sequence(tmp_path, env, launcher,
+                                                                                 dropout_model):
+    spec = [spec_file(tmp_path, str(tmp_path / "cache")), *flags(dropout_model, "full", 2)]
+    ref = launcher(["run", *spec, "--out", tmp_path / "ref"], env, expect=0,
                    **{TEST_DUMP_ENV: str(tmp_path / "ref.pt"), TEST_SAMPLE_LOG_ENV: str(tmp_path / "ref.log")})
     order = samples(tmp_path / "ref.log")
     assert [n for n, _, _ in order] == list(range(MAX_STEPS * G))  # each sample once, in order
@@ -57,7 +55,7 @@ def test_mixture_run_logs_tokens_per_source_and_resumes_the_exact_block_sequence
     assert final["tokens_by_source"]["web"] == SEQ * sum(1 for _, k, _ in order if k == 0)
     by_source = [r["eval_loss_by_source"] for r in recs if "eval_loss_by_source" in r]
     assert {n for d in by_source for n in d} == {"web", "code", "replay"}
-    assert re.search(r"eval step 4/8 source replay loss \d", ref.stdout)
+    assert re.search(rf"eval step {MAX_STEPS}/{MAX_STEPS} source replay loss \d", ref.stdout)
     # `launcher eval`: held-out loss per source, tuned beside base
     ev = launcher(["eval", tmp_path / "ref", "--json"], env, expect=0)
     sets = {r["name"]: r for r in json.loads(ev.stdout)["sets"]}
@@ -66,11 +64,11 @@ def test_mixture_run_logs_tokens_per_source_and_resumes_the_exact_block_sequence
     assert re.search(r"source +web: weight 0.6, [\d,]+ tokens", plan) and "stage        1: step 3 to the end" in plan
 
     run = tmp_path / "run"
-    code, out, err = interrupted_run(["run", spec, "--out", run], env, after=4,
+    code, out, err = interrupted_run(["run", *spec, "--out", run], env,
                                      **{TEST_SAMPLE_LOG_ENV: str(tmp_path / "run.log")})
     assert code == 3, f"exit {code}\n{out[-3000:]}\n{err[-3000:]}"
     stopped = int(re.search(r"ranks agreed to stop at step (\d+)/", out).group(1))
-    assert 4 <= stopped < MAX_STEPS
+    assert 2 <= stopped < MAX_STEPS
     first = samples(tmp_path / "run.log")
     trained = [s for s in first if s[0] < stopped * G]
     assert trained == order[: stopped * G]
