@@ -18,7 +18,7 @@ from launcher.data.cache import source_dirs, source_key_inputs, tokenizer_dir
 from launcher.data.check import check_data
 from launcher.data.source import data_files, source_spec
 from launcher.errors import UserError
-from launcher.model.load import load_tokenizer
+from launcher.model.load import load_tokenizer, load_tokenizer_from
 
 # test-only: a marker file path; the first shard written while it does not exist creates it and SIGKILLs
 # the process (a preparation task killed mid-way). Never set it in a real run.
@@ -82,7 +82,14 @@ def prepare_sources(spec: RunSpec, tokenizer: Any = None, *, procs: int = 1, tas
     if procs > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(min(procs, len(jobs))) as pool:
+        # fork where there is one: the workers inherit the imports and the tokenizer loaded here (spawned
+        # workers would each pay the interpreter, transformers and the tokenizer again, seconds apiece)
+        _tokenizer(jobs[0][0], jobs[0][1])
+        # the processes tokenize side by side: the Rust tokenizer's own threads (one process uses them all)
+        # would only compete, and a forked process may not use them at all
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ctx.Pool(min(procs, len(jobs))) as pool:
             for n in pool.imap_unordered(_write_one, jobs):
                 written, tokens = written + 1, tokens + n
     else:
@@ -99,15 +106,16 @@ def prepare_sources(spec: RunSpec, tokenizer: Any = None, *, procs: int = 1, tas
 _TOKENIZERS: dict[str, Any] = {}
 
 
-def _write_one(job: tuple[Any, ...]) -> int:
-    spec, tok_arg, folder, i, part, k = job
+def _tokenizer(spec: RunSpec, tok_arg: Any) -> Any:
     key = str(tok_arg)
     if key not in _TOKENIZERS:
-        from launcher.model.load import load_tokenizer_from
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         _TOKENIZERS[key] = load_tokenizer(spec) if tok_arg is None else load_tokenizer_from(tok_arg)
-    tok = _TOKENIZERS[key]
+    return _TOKENIZERS[key]
+
+
+def _write_one(job: tuple[Any, ...]) -> int:
+    spec, tok_arg, folder, i, part, k = job
+    tok = _tokenizer(spec, tok_arg)
     one = source_spec(spec, k)
     encode = _PretrainTokenize(tok, one.data.text_field)
     docs = shards.tokenize_part(shards.Part(**part), one.data.text_field,

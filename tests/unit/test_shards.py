@@ -149,3 +149,12 @@ def test_a_missing_or_bad_source_file_is_named_before_anything_is_written(tmp_pa
     proc = cli("slurm", str(tmp_path / "mix.yaml"), "--out", str(tmp_path / "run"), "--dry-run")
     assert proc.returncode == 2 and "replay.jsonl" in proc.stderr and "body" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_processes_write_the_same_shards_as_one(tmp_path):
+    one = mixture_spec(tmp_path / "d", tmp_path / "c1")
+    two = validate({**one.to_dict(), "data": {**one.to_dict()["data"], "cache_dir": str(tmp_path / "c2")}})
+    assert prepare_sources(one).complete and prepare_sources(two, procs=2).complete
+    strip = lambda man: [{k: v for k, v in s.items() if k != "part"} for s in man["shards"]]  # noqa: E731
+    for a, b in zip(source_dirs(one), source_dirs(two)):
+        assert strip(shards.read_manifest(a)) == strip(shards.read_manifest(b))
