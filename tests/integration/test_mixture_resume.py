@@ -81,3 +81,22 @@ def test_mixture_run_logs_tokens_per_source_and_resumes_the_exact_block_sequence
     bitwise, worst = assert_same_weights(load(tmp_path / "ref.pt"), load(tmp_path / "run.pt"), tol=0.0)
     assert bitwise, worst
     assert (json.loads((run / "manifest.json").read_text())["final"]["tokens_by_source"] == final["tokens_by_source"])
+
+
+def test_two_ranks_read_each_sample_of_the_sequence_once_between_them(tmp_path, env, launcher):
+    """Each rank reads only its own samples: over two ranks every sample of the run is read exactly once, and
+    it is the block the schedule names for it (the same sequence one rank would read)."""
+    from launcher.config.resolve import with_overrides
+    from launcher.config.spec import validate
+    from launcher.data.mixture import open_mixture
+
+    spec = spec_file(tmp_path, str(tmp_path / "cache"))
+    steps, g = 3, 4
+    launcher(["run", spec, "--nproc", 2, "--micro-batch", 1, "--global-batch", g, "--max-steps", steps,
+              "--seq-len", SEQ, "--precision", "fp32", "--zero", 2, "--out", tmp_path / "two"], env, expect=0,
+             **{TEST_SAMPLE_LOG_ENV: str(tmp_path / "two.log")})
+    read = samples(tmp_path / "two.log")
+    assert sorted(n for n, _, _ in read) == list(range(steps * g))
+    resolved = with_overrides(validate(json.loads(spec.read_text())), {"data": {"seq_len": SEQ}})
+    ds, _ = open_mixture(resolved, g, steps)
+    assert sorted(read) == [(n, *ds.locate(n)) for n in range(steps * g)]
