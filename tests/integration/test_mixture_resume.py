@@ -100,3 +100,27 @@ def test_two_ranks_read_each_sample_of_the_sequence_once_between_them(tmp_path, 
     resolved = with_overrides(validate(json.loads(spec.read_text())), {"data": {"seq_len": SEQ}})
     ds, _ = open_mixture(resolved, g, steps)
     assert sorted(read) == [(n, *ds.locate(n)) for n in range(steps * g)]
+
+
+def test_resume_on_two_ranks_continues_the_mixture_without_repeating(tmp_path, env, launcher):
+    """A 1-rank mixture run stopped by SIGUSR1 and resumed on 2 ranks (the same global batch, DeepSpeed's
+    universal checkpoint): the resumed ranks read exactly the samples after the stop, between them once each,
+    the ones the schedule names; nothing trained before the stop is read again."""
+    from launcher.config.resolve import with_overrides
+    from launcher.config.spec import validate
+    from launcher.data.mixture import open_mixture
+
+    spec = spec_file(tmp_path, str(tmp_path / "cache"))
+    base = [spec, *flags("tiny", "full", 2)]
+    run = tmp_path / "run"
+    code, out, err = interrupted_run(["run", *base, "--out", run], env)
+    assert code == 3, out[-3000:] + err[-3000:]
+    stopped = int(re.search(r"ranks agreed to stop at step (\d+)/", out).group(1))
+    resumed = launcher(["run", *base, "--nproc", 2, "--micro-batch", 1, "--global-batch", G, "--out", run, "--force"],
+                       env, expect=0, **{TEST_SAMPLE_LOG_ENV: str(tmp_path / "two.log")})
+    assert "through DeepSpeed's universal checkpoint" in resumed.stdout and "world size 2" in resumed.stdout
+    resolved = with_overrides(validate(json.loads(spec.read_text())), {"data": {"seq_len": SEQ}})
+    ds, _ = open_mixture(resolved, G, MAX_STEPS)
+    assert sorted(samples(tmp_path / "two.log")) == [(n, *ds.locate(n)) for n in range(stopped * G, MAX_STEPS * G)]
+    final = json.loads((run / "manifest.json").read_text())["final"]
+    assert sum(final["tokens_by_source"].values()) == MAX_STEPS * G * SEQ
