@@ -1,12 +1,14 @@
 """A pretraining mixture (data.sources + data.stages) trained for real on one CPU rank in fp32: the tokens
 per source in metrics.jsonl and manifest.json are the samples the ranks read, plan.txt shows them per
 source, eval reports held-out loss per source; and a run stopped mid-mixture by a real SIGUSR1 and resumed
-reads the exact block sequence of the uninterrupted run and ends with its weights (bitwise)."""
+reads the exact block sequence of the uninterrupted run and ends with its weights (bitwise); resumed on 2 ranks
+instead, the ranks read exactly the samples after the stop between them."""
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +75,7 @@ def test_mixture_run_logs_tokens_per_source_and_resumes_the_exact_block_sequence
     trained = [s for s in first if s[0] < stopped * G]
     assert trained == order[: stopped * G]
     hint = re.search(r"Resume with: launcher (run \S+ --out \S+ --force)", err)
+    shutil.copytree(run, tmp_path / "run2")  # the same stop, resumed on 2 ranks below
     resumed = launcher(hint.group(1).split(), env, expect=0,
                        **{TEST_DUMP_ENV: str(tmp_path / "run.pt"), TEST_SAMPLE_LOG_ENV: str(tmp_path / "resumed.log")})
     assert "resuming from" in resumed.stdout
@@ -82,45 +85,11 @@ def test_mixture_run_logs_tokens_per_source_and_resumes_the_exact_block_sequence
     assert bitwise, worst
     assert (json.loads((run / "manifest.json").read_text())["final"]["tokens_by_source"] == final["tokens_by_source"])
 
-
-def test_two_ranks_read_each_sample_of_the_sequence_once_between_them(tmp_path, env, launcher):
-    """Each rank reads only its own samples: over two ranks every sample of the run is read exactly once, and
-    it is the block the schedule names for it (the same sequence one rank would read)."""
-    from launcher.config.resolve import with_overrides
-    from launcher.config.spec import validate
-    from launcher.data.mixture import open_mixture
-
-    spec = spec_file(tmp_path, str(tmp_path / "cache"))
-    steps, g = 3, 4
-    launcher(["run", spec, "--nproc", 2, "--micro-batch", 1, "--global-batch", g, "--max-steps", steps,
-              "--seq-len", SEQ, "--precision", "fp32", "--zero", 2, "--out", tmp_path / "two"], env, expect=0,
-             **{TEST_SAMPLE_LOG_ENV: str(tmp_path / "two.log")})
-    read = samples(tmp_path / "two.log")
-    assert sorted(n for n, _, _ in read) == list(range(steps * g))
-    resolved = with_overrides(validate(json.loads(spec.read_text())), {"data": {"seq_len": SEQ}})
-    ds, _ = open_mixture(resolved, g, steps)
-    assert sorted(read) == [(n, *ds.locate(n)) for n in range(steps * g)]
-
-
-def test_resume_on_two_ranks_continues_the_mixture_without_repeating(tmp_path, env, launcher):
-    """A 1-rank mixture run stopped by SIGUSR1 and resumed on 2 ranks (the same global batch, DeepSpeed's
-    universal checkpoint): the resumed ranks read exactly the samples after the stop, between them once each,
-    the ones the schedule names; nothing trained before the stop is read again."""
-    from launcher.config.resolve import with_overrides
-    from launcher.config.spec import validate
-    from launcher.data.mixture import open_mixture
-
-    spec = spec_file(tmp_path, str(tmp_path / "cache"))
-    base = [spec, *flags("tiny", "full", 2)]
-    run = tmp_path / "run"
-    code, out, err = interrupted_run(["run", *base, "--out", run], env)
-    assert code == 3, out[-3000:] + err[-3000:]
-    stopped = int(re.search(r"ranks agreed to stop at step (\d+)/", out).group(1))
-    resumed = launcher(["run", *base, "--nproc", 2, "--micro-batch", 1, "--global-batch", G, "--out", run, "--force"],
-                       env, expect=0, **{TEST_SAMPLE_LOG_ENV: str(tmp_path / "two.log")})
-    assert "through DeepSpeed's universal checkpoint" in resumed.stdout and "world size 2" in resumed.stdout
-    resolved = with_overrides(validate(json.loads(spec.read_text())), {"data": {"seq_len": SEQ}})
-    ds, _ = open_mixture(resolved, G, MAX_STEPS)
-    assert sorted(samples(tmp_path / "two.log")) == [(n, *ds.locate(n)) for n in range(stopped * G, MAX_STEPS * G)]
-    final = json.loads((run / "manifest.json").read_text())["final"]
-    assert sum(final["tokens_by_source"].values()) == MAX_STEPS * G * SEQ
+    # the same stopped run resumed on 2 ranks (the same global batch; DeepSpeed's universal checkpoint): the two
+    # ranks read exactly the samples after the stop between them, once each; nothing trained before is read again
+    run2 = tmp_path / "run2"
+    two = launcher(["run", *spec, "--nproc", 2, "--micro-batch", 1, "--global-batch", G, "--out", run2, "--force"],
+                   env, expect=0, **{TEST_SAMPLE_LOG_ENV: str(tmp_path / "two.log")})
+    assert "through DeepSpeed's universal checkpoint" in two.stdout and "world size 2" in two.stdout
+    assert sorted(samples(tmp_path / "two.log")) == order[stopped * G:]
+    assert json.loads((run2 / "manifest.json").read_text())["final"]["tokens_by_source"] == final["tokens_by_source"]
