@@ -2,9 +2,11 @@
 
   rss    a training rank's peak RSS with a mixture corpus 1x and 10x as large (same steps, same spec
          otherwise): the rank maps its shards, so its memory should not grow with the corpus;
-  prep   `launcher prepare` tokens/s with 1, 2 and 4 processes (--procs) over the same shards.
+  prep   `launcher prepare` tokens/s with 1, 2 and 4 processes (--procs) over the same shards;
+  slurm  the preparation job array with 1, 2 and 4 tasks on the Slurm lab cluster (tests/cluster/slurmlab.py;
+         root): tokens over the array's span from its first task's start to its last task's end (sacct).
 
-  python benchmarks/mixture_bench.py rss|prep --out DIR
+  python benchmarks/mixture_bench.py rss|prep|slurm --out DIR
 
 Writes DIR/<kind>.json and prints one line per measurement. Runs with the checkout on PYTHONPATH.
 """
@@ -108,13 +110,62 @@ def prep(out: Path) -> dict:
     return {"rows": rows, "cpus": os.cpu_count()}
 
 
+def slurm(out: Path) -> dict:
+    sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+    from datetime import datetime
+
+    from slurmlab import SlurmLab
+
+    lab = SlurmLab.ensure()
+    rows = []
+    try:
+        data = corpus(out / "data", 10)
+        for tasks in (1, 2, 4):
+            s = spec(out / f"slurm{tasks}.yaml", data, out / f"cache-t{tasks}", steps=1)
+            tree = json.loads(s.read_text())
+            tree["cluster"] = {"gpus_per_node": 0, "time": "10", "partition": "debug", "net_ifname": "eth0",
+                               "prep": {"cpus": 1, "time": "10", "tasks": tasks}}
+            tree["data"]["shard_mb"] = 0.5
+            s.write_text(json.dumps(tree))
+            run = out / f"slurm-run{tasks}"
+            shutil.rmtree(run, ignore_errors=True)
+            shutil.rmtree(out / f"cache-t{tasks}", ignore_errors=True)
+            env = lab.subprocess_env({"PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+            cp = subprocess.run([sys.executable, "-m", "launcher", "slurm", str(s), "--out", str(run), "--submit"],
+                                env=env, text=True, capture_output=True, check=True)
+            prep_job = cp.stdout.split()[0]
+            state = lab.wait_job(prep_job, timeout=900)
+            deadline = time.monotonic() + 900
+            while True:  # an array's job id can report done before every task has ended: wait for each
+                got = lab.sacct(prep_job, ["JobID", "State", "Start", "End", "NodeList"])
+                parts = [r for r in got if r["JobID"] != prep_job or tasks == 1]
+                if len(parts) == tasks and all(r["End"] not in ("Unknown", "") for r in parts):
+                    break
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"prep array {prep_job} did not end: {got}")
+                time.sleep(2)
+            state = ",".join(sorted({r["State"] for r in parts}))
+            t0 = min(datetime.fromisoformat(r["Start"]) for r in parts)
+            t1 = max(datetime.fromisoformat(r["End"]) for r in parts)
+            tokens = sum(json.loads(m.read_text())["tokens"] for m in (out / f"cache-t{tasks}").glob("shards-*/manifest.json"))
+            span = (t1 - t0).total_seconds()
+            rows.append({"tasks": tasks, "state": state, "tokens": tokens, "span_s": span,
+                         "tokens_per_s": tokens / span if span else None,
+                         "nodes": sorted({r["NodeList"] for r in parts})})
+            print(f"tasks {tasks}: {tokens:,} tokens, array span {span:.0f} s = {tokens / max(span, 1):,.0f} tokens/s "
+                  f"on {', '.join(rows[-1]['nodes'])} ({state})", flush=True)
+    finally:
+        lab.leave()
+    return {"rows": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("kind", choices=["rss", "prep"])
+    ap.add_argument("kind", choices=["rss", "prep", "slurm"])
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    result = rss(a.out) if a.kind == "rss" else prep(a.out)
+    result = {"rss": rss, "prep": prep, "slurm": slurm}[a.kind](a.out.resolve())
     (a.out / f"{a.kind}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
