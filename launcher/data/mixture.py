@@ -244,3 +244,19 @@ def source_rows(spec: RunSpec, k: int, held_out: bool = True) -> SourceEvalDatas
 def eval_blocks_of(spec: RunSpec, k: int) -> bool:
     """Whether source k holds blocks out for evaluation (its eval_fraction, else data.eval_fraction)."""
     return source_fraction(spec, k) > 0
+
+
+def resume_batch_problem(attempts: Sequence[dict[str, Any]], global_batch: int, seq_len: int) -> str | None:
+    """Why a mixture run cannot resume with this global batch, or None. Sample n is step n // G's, so a resume
+    that changed G would continue at another sample (repeating or skipping part of the mixture); the earlier
+    attempts (manifest.json) say which G they trained with."""
+    ended = [a for a in attempts if a.get("end_step") and a.get("tokens_per_step")]
+    if not ended:
+        return None
+    before = int(ended[-1]["tokens_per_step"]) // seq_len
+    if before == global_batch:
+        return None
+    return (f"this mixture run trained with a global batch of {before} sequences and resumes with {global_batch}: "
+            f"its sample sequence is indexed by step x global batch, so the resume would repeat or skip samples; "
+            f"resume with optim.global_batch={before} (on any number of ranks: micro batch x accumulation x ranks "
+            f"= {before})")

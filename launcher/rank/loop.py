@@ -22,7 +22,7 @@ from launcher.config.spec import MERGEABLE_METHODS, RunSpec
 from launcher.data.build import load_prepared
 from launcher.data.cache import require_prepared
 from launcher.data.collate import make_collator
-from launcher.data.mixture import Schedule, open_mixture
+from launcher.data.mixture import Schedule, open_mixture, resume_batch_problem
 from launcher.errors import UserError
 from launcher.model import load as model_mod
 from launcher.model.load import choose_attn
@@ -33,6 +33,7 @@ from launcher.rank.records import Attempt
 from launcher.rank.stop import STOP, finish_stop, stop_callback
 from launcher.rank.trackers import Trackers
 from launcher.rundir import checkpoints, markers, metrics
+from launcher.rundir import manifest as manifest_file
 from launcher.rundir.layout import RunDir
 
 # What each peft method's output is called (spec.MERGEABLE_METHODS: which of them `launcher merge` folds in).
@@ -388,6 +389,12 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
     # ends every rank here with exit 2, before the heavy imports and the process group.
     require_prepared(spec)
     resume = resume_point(spec)
+    if resume is not None and spec.data.sources:
+        # attempts that ended (this one has not): every rank reads the same, before any collective
+        problem = resume_batch_problem(manifest_file.attempt_entries(manifest_file.read_manifest(run_dir.path)),
+                                       plan.global_batch, spec.data.seq_len)
+        if problem:
+            raise UserError(problem, field="optim.global_batch")
     record.start(resume, checkpoints.checkpoint_step(resume) if resume is not None else None)
     # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.

@@ -119,3 +119,13 @@ def test_doc_mask_rows_restart_positions_and_ignore_the_cross_document_label(pre
     assert found > 10
     plain = MixtureDataset(prepared, ds.sets, G, 20)[0]
     assert set(plain) == {"input_ids"}
+
+
+def test_a_resume_with_another_global_batch_is_refused_with_the_one_to_use():
+    from launcher.data.mixture import resume_batch_problem
+
+    done = [{"end_step": 4, "tokens_per_step": 8 * 16}, {"end_step": None, "tokens_per_step": 4 * 16}]
+    assert resume_batch_problem(done, 8, 16) is None  # same G, any number of ranks
+    assert resume_batch_problem([], 4, 16) is None and resume_batch_problem(done[1:], 4, 16) is None
+    problem = resume_batch_problem(done, 4, 16)
+    assert "global batch of 8" in problem and "optim.global_batch=8" in problem
