@@ -36,6 +36,8 @@ from launcher.config import spec as spec_mod
 from launcher.config.resolve import with_overrides
 from launcher.config.spec import PREFERENCE_TASKS, RunSpec
 from launcher.data import build as data_mod
+from launcher.data import shardprep
+from launcher.data.mixture import eval_blocks_of, source_rows
 from launcher.data.check import sample_records, sft_shape
 from launcher.data.collate import make_collator
 from launcher.data.source import data_files
@@ -60,6 +62,7 @@ class EvalSet:
     held_out: bool = True
     note: str = ""
     rows: Any = None  # a datasets.Dataset once loaded
+    mixture_source: int | None = None  # data.sources index: rows are that source's blocks
 
 
 @dataclass
@@ -145,7 +148,8 @@ def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
     if not file.exists():
         raise UserError(f"--data {file}: no such file or folder")
     probe = with_overrides(spec, {"task": "pretrain", "data": {"path": str(file), "eval_fraction": 0.0,
-                                                               "packing": False, "format": "auto"}})
+                                                               "packing": False, "format": "auto",
+                                                               "sources": [], "stages": [], "doc_mask": False}})
     fmt, files = data_files(probe)
     task = "pretrain"
     if fmt != "txt":
@@ -162,7 +166,14 @@ def _reference_spec(spec: RunSpec, file: Path) -> RunSpec:
 def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet]:
     sets: list[EvalSet] = []
     spec = t.spec
-    if t.run_dir is not None:
+    if t.run_dir is not None and spec.data.sources:  # a mixture: each source's held-out blocks, one set each
+        for k, source in enumerate(spec.data.sources):
+            if eval_blocks_of(spec, k):
+                sets.append(EvalSet(f"held-out {source.name}", "in-distribution", source.path, spec, mixture_source=k))
+            else:
+                sets.append(EvalSet(f"source {source.name}", "in-distribution", source.path, spec, held_out=False,
+                                    mixture_source=k, note="seen in training (no held-out blocks: set its eval_fraction)"))
+    elif t.run_dir is not None:
         src = spec.data.path or f"embedded {data_files(spec)[1][0].name}"
         if spec.data.eval_fraction > 0:
             sets.append(EvalSet("held-out split", "in-distribution", src, spec))
@@ -178,6 +189,12 @@ def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet
 
 def load_rows(s: EvalSet, max_rows: int) -> None:
     """Tokenize (through the data cache) and pick at most max_rows rows, evenly spread over the set."""
+    if s.mixture_source is not None:
+        shardprep.prepare(s.spec)  # a no-op when the shards are complete
+        ds = source_rows(s.spec, s.mixture_source, held_out=s.held_out)
+        picks = range(len(ds)) if len(ds) <= max_rows else [int(k * len(ds) / max_rows) for k in range(max_rows)]
+        s.rows = [ds[j] for j in picks]
+        return
     data_mod.prepare(s.spec)  # checks the data first; a no-op when the run's own data is cached
     split = "eval" if (s.kind == "in-distribution" and s.held_out) else "train"
     ds = data_mod.load_prepared(s.spec, split=split)

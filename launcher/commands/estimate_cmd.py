@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
 import click
 
 from launcher.commands.common import FiniteFloat, spec_options
+from launcher.plan.prep import TOKENS_PER_S_PER_PROCESS, estimate_prep
 from launcher.config.spec import RunSpec
 from launcher.errors import UserError
 from launcher.plan import estimate as est
@@ -51,9 +53,11 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
     plan, e = est.estimate_run(spec, gpu=gpu, device_memory=None if device_memory is None else parse_bytes(device_memory),
                                usd_per_device_hour=usd_per_device_hour,
                                train_tokens=int(train_tokens) if train_tokens else None, mfu=mfu, fit=fit)
+    prep = estimate_prep(spec)  # a mixture's token shards: tokens and time to prepare them
     if as_json:
         m = plan.model
         click.echo(json.dumps({"micro_batch": plan.micro_batch, **e.to_dict(),
+                               "preparation": None if prep is None else dataclasses.asdict(prep),
                                "model_config": {"origin": m.origin, "source": m.source} if m else None}, indent=2))
         return
     rows = [
@@ -77,6 +81,10 @@ def estimate(spec: RunSpec, gpu: str | None, device_memory: str | None, usd_per_
         ("tokens/s", "-" if e.tokens_per_s is None else f"{e.tokens_per_s:,.0f}"),
         ("$ per 1M tokens", "-" if e.usd_per_mtok is None else f"{e.usd_per_mtok:.4f}"),
     ]
+    if prep is not None:
+        rows.append(("preparation", f"{prep.tokens:,} tokens ({'counted in the shards' if prep.measured else 'from the input bytes at 4.1 bytes/token'}) "
+                                    f"in about {prep.seconds:,.0f} s ({prep.seconds / 3600:.1f} h) with {prep.processes} process(es) at "
+                                    f"{TOKENS_PER_S_PER_PROCESS:,} tokens/s each (cluster.prep.tasks x data.num_proc)"))
     if e.train_tokens:
         rows.append(("training", f"{e.train_tokens:,} tokens: {e.train_time_h or 0:.1f} h"
                                  + (f", ${e.train_usd:,.0f}" if e.train_usd is not None else "")))

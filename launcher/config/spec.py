@@ -86,8 +86,36 @@ class ModelSpec(_Shorthand):
     compile: bool = Field(False, description="torch.compile each decoder block (the first steps pay the compile)")
 
 
+class SourceSpec(_Section):
+    """One source of a pretraining mixture (data.sources): its own files and share of the tokens."""
+
+    name: str = Field(..., min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                      description="short name (letters, digits, . _ -): shown in plan.txt, metrics and eval")
+    path: str = Field(..., min_length=1, description="file, folder or glob of jsonl/json/parquet/csv/txt files")
+    weight: Float = Field(..., gt=0, description="share of the training tokens (normalized over the sources)")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "txt"] | None = Field(
+        None, description="none = data.format")
+    text_field: str | None = Field(None, description="none = data.text_field")
+    eval_fraction: Float | None = Field(None, ge=0.0, lt=1.0, description="held-out share; none = data.eval_fraction")
+
+
+class StageSpec(_Section):
+    """A stretch of the run with its own mixture (annealing): these weights until `until_step`."""
+
+    until_step: Int = Field(..., ge=1, description="the stage covers the steps before this one")
+    weights: dict[str, Float] = Field(..., min_length=1, description="source name -> weight (missing: 0)")
+
+
 class DataSpec(_Section):
     path: str | None = Field(None, description="file, folder or datasets hub name; none = embedded corpus")
+    sources: list[SourceSpec] = Field(default_factory=list, description="a pretraining mixture of weighted sources "
+                                      "(instead of path), prepared into memory-mapped token shards")
+    stages: list[StageSpec] = Field(default_factory=list, description="mixture weights per stretch of steps; "
+                                    "after the last stage its weights stay")
+    doc_mask: bool = Field(False, description="pretrain: position ids restart at each document start in a block, "
+                           "so documents do not attend to each other")
+    shard_mb: Float = Field(64.0, gt=0, description="mixture sources: input bytes per token shard (a unit of "
+                            "preparation work)")
     format: Literal["auto", "jsonl", "json", "parquet", "csv", "txt", "hub"] = "auto"
     split: str = "train"
     seq_len: Int = Field(512, ge=8, le=1 << 20, description="tokens per training sequence")
@@ -103,6 +131,32 @@ class DataSpec(_Section):
     eval_fraction: Float = Field(0.0, ge=0.0, lt=1.0, description="held-out share for evaluation")
     num_proc: Int | None = Field(None, ge=1, description="tokenizer processes; none = chosen by size")
     cache_dir: str | None = Field(None, description="tokenized-data cache; none = $LAUNCHER_CACHE/data or ~/.cache/launcher/data")
+
+    @model_validator(mode="after")
+    def _mixture(self) -> "DataSpec":
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"data.sources: names must be unique; {', '.join(dup)} appear(s) more than once")
+        if self.sources and self.path is not None:
+            raise ValueError("data.path and data.sources are both set; data.path is the one-source shorthand: "
+                             "keep one of them")
+        if self.stages and not self.sources:
+            raise ValueError("data.stages needs data.sources (stages set mixture weights per source)")
+        last = 0
+        for i, st in enumerate(self.stages):
+            if st.until_step <= last:
+                raise ValueError(f"data.stages[{i}].until_step={st.until_step} must be greater than the previous "
+                                 f"stage's ({last}): stages run in increasing step order")
+            last = st.until_step
+            unknown = sorted(set(st.weights) - set(names))
+            if unknown:
+                raise ValueError(f"data.stages[{i}].weights names {', '.join(unknown)}, not in data.sources "
+                                 f"({', '.join(names)})")
+            bad = [k for k, w in st.weights.items() if w < 0]
+            if bad or not any(w > 0 for w in st.weights.values()):
+                raise ValueError(f"data.stages[{i}].weights: weights must be >= 0 with at least one positive")
+        return self
 
 
 class LoraSpec(_Section):
@@ -293,6 +347,10 @@ class PrepSpec(_Section):
     cpus: Int = Field(4, ge=1, le=512, description="CPUs for tokenization")
     mem: str | None = Field(None, description="memory, Slurm syntax; none = the partition default")
     time: str = Field("01:00:00", description="time limit of the preparation job")
+    tasks: Int = Field(1, ge=1, le=10000, description="mixture sources (data.sources): a job array of this many "
+                       "tasks, each writing its share of the token shards")
+    retries: Int = Field(1, ge=0, le=100, description="mixture sources: times a failed preparation task runs again "
+                         "(it writes only the shards still missing)")
 
     @field_validator("time", mode="before")
     @classmethod
@@ -649,6 +707,12 @@ def check_combinations(spec: RunSpec) -> list[str]:
     if spec.task in PREFERENCE_TASKS and spec.model.compile:
         p.append(f"model.compile with task {spec.task}: TRL's trainers run the chosen and rejected sequences of "
                  f"varying lengths through the model (recompiles); use --no-compile")
+    if spec.task != "pretrain" and (spec.data.sources or spec.data.doc_mask):
+        p.append(f"data.{'sources' if spec.data.sources else 'doc_mask'} is for --task pretrain (SFT data keeps "
+                 f"its examples: use data.path, and --packing for per-example attention)")
+    if spec.data.doc_mask and not spec.data.sources and spec.task == "pretrain":
+        p.append("data.doc_mask needs data.sources (the token shards keep where documents start); write the data "
+                 "as one source: data.sources: [{name: main, path: ..., weight: 1}]")
     if spec.task == "pretrain" and spec.data.packing:
         p.append("data.packing is for --task sft (pretraining text is always concatenated and cut into blocks); "
                  "drop --packing")

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from launcher.data.cache import cache_dir, cache_key, key_inputs, require_prepared, tokenizer_dir
 from launcher.config.spec import PREFERENCE_TASKS
 from launcher.data.check import check_data, preference_shape, sft_shape
+from launcher.data.positions import IGNORE_INDEX, restart_positions
 from launcher.data.source import data_files, datasets_builder, staged_dataset
 from launcher.errors import UserError
 from launcher.model.load import load_tokenizer, load_tokenizer_from
@@ -36,7 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from launcher.config.spec import RunSpec
 
-IGNORE_INDEX = -100  # the label of a token the loss skips (transformers' default ignore index)
 _ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 
 
@@ -357,7 +357,7 @@ def pack(ds: Dataset, seq_len: int) -> Dataset:
     labels = np.asarray(lab_col.flatten().to_numpy(zero_copy_only=False), dtype=np.int32)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     labels[starts[lengths > 0]] = IGNORE_INDEX
-    positions = (np.arange(len(ids), dtype=np.int64) - np.repeat(starts, lengths)).astype(np.int32)
+    positions = restart_positions(len(ids), starts).astype(np.int32)
     # Greedy in order: a row closes when the next example does not fit. Rows are runs of examples.
     bounds, used = [0], 0
     for k, n in enumerate(lengths.tolist()):

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from launcher import assets
 from launcher.config.spec import PREFERENCE_TASKS
-from launcher.data.source import data_files
+from launcher.data.shards import verify
+from launcher.data.source import data_files, source_spec
 from launcher.errors import UserError
 from launcher.rundir.layout import RunDir
 
@@ -52,8 +53,7 @@ def _tokenizer_fingerprint(tokenizer_dir: str | os.PathLike[str], revision: str 
     return {"files": [f.relative_to(p).as_posix() for f in files], "sha256": h.hexdigest()}
 
 
-def key_inputs(spec: RunSpec, tokenizer_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Everything the cache key hashes (also written into the entry's meta.json)."""
+def _data_inputs(spec: RunSpec) -> dict[str, Any]:
     d = spec.data
     fmt, files = data_files(spec)
     data: dict[str, Any] = {"format": fmt}
@@ -61,6 +61,13 @@ def key_inputs(spec: RunSpec, tokenizer_dir: str | os.PathLike[str]) -> dict[str
         data.update(name=d.path, split=d.split)
     else:
         data["files"] = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return data
+
+
+def key_inputs(spec: RunSpec, tokenizer_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything the cache key hashes (also written into the entry's meta.json)."""
+    d = spec.data
+    data = _data_inputs(spec)
     shaping: dict[str, Any] = {"task": spec.task, "seq_len": d.seq_len}
     if spec.task == "pretrain":
         shaping["text_field"] = d.text_field
@@ -93,6 +100,34 @@ def tokenizer_dir(spec: RunSpec, tokenizer: Any) -> str:
     return str(getattr(tokenizer, "name_or_path", "") or tokenizer_source(spec))
 
 
+def source_key_inputs(spec: RunSpec, k: int, tokenizer_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a mixture source's shards depend on: its files, format and text field, the shard size and the
+    tokenizer; never seq_len, the weights, the eval split or the cluster (blocks are cut when read)."""
+    one = source_spec(spec, k)
+    return {"version": PIPELINE_VERSION, "kind": "shards", "data": _data_inputs(one),
+            "text_field": one.data.text_field, "shard_mb": spec.data.shard_mb,
+            "tokenizer": _tokenizer_fingerprint(tokenizer_dir, spec.model.revision)}
+
+
+def source_dirs(spec: RunSpec, tokenizer: Any = None) -> list[Path]:
+    """The cache folders of a mixture's sources, in data.sources order."""
+    tok = tokenizer_dir(spec, tokenizer)
+    out = []
+    for k, src in enumerate(spec.data.sources):
+        digest = hashlib.sha256(json.dumps(source_key_inputs(spec, k, tok), sort_keys=True).encode()).hexdigest()
+        out.append(cache_dir(spec) / f"shards-{src.name}-{digest[:20]}")
+    return out
+
+
+def unprepared_paths(spec: RunSpec, tokenizer: Any = None) -> list[Path]:
+    """Cache folders of this run's data that are not complete here (a mixture: a source folder with no
+    manifest, or a shard it lists missing or of the wrong size)."""
+    if spec.data.sources:
+        return [p for p in source_dirs(spec, tokenizer) if verify(p)]
+    path = prepared_path(spec, tokenizer)
+    return [] if (path / "meta.json").is_file() else [path]
+
+
 def prepared_path(spec: RunSpec, tokenizer: Any = None) -> Path:
     """Where `prepare` puts (or put) this run's tokenized data."""
     return cache_dir(spec) / cache_key(spec, tokenizer_dir(spec, tokenizer))
@@ -105,12 +140,15 @@ def require_prepared(spec: RunSpec, tokenizer: Any = None) -> Path:
     before any imports the heavy libraries or joins the process group (no rank tokenizes while the
     others wait in a collective).
     """
-    path = prepared_path(spec, tokenizer)
-    if not (path / "meta.json").is_file():
+    path = prepared_path(spec, tokenizer) if not spec.data.sources else cache_dir(spec)
+    missing = unprepared_paths(spec, tokenizer)
+    if missing:
         spec_file = RunDir(Path(spec.output.dir)).spec_path
         target = str(spec_file) if spec_file.is_file() else "SPEC"
-        raise UserError(f"the tokenized data for this run is not in the cache: {path} is missing or incomplete "
-                        f"(no meta.json). Ranks only read the cache; run `launcher prepare SPEC` first "
+        what = ("(no meta.json)" if not spec.data.sources else
+                "(a source's manifest.json is missing or a shard it lists is missing or damaged)")
+        raise UserError(f"the tokenized data for this run is not in the cache: {', '.join(map(str, missing))} "
+                        f"is missing or incomplete {what}. Ranks only read the cache; run `launcher prepare SPEC` first "
                         f"(`launcher prepare {target}`, where the ranks see the same cache: data.cache_dir or "
                         f"$LAUNCHER_CACHE), or submit with `launcher slurm --submit` without --no-prep, which "
                         f"queues a preparation job before training", field="data.path")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from launcher import yamlio
 from launcher.config.spec import PREFERENCE_TASKS
-from launcher.data.source import data_files, open_text
+from launcher.data.source import data_files, open_text, source_spec
 from launcher.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -27,6 +27,10 @@ def check_data(spec: RunSpec, tokenizer_has_chat_template: bool | None = None) -
     Needs no torch, transformers or datasets (pyarrow only for parquet). Pass whether the model's
     tokenizer has a chat template to check chat-shaped SFT data against it; None skips that check.
     """
+    if spec.data.sources:  # a mixture: each source as if it were the run's only data
+        for k in range(len(spec.data.sources)):
+            check_data(source_spec(spec, k), tokenizer_has_chat_template)
+        return
     fmt, files = data_files(spec)
     if fmt == "hub":
         return  # nothing on this machine to look at; the load in `prepare` reports problems

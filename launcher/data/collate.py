@@ -14,9 +14,10 @@ class PretrainCollator:
     """Equal-length blocks -> input_ids and labels (the same tokens; the model shifts them)."""
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        import numpy as np
         import torch
 
-        ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+        ids = torch.as_tensor(np.asarray([f["input_ids"] for f in features]), dtype=torch.long)
         return {"input_ids": ids, "labels": ids.clone()}
 
 
@@ -67,7 +68,9 @@ class PackedCollator(PadCollator):
 
 def make_collator(spec: RunSpec, tokenizer: Any, pad_to_multiple_of: int | None = None) -> Callable[..., Any]:
     """The Trainer's data_collator for this run's task and packing."""
-    if spec.task == "pretrain":
+    if spec.task == "pretrain" and not spec.data.doc_mask:
         return PretrainCollator()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if spec.task == "pretrain":  # doc_mask: blocks carry position ids restarting per document, as packed SFT rows
+        return PackedCollator(pad, pad_to_multiple_of)
     return (PackedCollator if spec.data.packing else PadCollator)(pad, pad_to_multiple_of)

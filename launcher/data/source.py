@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import glob
 import gzip
 import io
 from pathlib import Path
@@ -48,11 +49,29 @@ def data_files(spec: RunSpec) -> tuple[str, list[Path]]:
             raise UserError(f"data folder {p} mixes formats ({', '.join(kinds)}); keep one format per folder or "
                             f"choose one with data.format", field="data.format")
         return d.format if d.format != "auto" else format_of(files[0]), files  # type: ignore[return-value]
+    if any(c in d.path for c in "*?["):  # a glob (a mixture source's path may be one)
+        matched = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+        if not matched:
+            raise UserError(f"data glob {d.path} matches no file (working directory {Path.cwd()}); fix the path",
+                            field="data.path")
+        fmts = {d.format if d.format != "auto" else format_of(f) for f in matched}
+        if None in fmts or len({datasets_builder(f) for f in fmts}) > 1:
+            raise UserError(f"data glob {d.path} matches files of mixed or unknown formats ({', '.join(sorted(map(str, fmts)))}); "
+                            f"match one format (.jsonl, .json, .parquet, .csv, .txt)", field="data.format")
+        return fmts.pop(), matched  # type: ignore[return-value]
     looks_local = d.path.startswith((".", "/", "~")) or Path(d.path).suffix.lower() in (*EXT_FORMAT, ".gz")
     if d.format != "auto" or looks_local or not HUB_ID.fullmatch(d.path):
         raise UserError(f"data file {d.path} does not exist (working directory {Path.cwd()}); fix data.path "
                         f"(--data) or drop it to train on the embedded corpus", field="data.path")
     return "hub", []
+
+
+def source_spec(spec: RunSpec, k: int) -> RunSpec:
+    """The run's spec as if mixture source k were its only data (data.path, format, text_field)."""
+    src, d = spec.data.sources[k], spec.data
+    data = d.model_copy(update={"path": src.path, "format": src.format or d.format,
+                                "text_field": src.text_field or d.text_field, "sources": [], "stages": []})
+    return spec.model_copy(update={"data": data})
 
 
 def format_of(path: Path) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from launcher.config.profiles import mem_mib
 from launcher.config.resolve import with_overrides
-from launcher.config.spec import (PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec, merged_zero, reference_mode,
+from launcher.config.spec import (PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec, merged_zero,
                                   sequences_per_example)
 from launcher.errors import SpecError, UserError
 from launcher.plan import hardware, memory, modelinfo

@@ -22,6 +22,7 @@ from launcher.config.spec import MERGEABLE_METHODS, PEFT_METHODS, PREFERENCE_TAS
 from launcher.data.build import load_prepared
 from launcher.data.cache import require_prepared
 from launcher.data.collate import make_collator
+from launcher.data.mixture import Schedule, open_mixture, resume_batch_problem
 from launcher.errors import UserError
 from launcher.model import load as model_mod
 from launcher.model.load import choose_attn
@@ -32,6 +33,7 @@ from launcher.rank.records import Attempt
 from launcher.rank.stop import STOP, finish_stop, stop_callback
 from launcher.rank.trackers import Trackers
 from launcher.rundir import checkpoints, markers, metrics
+from launcher.rundir import manifest as manifest_file
 from launcher.rundir.layout import RunDir
 
 # What each peft method's output is called (spec.MERGEABLE_METHODS: which of them `launcher merge` folds in).
@@ -106,6 +108,10 @@ def training_arguments_kwargs(spec: RunSpec, plan: Plan, ds_config: dict[str, An
         label_names=["labels"],
         dataloader_num_workers=0,
     )
+    if spec.data.sources:
+        # a mixture's dataset is the run's sample sequence itself: sample n is step n // G's; in order, every
+        # rank reads its own indices, and a resume skips exactly the samples already trained
+        kw["train_sampling_strategy"] = "sequential"
     if not ds_sched:
         # The schedule is transformers' get_scheduler, built by the Trainer on DeepSpeed's optimizer and stepped
         # by the engine once per optimizer step (saved and restored with its checkpoints). DeepSpeed's own
@@ -165,7 +171,8 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
 
 # --------------------------------------------------------------------------- callback
 
-def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | None = None) -> Any:
+def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | None = None,
+                       mixture: Schedule | None = None) -> Any:
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
@@ -214,15 +221,22 @@ def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | N
                 self.t_last, self.step_last = now, state.global_step
                 lr = self.lr_used if self.lr_used is not None else float(logs.get("learning_rate", 0.0))
                 loss = float(logs["loss"])
-                self._emit(state, metrics.format_step(state.global_step, state.max_steps, loss, lr, tps),
-                           metrics.step_record(state.global_step, loss, lr, tps, _num(logs.get("grad_norm")),
-                                               time.time()))
+                rec = metrics.step_record(state.global_step, loss, lr, tps, _num(logs.get("grad_norm")), time.time())
+                if mixture is not None:  # realized tokens per source over steps [0, step): a function of the step
+                    rec["tokens_by_source"] = mixture.tokens_by_source(state.global_step, plan.seq_len)
+                self._emit(state, metrics.format_step(state.global_step, state.max_steps, loss, lr, tps), rec)
             elif "eval_loss" in logs:
                 loss = float(logs["eval_loss"])
                 ppl = math.exp(loss) if loss < 50 else float("inf")
                 self._emit(state, metrics.format_eval(state.global_step, state.max_steps, loss, ppl),
                            metrics.eval_record(state.global_step, loss, ppl, time.time()))
                 self.t_last = time.perf_counter()  # evaluation time is not training throughput
+            elif mixture is not None and any(f"eval_{n}_loss" in logs for n in mixture.names):
+                by = {n: float(logs[f"eval_{n}_loss"]) for n in mixture.names if f"eval_{n}_loss" in logs}
+                self._emit(state, "\n".join(metrics.format_eval_source(state.global_step, state.max_steps, n, v)
+                                            for n, v in by.items()),
+                           metrics.eval_source_record(state.global_step, by, time.time()))
+                self.t_last = time.perf_counter()
 
     return StepLog()
 
@@ -398,6 +412,12 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
     # ends every rank here with exit 2, before the heavy imports and the process group.
     require_prepared(spec)
     resume = None if ref_only else resume_point(spec)
+    if resume is not None and spec.data.sources:
+        # attempts that ended (this one has not): every rank reads the same, before any collective
+        problem = resume_batch_problem(manifest_file.attempt_entries(manifest_file.read_manifest(run_dir.path)),
+                                       plan.global_batch, spec.data.seq_len)
+        if problem:
+            raise UserError(problem, field="optim.global_batch")
     record.start(resume, checkpoints.checkpoint_step(resume) if resume is not None else None)
     # A checkpoint written by another number of ranks (the run dir re-rendered for another size):
     # converted to DeepSpeed's universal checkpoint, or refused with the way to do it by hand.
@@ -436,8 +456,15 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
     record.devices()  # every rank's node and device, into the manifest (a collective)
     _unlink_shm_buffer()  # after that collective every rank has mapped every other's buffer
     tokenizer = model_mod.load_tokenizer(spec)
-    train_ds = load_prepared(spec)
-    eval_ds = load_prepared(spec, split="eval") if spec.data.eval_fraction > 0 else None
+    schedule = None
+    eval_ds: Any
+    if spec.data.sources:  # memory-mapped shards; held-out loss per source
+        train_ds, per_source = open_mixture(spec, plan.global_batch, plan.max_steps)
+        schedule, eval_ds = train_ds.schedule, per_source or None
+        record.mixture = schedule
+    else:
+        train_ds = load_prepared(spec)
+        eval_ds = load_prepared(spec, split="eval") if spec.data.eval_fraction > 0 else None
     # Seeded before the model is built: LoRA's A matrices (and anything else initialised at random) must be
     # the same in every run of this spec, or two runs, and a run and its reference, start apart.
     from transformers import set_seed
@@ -448,9 +475,11 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
                  apply_loss(model, plan.loss, chunk_tokens=spec.optim.loss_chunk_tokens))
 
     testing = _testing()
+    if testing:
+        train_ds = testing.logged_samples(train_ds)
     stop = stop_callback()
     # the hang watchdog after the stop callback, so that it sees a save the stop asks for
-    step_callbacks = [_make_log_callback(plan, run_dir.metrics_path, trackers),
+    step_callbacks = [_make_log_callback(plan, run_dir.metrics_path, trackers, schedule),
                       *(testing.step_callbacks() if testing else []), stop,
                       watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
                                                  on_fire=lambda why: record.end(markers.HANG, message=why))]
@@ -473,7 +502,8 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
         f"attention {getattr(model.config, '_attn_implementation', '?')}; precision {plan.precision}; "
         f"ZeRO-{plan.zero_stage}; optimizer {plan.optimizer}" + ("; compiled blocks" if spec.model.compile else ""))
     say(f"loss         {loss_note}")
-    say(f"data         {len(train_ds):,} training rows" + (f", {len(eval_ds):,} eval rows" if eval_ds is not None else ""))
+    n_eval = sum(map(len, eval_ds.values())) if isinstance(eval_ds, dict) else len(eval_ds) if eval_ds is not None else 0
+    say(f"data         {len(train_ds):,} training rows" + (f", {n_eval:,} eval rows" if eval_ds is not None else ""))
     if pref and preference.reference_mode(spec) == "precomputed":
         what = ("computed here, before the first step, into" if getattr(trainer, "launcher_reference_computed", False)
                 else "read from")
@@ -516,7 +546,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
         sys.stdout.flush()
         return TrainResult(stopped_at=step, checkpoint=ckpt)
 
-    evaluated_last = any(h.get("step") == trainer.state.global_step and "eval_loss" in h
+    evaluated_last = any(h.get("step") == trainer.state.global_step and any(k.startswith("eval_") for k in h)
                          for h in trainer.state.log_history)
     if eval_ds is not None and not evaluated_last:
         trainer.evaluate()

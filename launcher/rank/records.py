@@ -128,6 +128,7 @@ class Attempt:
         self.tokens_per_step, self.world_size, self.max_steps, self.device = tokens_per_step, world_size, max_steps, device
         self.start_step = 0
         self.trainer: Any = None  # set once built: the end record reads its state
+        self.mixture: Any = None  # a mixture's Schedule: the final record gets the tokens per source
         self.ended = False
         # The hang watchdog may end the attempt from its thread just as the main thread does (a rank whose
         # collective failed when its peer died, at the deadline of its own watchdog): one end is written,
@@ -195,6 +196,9 @@ class Attempt:
             final = {"steps": step, "tokens": manifest_file.tokens_in_model(attempts), "attempts": len(attempts),
                      "started": min((a["start"] for a in attempts if a.get("start")), default=None),
                      "ended": time.time(), **{k: metrics[k] for k in ("loss", "eval_loss", "perplexity") if k in metrics}}
+            if self.mixture is not None and step is not None:
+                seq_len = self.tokens_per_step // self.mixture.g
+                final["tokens_by_source"] = self.mixture.tokens_by_source(step, seq_len)
             manifest_file.update_manifest(self.run_dir, final=final)
         except (OSError, ValueError) as exc:
             self._could_not_update(exc)

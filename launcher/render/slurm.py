@@ -114,6 +114,12 @@ def check(spec: RunSpec, run_dir: Path, *, python: str, array_specs: Sequence[Ru
     if c.hf_home is not None and (not c.hf_home.startswith("/") or "\x00" in c.hf_home):
         p.append(f"cluster.hf_home={c.hf_home!r} must be an absolute path (the jobs start in another working "
                  f"directory, and '~' is not expanded in a quoted value); write it as /path/to/hf")
+    if c.prep.tasks > 1 and not spec.data.sources:
+        p.append(f"cluster.prep.tasks={c.prep.tasks} splits the preparation of a mixture's token shards "
+                 f"(data.sources); data.path is prepared by one task: drop cluster.prep.tasks or use data.sources")
+    if c.prep.tasks > 1 and array_specs:
+        p.append(f"cluster.prep.tasks={c.prep.tasks} with --sweep: the sweep's preparation job is already an array "
+                 f"over its tasks; drop cluster.prep.tasks")
     if c.array is not None and not array_specs:
         p.append("cluster.array: a job array here comes from --sweep (each task with its own spec and output "
                  "dir); drop cluster.array or use --sweep key=v1,v2")
@@ -410,6 +416,11 @@ def chain_uses_gpu(spec: RunSpec, kind: str) -> bool:
     return kind == "eval" and spec.cluster.gpus_per_node > 0
 
 
+def prep_tasks(spec: RunSpec) -> int:
+    """Tasks of the preparation job array of a mixture (cluster.prep.tasks > 1), else 0 (one job)."""
+    return spec.cluster.prep.tasks if spec.data.sources and spec.cluster.prep.tasks > 1 else 0
+
+
 def chain_directives(spec: RunSpec, kind: str, run_dir: Path) -> list[str]:
     """The #SBATCH lines of a prep/merge/eval job, sorted: one node, one task, cluster.prep's CPUs,
     memory and time; the prep partition unless the job needs a GPU (then the training partition).
@@ -423,9 +434,11 @@ def chain_directives(spec: RunSpec, kind: str, run_dir: Path) -> list[str]:
     partition = c.partition if gpu else (c.prep.partition or c.partition)
     # constraint and reservation name nodes of the training partition; they mean nothing elsewhere
     same_nodes = partition == c.partition
-    log = _log_pattern(run_dir, JOB_LOG_PATTERN)
+    tasks = prep_tasks(spec) if kind == "prep" else 0
+    log = _log_pattern(run_dir, ARRAY_LOG_PATTERN if tasks else JOB_LOG_PATTERN)
     opts: dict[str, str | int | None] = {
         "job-name": f"{job_name(spec)}-{kind}",
+        "array": f"0-{tasks - 1}" if tasks else None,
         "nodes": 1,
         "ntasks": 1,
         "cpus-per-task": c.prep.cpus,
@@ -482,6 +495,9 @@ def render_chain_sbatch(
         run_dir=sh(str(run_dir)),
         path=_run_dir_names(run_dir),
         array_tasks=len(array_specs) if array_specs else 0,
+        shards=bool(spec.data.sources),
+        prep_tasks=prep_tasks(spec),
+        prep_retries=c.prep.retries,
         python=sh(PATH_PYTHON if python_from_path else python),
         python_from_path=python_from_path,
         container=container,

@@ -88,6 +88,15 @@ def eval_record(step: int, loss: float, perplexity: float, time: float) -> dict[
     return {"step": step, "eval_loss": loss, "perplexity": perplexity, "time": time}
 
 
+def format_eval_source(step: int, max_steps: int, source: str, loss: float) -> str:
+    return f"eval step {step}/{max_steps} source {source} loss {loss:.4f}"
+
+
+def eval_source_record(step: int, losses: dict[str, float], time: float) -> dict[str, Any]:
+    """Held-out loss of a mixture's sources (data.sources) at a step."""
+    return {"step": step, "eval_loss_by_source": losses, "time": time}
+
+
 def append(path: str | os.PathLike, record: dict[str, Any]) -> None:
     """Append one record to a metrics file (RunDir.metrics_path)."""
     with Path(path).open("a") as f:

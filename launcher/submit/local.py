@@ -28,7 +28,7 @@ from pathlib import Path
 from launcher import assets, yamlio
 from launcher.cli import REF_ENTRY, TRAIN_ENTRY
 from launcher.config.spec import RunSpec
-from launcher.data import build as data_mod
+from launcher.data import shardprep as data_mod
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
 from launcher.model.load import ensure_tiny_base
 from launcher.ops.reasons import BACKSTOP_DUMP

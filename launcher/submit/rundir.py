@@ -10,8 +10,10 @@ from typing import Any
 
 from launcher import outpaths
 from launcher.config.spec import RunSpec, validate
-from launcher.data.source import data_files
+from launcher.data.mixture import summary_lines
+from launcher.data.source import data_files, source_spec
 from launcher.errors import UserError
+from launcher.plan.estimate import estimate_run
 from launcher.plan.plan import Plan, make_plan
 from launcher.render.deepspeed import render as render_deepspeed
 from launcher.render.presets import dumps as dumps_json
@@ -30,11 +32,19 @@ def _absolute_paths(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
         value = tree[section][key]
         if value and Path(value).expanduser().exists():
             tree[section][key] = str(Path(value).expanduser().resolve())
+    for src in tree["data"]["sources"]:
+        p = Path(src["path"]).expanduser()
+        if p.exists() or (any(c in src["path"] for c in "*?[") and not p.is_absolute()):
+            src["path"] = str(p.resolve()) if p.exists() else str(Path.cwd() / p)
     return tree
 
 
 def data_fingerprints(spec: RunSpec) -> list[dict[str, Any]]:
-    """Path, size, mtime and a content hash of each data file (hub data: its name and revision)."""
+    """Path, size, mtime and a content hash of each data file (hub data: its name and revision); a
+    mixture's, source by source (each entry names its source)."""
+    if spec.data.sources:
+        return [{"source": src.name, **f} for k, src in enumerate(spec.data.sources)
+                for f in data_fingerprints(source_spec(spec, k))]
     fmt, files = data_files(spec)
     if fmt == "hub":
         return [{"hub": spec.data.path, "split": spec.data.split}]
@@ -53,6 +63,16 @@ def data_fingerprints(spec: RunSpec) -> list[dict[str, Any]]:
         kind = "sha256" if st.st_size <= _HASH_WHOLE else "sha256_head_tail_16MiB"
         out.append({"path": str(f), "bytes": st.st_size, "mtime": st.st_mtime, kind: h.hexdigest()})
     return out
+
+
+def _mixture_lines(spec: RunSpec, plan: Plan) -> list[str]:
+    if not spec.data.sources:
+        return []
+    try:
+        usd = estimate_run(spec)[1].usd_per_mtok
+    except UserError:  # no estimate for this model here: tokens without $
+        usd = None
+    return summary_lines(spec, plan.global_batch, plan.max_steps, usd)
 
 
 def check_target(path: str | Path, *, force: bool = False) -> Path:
@@ -91,6 +111,6 @@ def create(path: str | Path, spec: RunSpec, *, force: bool = False) -> tuple[Run
             sub.mkdir(exist_ok=True)
         rd.spec_path.write_text(spec.to_yaml())
         rd.ds_config_path.write_text(dumps_json(render_deepspeed(spec, plan)))
-        rd.plan_path.write_text("\n".join(plan.summary()) + "\n")
+        rd.plan_path.write_text("\n".join(plan.summary() + _mixture_lines(spec, plan)) + "\n")
         update_manifest(root, **launch_manifest(spec, plan, data))
     return rd, spec, plan

@@ -24,7 +24,7 @@ from launcher import outpaths, yamlio
 from launcher.config.resolve import parse_set, with_overrides
 from launcher.cli import REF_ENTRY
 from launcher.config.spec import MERGEABLE_METHODS, RunSpec, reference_mode
-from launcher.data.cache import prepared_path
+from launcher.data.cache import unprepared_paths
 from launcher.errors import RunFailed, SpecError, UserError
 from launcher.plan.plan import make_plan, settled
 from launcher.render.slurm import render_chain_sbatch, render_sbatch
@@ -210,11 +210,10 @@ def unprepared(specs: list[RunSpec]) -> list[Path]:
     missing: list[Path] = []
     for s in specs:
         try:
-            path = prepared_path(s)
+            paths = unprepared_paths(s)
         except (UserError, OSError, ValueError):
             return [Path("?")]
-        if not (path / "meta.json").is_file() and path not in missing:
-            missing.append(path)
+        missing += [p for p in paths if p not in missing]
     return missing
 
 

@@ -9,6 +9,8 @@ weights a run starts from and ends with. The ranks import this module only when 
   LAUNCHER_TEST_DUMP_START_WEIGHTS  the same for the weights training starts from, after a resumed
                                     checkpoint was loaded (a resume on another number of ranks must start
                                     from the weights the checkpoint holds)
+  LAUNCHER_TEST_SAMPLE_LOG          a mixture's training dataset appends "index source block" to this file
+                                    for every sample a rank reads (the block order of a run)
 
 Torch, transformers and deepspeed are imported inside the functions.
 """
@@ -28,7 +30,8 @@ from launcher.rundir import markers
 FAULT_ENV = "LAUNCHER_TEST_FAULT"
 TEST_DUMP_ENV = "LAUNCHER_TEST_DUMP_FINAL_WEIGHTS"
 TEST_DUMP_START_ENV = "LAUNCHER_TEST_DUMP_START_WEIGHTS"
-TEST_ONLY_ENV = (FAULT_ENV, TEST_DUMP_ENV, TEST_DUMP_START_ENV)
+TEST_SAMPLE_LOG_ENV = "LAUNCHER_TEST_SAMPLE_LOG"
+TEST_ONLY_ENV = (FAULT_ENV, TEST_DUMP_ENV, TEST_DUMP_START_ENV, TEST_SAMPLE_LOG_ENV)
 FAULT_KINDS = ("kill", "oom", "hang", "kill-in-save", "signal", "stall", "gil")
 
 
@@ -205,3 +208,26 @@ def at_end(model: Any) -> None:
     path = os.environ.get(TEST_DUMP_ENV)
     if path:
         dump_weights(model, path)
+
+
+class _LoggedSamples:
+    """A mixture dataset that appends each sample it hands out (index, source, block) to a file."""
+
+    def __init__(self, ds: Any, path: str):
+        self.ds, self.path = ds, path
+        self.schedule = ds.schedule
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, n: int) -> Any:
+        k, j = self.ds.locate(int(n))
+        with open(self.path, "a") as f:
+            f.write(f"{int(n)} {k} {j}\n")
+        return self.ds[n]
+
+
+def logged_samples(ds: Any) -> Any:
+    """`ds` itself, or wrapped to log its samples when LAUNCHER_TEST_SAMPLE_LOG is set (mixtures only)."""
+    path = os.environ.get(TEST_SAMPLE_LOG_ENV)
+    return _LoggedSamples(ds, path) if path and hasattr(ds, "locate") else ds

@@ -84,7 +84,12 @@ CHAIN_VARIANTS: dict[str, tuple[str, str]] = {
     "chain_merge_apptainer": ("merge", "container_apptainer"),
     "chain_eval_gpu_pyxis": ("eval", "container_pyxis"),
     "chain_eval_cpu_setup": ("eval", "cpu_srun_per_rank"),
+    "chain_prep_mixture_array": ("prep", "cpu"),
 }
+# A mixture (data.sources) prepared by a job array of cluster.prep.tasks tasks, each retried.
+MIXTURE = {"data": {"sources": [{"name": "web", "path": "/data/web/*.jsonl", "weight": 0.7},
+                                {"name": "replay", "path": "/data/general", "weight": 0.3}]},
+           "cluster": {"prep": {"tasks": 4, "retries": 2, "cpus": 2}}}
 CHAIN_EXTRA = {"cluster": {"prep": {"partition": "cpu", "cpus": 16, "mem": "64G", "time": "00:30:00"},
                            "hf_home": "/shared/hf"}}
 
@@ -105,6 +110,8 @@ def rendered(name: str) -> str:
         tree = VARIANTS[base]
         if name.endswith(("_hf_home", "_apptainer")):  # prep settings of their own, and the hub cache
             tree = {**tree, "cluster": {**tree["cluster"], **CHAIN_EXTRA["cluster"]}}
+        if name.endswith("_mixture_array"):
+            tree = {**tree, "data": MIXTURE["data"], "cluster": {**tree["cluster"], **MIXTURE["cluster"]}}
         return render_chain_sbatch(spec_of(tree), kind, RUN_DIR, python=PYTHON, array_specs=_sweep_tasks(base))
     in_job_prep = name in IN_JOB_PREP
     base = IN_JOB_PREP.get(name, name)
