@@ -16,8 +16,9 @@ from launcher.data.build import _PretrainTokenize
 from launcher.data.build import prepare as prepare_arrow
 from launcher.data.cache import source_dirs, source_key_inputs, tokenizer_dir
 from launcher.data.check import check_data
-from launcher.data.source import data_files, source_spec
+from launcher.data.source import data_files, source_spec, staged_files
 from launcher.errors import UserError
+from launcher.hubcache import hf_home
 from launcher.model.load import load_tokenizer, load_tokenizer_from
 
 # test-only: a marker file path; the first shard written while it does not exist creates it and SIGKILLs
@@ -50,10 +51,14 @@ def _work(spec: RunSpec, tokenizer: Any) -> tuple[list[Path], list[list[shards.P
     for k, src in enumerate(spec.data.sources):
         one = source_spec(spec, k)
         fmt, files = data_files(one)
-        if fmt == "hub":
-            raise UserError(f"data.sources[{k}] ({src.name}): hub datasets are not read as a mixture source yet; "
-                            f"download it to jsonl/parquet files and point the source's path at them",
-                            field=f"data.sources[{k}].path")
+        if fmt == "hub":  # read from the snapshot `launcher stage` put in the hub cache, never the hub
+            staged = staged_files(one)
+            if staged is None:
+                raise UserError(f"data.sources[{k}] ({src.name}): hub dataset {src.path!r} is not in the hub cache "
+                                f"({hf_home(one)[0]}); preparation reads it offline. Stage it first where the hub "
+                                f"is reachable: launcher stage SPEC (the same spec and flags)",
+                                field=f"data.sources[{k}].path")
+            fmt, files = staged
         check_data(one)
         plans.append(shards.plan_parts(files, fmt, max(1, int(spec.data.shard_mb * (1 << 20)))))
         inputs.append(source_key_inputs(spec, k, tok))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import gzip
 import io
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -92,6 +93,19 @@ def open_text(path: Path) -> io.TextIOBase:
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", encoding="utf-8")  # type: ignore[return-value]
     return open(path, encoding="utf-8", newline="")
+
+
+def staged_files(spec: RunSpec) -> tuple[str, list[Path]] | None:
+    """(format, files) of the spec's hub dataset as `launcher stage` put it in the hub cache: the snapshot's
+    data files whose path names data.split as a word ("data/train-00000-of-00001.parquet", "train.jsonl"),
+    or all of them when none does. None when it was not staged."""
+    snap = staged_dataset(spec)
+    if snap is None:
+        return None
+    fmt, files = data_files(spec.model_copy(update={"data": spec.data.model_copy(update={"path": str(snap),
+                                                                                        "format": "auto"})}))
+    split = [f for f in files if spec.data.split in re.split(r"[-_./]", f.relative_to(snap).as_posix())]
+    return fmt, split or files
 
 
 def staged_dataset(spec: RunSpec) -> Path | None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config.spec import RunSpec
-from launcher.data.source import data_files
+from launcher.data.source import data_files, source_spec
 from launcher.errors import RunFailed, UserError
 from launcher.hubcache import COMMIT, HUB_ID, HubItem, cached_snapshot, hf_home, repo_folder
 from launcher.model.load import WEIGHT_FILES, has_weights
@@ -47,6 +47,9 @@ def hub_items(spec: RunSpec) -> list[HubItem]:
         fmt, _ = data_files(spec)  # UserError for a missing local path
         if fmt == "hub":
             items.append(HubItem("dataset", spec.data.path, None, "data.path"))
+    for k, src in enumerate(spec.data.sources):  # a mixture's sources, each a path or a hub dataset
+        if data_files(source_spec(spec, k))[0] == "hub":
+            items.append(HubItem("dataset", src.path, None, f"data.sources[{k}].path"))
     return items
 
 

@@ -157,3 +157,30 @@ def test_processes_write_the_same_shards_as_one(tmp_path):
     strip = lambda man: [{k: v for k, v in s.items() if k != "part"} for s in man["shards"]]  # noqa: E731
     for a, b in zip(source_dirs(one), source_dirs(two)):
         assert strip(shards.read_manifest(a)) == strip(shards.read_manifest(b))
+
+
+def test_a_staged_hub_dataset_is_a_mixture_source(tmp_path, monkeypatch):
+    """A source whose path is a hub dataset is read offline from the snapshot `launcher stage` left in the hub
+    cache (its train split's files); not staged, it is exit 2 naming the source and the fix. Stage and
+    pre-flight see it as a hub item of its own."""
+    from launcher.plan.prep import estimate_prep
+    from launcher.submit.stage import hub_items
+    from test_stage import fake_dataset
+
+    home = tmp_path / "hf"
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tree = mixture_spec(tmp_path / "d", tmp_path / "cache").to_dict()
+    tree["data"]["sources"][1] = {"name": "hub", "path": "acme/corpus", "weight": 0.3}
+    spec = validate(tree)
+    assert [i.field for i in hub_items(spec)] == ["data.sources[1].path"]
+    with pytest.raises(UserError) as exc:
+        prepare_sources(spec)
+    assert "data.sources[1] (hub)" in str(exc.value) and "launcher stage SPEC" in str(exc.value)
+    assert estimate_prep(spec) is None  # its size is unknown until it is staged
+    assert not any(d.exists() for d in source_dirs(spec)[1:2])
+    fake_dataset(home)  # 40 records in data/train.jsonl of a snapshot
+    assert estimate_prep(spec).tokens > 0
+    rep = prepare_sources(spec)
+    assert rep.complete
+    assert shards.read_manifest(source_dirs(spec)[1])["docs"] == 40
