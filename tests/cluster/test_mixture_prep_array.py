@@ -60,3 +60,16 @@ def test_prep_array_of_4_tasks_over_2_nodes_retries_a_killed_task_then_training_
     assert "step 3/3" in train_log
     final = json.loads((run_dir / "manifest.json").read_text())["final"]
     assert sum(final["tokens_by_source"].values()) == 3 * 2 * 32
+    # status and logs know the array: each prep task on its own line with its log, then the training job
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env, text=True,
+                             capture_output=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+    [run] = json.loads(cli("status", "--json", str(run_dir)))
+    jobs = {j["job_id"]: j for j in run["jobs"]}
+    assert set(jobs) == {f"{prep}_{k}" for k in range(4)} | {train}, jobs.keys()
+    assert {j["kind"] for j in jobs.values()} == {"prep", "train"}
+    assert all(j["state"] == "COMPLETED" and j["logs"] for j in jobs.values()), jobs
+    printed = cli("logs", str(run_dir))
+    assert all(text.strip().splitlines()[-1] in printed for text in logs.values()) and "step 3/3" in printed
