@@ -24,7 +24,7 @@ _HASH_WHOLE = 256 << 20
 _HASH_PART = 16 << 20
 
 
-def _absolute_paths(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+def run_dir_paths(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Paths the ranks will read, made absolute: ranks may start in another working directory."""
     tree = spec.to_dict()
     tree["output"]["dir"] = str(run_dir)
@@ -100,7 +100,7 @@ def create(path: str | Path, spec: RunSpec, *, force: bool = False) -> tuple[Run
     directory holds is touched. A folder launcher did not create keeps its permissions.
     """
     root = check_target(path, force=force)
-    spec = validate(_absolute_paths(spec, root))
+    spec = validate(run_dir_paths(spec, root))
     plan = make_plan(spec)
     data = data_fingerprints(spec)
     rd = RunDir(root)

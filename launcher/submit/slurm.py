@@ -23,7 +23,7 @@ from typing import Any, Callable
 from launcher import outpaths, yamlio
 from launcher.config.resolve import parse_set, with_overrides
 from launcher.cli import REF_ENTRY
-from launcher.config.spec import MERGEABLE_METHODS, RunSpec, reference_mode
+from launcher.config.spec import MERGEABLE_METHODS, RunSpec, reference_mode, validate
 from launcher.data.cache import unprepared_paths
 from launcher.errors import RunFailed, SpecError, UserError
 from launcher.plan.plan import make_plan, settled
@@ -31,7 +31,7 @@ from launcher.render.slurm import render_chain_sbatch, render_sbatch
 from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import CHAIN_SCRIPTS, JOB_SCRIPT, REF_SCRIPT
 from launcher.submit import preflight
-from launcher.submit.rundir import check_target, create
+from launcher.submit.rundir import check_target, create, run_dir_paths
 
 THEN_KINDS = ("merge", "eval")
 _SWEEP_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
@@ -76,7 +76,11 @@ def write_run(spec: RunSpec, out: str | Path, *, force: bool = False, submit: bo
     missing = unprepared(task_specs or [spec])
     # full DPO: the reference log-probs by their own job on the training ranks, after prep and before train (a
     # cache hit when an earlier job computed them); a sweep's tasks compute their own in their training jobs
-    with_ref = not tasks and reference_mode(settled(spec, plan)) == "precomputed"
+    # as the run dir will hold the spec (absolute paths, output.dir): the tiny base is the run dir's own
+    ref_cached = cached_reference(settled(validate(run_dir_paths(spec, run_dir)), plan))
+    with_ref = not tasks and reference_mode(settled(spec, plan)) == "precomputed" and ref_cached is None
+    if ref_cached is not None and not tasks:
+        say(f"reference: log-probs already in the cache ({ref_cached}); no reference job")
     kinds = chain_kinds(prep and bool(missing), then, with_ref=with_ref)
     chain = {k: render_chain(spec, k, run_dir, python, task_specs) for k in kinds if k not in ("train", "ref")}
     if with_ref:
@@ -170,6 +174,21 @@ def check_chain(spec: RunSpec, then: tuple[str, ...] | list[str], sweeps: tuple[
                         "one per task; queue them per task (`launcher merge`/`launcher eval` RUN_DIR/tasks/<i>)")
     if problems:
         raise UserError("; ".join(problems))
+
+
+def cached_reference(spec: RunSpec) -> Path | None:
+    """The cache folder of a full DPO run's reference log-probs when an earlier job completed it here (the
+    key reads the data, tokenizer and reference model files: no torch), else None."""
+    from launcher.data.cache import reference_path
+    from launcher.model.load import model_source
+
+    if reference_mode(spec) != "precomputed":
+        return None
+    try:
+        path = reference_path(spec, model_source(spec), spec.precision.dtype)
+    except (UserError, OSError, ValueError):
+        return None
+    return path if (path / "meta.json").is_file() else None
 
 
 def chain_kinds(with_prep: bool, then: tuple[str, ...] | list[str], *, with_ref: bool = False) -> list[str]:

@@ -39,3 +39,34 @@ def test_no_ref_job_where_the_reference_is_not_precomputed(tmp_path, fake_bin, a
     r = slurm("--out", str(out), "--submit", *args, env=fake_bin.env())
     assert r.exit_code == 0, r.output
     assert [j["kind"] for j in jobs_of(out)] == ["prep", "train"] and not (out / "ref.sbatch").exists()
+
+
+def test_no_ref_job_when_an_earlier_job_cached_the_reference(tmp_path, fake_bin, monkeypatch):  # noqa: F811
+    """The same run submitted again (--force) after its reference log-probs were computed: prep and train only."""
+    import json
+
+    from launcher import assets
+    from launcher.data.cache import reference_path
+    from launcher.model.load import model_source
+    from launcher.plan.plan import make_plan, settled
+    from launcher.rundir.layout import RunDir
+    from launcher.submit.slurm import cached_reference
+
+    monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path / "cache"))
+    env = {**fake_bin.env(), "LAUNCHER_CACHE": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    args = ("--out", str(out), "--task", "dpo", "--method", "full", "--gpus-per-node", "2")
+    assert slurm(*args, env=env).exit_code == 0
+    base = RunDir(out).base
+    base.mkdir()
+    shutil.copy(assets.tiny_dir() / "config.json", base / "config.json")  # what the prep job made
+    spec = RunDir(out).load_spec()
+    spec = settled(spec, make_plan(spec))
+    assert cached_reference(spec) is None
+    ref = reference_path(spec, model_source(spec), spec.precision.dtype)  # what a ref job wrote
+    assert ref.is_relative_to(tmp_path / "cache")
+    ref.mkdir(parents=True)
+    (ref / "meta.json").write_text(json.dumps({"rows": 1}))
+    r = slurm(*args, "--submit", "--force", env=env)
+    assert r.exit_code == 0, r.output
+    assert [j["kind"] for j in jobs_of(out)] == ["prep", "train"] and "no reference job" in r.output
