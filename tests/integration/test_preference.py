@@ -111,3 +111,27 @@ def test_eval_reports_preference_accuracy_and_margin_for_tuned_and_base(one_rank
 def test_eval_of_a_reward_model_is_refused_with_the_way_to_load_it(one_rank, env, launcher):
     proc = launcher(["eval", one_rank[0]["rm"][0]], env, expect=2)
     assert "AutoModelForSequenceClassification" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_dpo_stopped_by_a_signal_resumes_exactly(tmp_path, env, launcher):
+    """DPO with LoRA (fp32, ZeRO-2, 1 rank): stopped by the rank's own SIGUSR1 at step 3 (signal, agree, save,
+    exit 3) and resumed with the command launcher printed, it logs the uninterrupted run's loss, lr and grad norm
+    at every step (full precision) and ends with its weights, bitwise."""
+    import re
+
+    import torch
+
+    from launcher.testing.faults import FAULT_ENV, TEST_DUMP_ENV
+    from test_resume import logged_steps
+
+    base = ["run", "--task", "dpo", "--method", "lora", "--max-steps", "6", "--seq-len", "64", "--precision", "fp32",
+            "--zero", "2", "--nproc", "1", "--set", "optim.lr=3e-3", "--set", "output.log_every=1"]
+    launcher([*base, "--out", tmp_path / "ref"], env, expect=0, **{TEST_DUMP_ENV: str(tmp_path / "ref.pt")})
+    stopped = launcher([*base, "--out", tmp_path / "run"], env, expect=3, **{FAULT_ENV: "signal:rank=0:step=3"})
+    hint = re.search(r"Resume with: launcher (run \S+ --out \S+ --force)", stopped.stderr)
+    assert hint and "ranks agreed to stop at step 3/" in stopped.stdout, stopped.stderr[-3000:]
+    resumed = launcher(hint.group(1).split(), env, expect=0, **{TEST_DUMP_ENV: str(tmp_path / "run.pt")})
+    assert "resuming from" in resumed.stdout and "step 4/6" in resumed.stdout
+    assert logged_steps(tmp_path / "run") == logged_steps(tmp_path / "ref")
+    a, b = (torch.load(tmp_path / f"{n}.pt", map_location="cpu", weights_only=True) for n in ("ref", "run"))
+    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
