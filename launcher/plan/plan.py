@@ -122,7 +122,9 @@ class Plan:
             n = f"{m.total_params():,} parameters" if m.counted else "parameters not counted for this architecture"
             lines.append(f"model        {m.model_type}, hidden {m.hidden_size}, {m.num_layers} layers, {n}")
             lines.append(f"config       {m.describe_origin()}")
-        lines.append(self.host_line())
+        if self.cpus_per_rank or self.mem_per_node or self.device == "cuda":
+            # what each rank gets from the scheduler; a CPU run that asks for nothing has nothing to say
+            lines.append(self.host_line())
         if self.trainable_params is not None:
             lines.append(f"trainable    {self.trainable_params:,} parameters ({self.method})")
         else:
