@@ -168,11 +168,12 @@ def untied_model(tmp_path_factory):
     return d
 
 
-CONFIGS = {  # name: (method, ZeRO stage, tied head)
-    "full-z2-untied": ("full", 2, False),
+# name: (method, ZeRO stage, tied head). Two configs, each value of each axis once (2 minutes of CI less than
+# all four pairings): the hard case, ZeRO-3's gather of a head tied to the embedding, in full; an untied head
+# beside LoRA at ZeRO-2. LoRA at ZeRO-3 with the chunked loss: test_zero3_lora_on_the_head_gathers_once...
+CONFIGS = {
     "full-z3-tied": ("full", 3, True),
-    "lora-z2-tied": ("lora", 2, True),
-    "lora-z3-untied": ("lora", 3, False),
+    "lora-z2-untied": ("lora", 2, False),
 }
 
 
