@@ -74,13 +74,15 @@ def write_run(spec: RunSpec, out: str | Path, *, force: bool = False, submit: bo
         for note in preflight.check(each, slurm=True, ignore_fit=ignore_fit):
             say(f"note: {note}")
     missing = unprepared(task_specs or [spec])
-    # full DPO: the reference log-probs by their own job on the training ranks, after prep and before train (a
-    # cache hit when an earlier job computed them); a sweep's tasks compute their own in their training jobs
-    # as the run dir will hold the spec (absolute paths, output.dir): the tiny base is the run dir's own
-    ref_cached = cached_reference(settled(validate(run_dir_paths(spec, run_dir)), plan))
-    with_ref = not tasks and reference_mode(settled(spec, plan)) == "precomputed" and ref_cached is None
-    if ref_cached is not None and not tasks:
-        say(f"reference: log-probs already in the cache ({ref_cached}); no reference job")
+    # full DPO: the reference log-probs by their own job on the training ranks, after prep and before train,
+    # unless an earlier job cached them; a sweep's tasks compute their own in their training jobs
+    with_ref = not tasks and reference_mode(settled(spec, plan)) == "precomputed"
+    if with_ref:
+        # keyed on the spec as the run dir will hold it (absolute paths, output.dir: the tiny base is its own)
+        ref_cached = cached_reference(settled(validate(run_dir_paths(spec, run_dir)), plan))
+        if ref_cached is not None:
+            with_ref = False
+            say(f"reference: log-probs already in the cache ({ref_cached}); no reference job")
     kinds = chain_kinds(prep and bool(missing), then, with_ref=with_ref)
     chain = {k: render_chain(spec, k, run_dir, python, task_specs) for k in kinds if k not in ("train", "ref")}
     if with_ref:
@@ -177,13 +179,11 @@ def check_chain(spec: RunSpec, then: tuple[str, ...] | list[str], sweeps: tuple[
 
 
 def cached_reference(spec: RunSpec) -> Path | None:
-    """The cache folder of a full DPO run's reference log-probs when an earlier job completed it here (the
-    key reads the data, tokenizer and reference model files: no torch), else None."""
+    """The cache folder of a full DPO run's reference log-probs (reference_mode precomputed) when an earlier
+    job completed it here (the key reads the data, tokenizer and reference model files: no torch), else None."""
     from launcher.data.cache import reference_path
     from launcher.model.load import model_source
 
-    if reference_mode(spec) != "precomputed":
-        return None
     try:
         path = reference_path(spec, model_source(spec), spec.precision.dtype)
     except (UserError, OSError, ValueError):
