@@ -16,7 +16,7 @@ from launcher.data.build import _PretrainTokenize
 from launcher.data.build import prepare as prepare_arrow
 from launcher.data.cache import source_dirs, source_key_inputs, tokenizer_dir
 from launcher.data.check import check_data
-from launcher.data.source import data_files, source_spec, staged_files
+from launcher.data.source import readable_files, source_spec
 from launcher.errors import UserError
 from launcher.hubcache import hf_home
 from launcher.model.load import load_tokenizer, load_tokenizer_from
@@ -50,15 +50,13 @@ def _work(spec: RunSpec, tokenizer: Any) -> tuple[list[Path], list[list[shards.P
     plans, inputs = [], []
     for k, src in enumerate(spec.data.sources):
         one = source_spec(spec, k)
-        fmt, files = data_files(one)
-        if fmt == "hub":  # read from the snapshot `launcher stage` put in the hub cache, never the hub
-            staged = staged_files(one)
-            if staged is None:
-                raise UserError(f"data.sources[{k}] ({src.name}): hub dataset {src.path!r} is not in the hub cache "
-                                f"({hf_home(one)[0]}); preparation reads it offline. Stage it first where the hub "
-                                f"is reachable: launcher stage SPEC (the same spec and flags)",
-                                field=f"data.sources[{k}].path")
-            fmt, files = staged
+        found = readable_files(one)  # a hub dataset: the snapshot `launcher stage` put in the hub cache
+        if found is None:
+            raise UserError(f"data.sources[{k}] ({src.name}): hub dataset {src.path!r} is not in the hub cache "
+                            f"({hf_home(one)[0]}); preparation reads it offline. Stage it first where the hub "
+                            f"is reachable: launcher stage SPEC (the same spec and flags)",
+                            field=f"data.sources[{k}].path")
+        fmt, files = found
         check_data(one)
         plans.append(shards.plan_parts(files, fmt, max(1, int(spec.data.shard_mb * (1 << 20)))))
         inputs.append(source_key_inputs(spec, k, tok))

@@ -108,6 +108,13 @@ def staged_files(spec: RunSpec) -> tuple[str, list[Path]] | None:
     return fmt, split or files
 
 
+def readable_files(spec: RunSpec) -> tuple[str, list[Path]] | None:
+    """(format, files) to read the spec's data from here: its local files, or a hub dataset's staged snapshot
+    (staged_files); None for a hub dataset that was not staged."""
+    fmt, files = data_files(spec)
+    return staged_files(spec) if fmt == "hub" else (fmt, files)
+
+
 def staged_dataset(spec: RunSpec) -> Path | None:
     """The snapshot folder of the spec's hub dataset in the hub cache (cluster.hf_home, $HF_HOME or the
     default), or None when it is not a hub dataset or was not staged."""

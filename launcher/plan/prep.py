@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from launcher.data.cache import source_dirs
 from launcher.data.shards import read_manifest
-from launcher.data.source import data_files, source_spec, staged_files
+from launcher.data.source import readable_files, source_spec
 from launcher.errors import UserError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,13 +44,10 @@ def estimate_prep(spec: RunSpec) -> PrepEstimate | None:
                 tokens += int(man["tokens"])
                 continue
             measured = False
-            one = source_spec(spec, k)
-            fmt, files = data_files(one)
-            if fmt == "hub":  # its size is known once staged
-                staged = staged_files(one)
-                if staged is None:
-                    return None
-                files = staged[1]
+            found = readable_files(source_spec(spec, k))
+            if found is None:  # a hub dataset not staged here: its size is unknown
+                return None
+            files = found[1]
             tokens += int(sum(f.stat().st_size for f in files) / BYTES_PER_TOKEN)
     except (UserError, OSError, ValueError):  # a source not readable here: no estimate, not a failure
         return None
