@@ -119,10 +119,8 @@ def test_dpo_stopped_by_a_signal_resumes_exactly(tmp_path, env, launcher):
     at every step (full precision) and ends with its weights, bitwise."""
     import re
 
-    import torch
-
     from launcher.testing.faults import FAULT_ENV, TEST_DUMP_ENV
-    from test_resume import logged_steps
+    from test_resume import assert_same_weights, load, logged_steps
 
     base = ["run", "--task", "dpo", "--method", "lora", "--max-steps", "6", "--seq-len", "64", "--precision", "fp32",
             "--zero", "2", "--nproc", "1", "--set", "optim.lr=3e-3", "--set", "output.log_every=1"]
@@ -133,5 +131,4 @@ def test_dpo_stopped_by_a_signal_resumes_exactly(tmp_path, env, launcher):
     resumed = launcher(hint.group(1).split(), env, expect=0, **{TEST_DUMP_ENV: str(tmp_path / "run.pt")})
     assert "resuming from" in resumed.stdout and "step 4/6" in resumed.stdout
     assert logged_steps(tmp_path / "run") == logged_steps(tmp_path / "ref")
-    a, b = (torch.load(tmp_path / f"{n}.pt", map_location="cpu", weights_only=True) for n in ("ref", "run"))
-    assert a.keys() == b.keys() and a and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_weights(load(tmp_path / "ref.pt"), load(tmp_path / "run.pt"))  # bitwise
