@@ -1,7 +1,8 @@
 """`launcher doctor`: the environment on each node, as a job sees it, before a real job finds out.
 
 One task per node (`srun --nodes=N --ntasks-per-node=1`) runs the probe of this module,
-`python -m launcher.ops.doctor probe OUT_DIR --id ID ...`, which prints one JSON line: hostname, Python and
+`python -m launcher.ops.doctor probe OUT_DIR --id ID ...`, which prints one JSON record (in short numbered
+lines, record_lines): hostname, Python and
 package versions, torch/CUDA/NCCL versions, whether flash_attn imports and bitsandbytes' CUDA library loads
 with this torch, whether DeepSpeed can compile its CPU Adam (optimizer offload), the GPUs, free disk under the
 output dir, whether that dir is shared (each node writes a token file there and reads the others'), and the
@@ -35,7 +36,12 @@ from launcher import requirements
 from launcher.requirements import first_line, flash_attn_import_error
 from launcher.rundir import manifest as manifest_file
 
-PREFIX = "LAUNCHER-DOCTOR "  # the probe's result line; anything else a node prints is ignored
+PREFIX = "LAUNCHER-DOCTOR "  # the probe's result lines; anything else a node prints is ignored
+# srun forwards a task's output in messages of at most 1024 bytes: a longer line from one node can be cut
+# and interleaved with another node's (seen on the lab cluster). The record goes out in numbered pieces,
+# each line well under that.
+PIECE = 800
+PIECE_LINE = re.compile(r"(?P<key>\S+) (?P<i>\d+)/(?P<n>\d+) (?P<piece>.*)$")
 PACKAGES = ("launcher", "torch", "deepspeed", "transformers", "peft", "accelerate", "bitsandbytes", "datasets",
             "huggingface_hub", "flash_attn")
 TOKEN_DIR = ".launcher-doctor-{id}"
@@ -258,16 +264,25 @@ def probe(out_dir: str | os.PathLike[str], run_id: str, expect: int = 1, wait_s:
 def _main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m launcher.ops.doctor")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("probe", help="probe this node and print one JSON line")
+    p = sub.add_parser("probe", help="probe this node and print its JSON record")
     p.add_argument("out", metavar="OUT_DIR", help="output dir whose free disk and sharing are checked")
     p.add_argument("--id", required=True, help="this doctor run's id (names the token folder)")
     p.add_argument("--expect", type=int, default=1, help="how many nodes take part")
     p.add_argument("--wait", type=float, default=60, help="seconds to wait for the other nodes' tokens")
     args = ap.parse_args(argv)
     rec = probe(args.out, args.id, args.expect, args.wait)
-    sys.stdout.write(PREFIX + json.dumps(rec, default=str) + "\n")
+    sys.stdout.write("".join(record_lines(rec)))
     sys.stdout.flush()
     return 0
+
+
+def record_lines(rec: dict[str, Any]) -> list[str]:
+    """The probe's record as lines `PREFIX KEY I/N PIECE`: the JSON text (ASCII) in pieces of PIECE bytes, KEY
+    naming this task (node index, host and pid), so that parse_lines joins each node's pieces whatever srun interleaved."""
+    text = json.dumps(rec, default=str)  # ensure_ascii: one byte per character
+    key = f"{rec.get('index', 0)}:{socket.gethostname()}:{os.getpid()}"
+    pieces = [text[i:i + PIECE] for i in range(0, len(text), PIECE)] or [""]
+    return [f"{PREFIX}{key} {n + 1}/{len(pieces)} {piece}\n" for n, piece in enumerate(pieces)]
 
 
 # =========================================================================== the command (on the submit host)
@@ -318,19 +333,28 @@ def srun_command(t: Target, out_dir: Path, run_id: str, python: str = sys.execut
 
 
 def parse_lines(text: str) -> list[dict[str, Any]]:
-    """The probe's result lines in `text` (srun's merged output), one dict per node, by node index."""
-    out = []
+    """The probe's records in `text` (srun's merged output, record_lines' pieces in any order among other
+    lines), one dict per node that sent every piece, by node index."""
+    pieces: dict[str, dict[int, str]] = {}
+    counts: dict[str, int] = {}
     for line in text.splitlines():
         i = line.find(PREFIX)
-        if i < 0:
-            continue
+        m = PIECE_LINE.match(line[i + len(PREFIX):]) if i >= 0 else None
+        if m:
+            pieces.setdefault(m["key"], {})[int(m["i"])] = m["piece"]
+            counts[m["key"]] = int(m["n"])
+    out = []
+    for key, got in pieces.items():
+        if sorted(got) != list(range(1, counts[key] + 1)):
+            continue  # a node cut off mid-record: it did not answer
         try:
-            rec = json.loads(line[i + len(PREFIX):])
+            rec = json.loads("".join(got[n] for n in sorted(got)))
         except ValueError:
             continue
         if isinstance(rec, dict):
             out.append(rec)
     return sorted(out, key=lambda r: (int(r.get("index", 0) or 0), str(r.get("node"))))
+
 
 
 @dataclass

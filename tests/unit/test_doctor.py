@@ -101,8 +101,23 @@ def test_different_interfaces_are_a_note_with_the_comma_list():
 
 def test_probe_lines_are_found_among_other_output():
     a, b = node("n0", 0), node("n1", 1)
-    text = f"warning: kernels missing\n1: {doctor.PREFIX}{json.dumps(b)}\n0: {doctor.PREFIX}{json.dumps(a)}\nnoise"
+    text = f"warning: kernels missing\n1: {''.join(doctor.record_lines(b))}0: {''.join(doctor.record_lines(a))}noise"
     assert [r["node"] for r in doctor.parse_lines(text)] == ["n0", "n1"]
+
+
+def test_long_records_cut_into_pieces_come_back_whole_whatever_the_interleaving():
+    """srun forwards output in messages of at most 1024 bytes, so a longer line from one node can be cut and
+    interleaved with another's (seen on the lab cluster: "2 of 2 node(s) did not answer"). Each record goes out
+    in short numbered lines; pieces in any order, among other nodes' pieces and noise, join up again; a node
+    whose pieces did not all arrive did not answer."""
+    a, b = node("n0", 0), node("n1", 1)
+    for rec in (a, b):
+        rec["notes"] = "x" * 3000  # several pieces each
+    la, lb = doctor.record_lines(a), doctor.record_lines(b)
+    assert len(la) >= 4 and all(len(x.encode()) < 1024 for x in la + lb)
+    mixed = [x for pair in zip(reversed(lb), la) for x in pair] + la[len(lb):] + ["srun: warning\n"]
+    assert doctor.parse_lines("".join(mixed)) == [a, b]
+    assert doctor.parse_lines("".join(la[:-1] + lb)) == [b]  # n0's last piece never came
 
 
 def test_probe_on_this_machine_and_the_token_it_leaves(tmp_path):
