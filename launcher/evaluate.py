@@ -14,9 +14,13 @@ reference set it has forgotten some of what the base knew. For SFT-shaped sets, 
 greedy completion of a sample of prompts with their reference responses.
 
 Preference sets (a preference run's held-out split, a --data file of {prompt, chosen, rejected} records): for
-each model, the log-probability it gives each response after its prompt (summed over the response's tokens);
-pref_accuracy = the share of pairs whose chosen response gets the higher one, reward_margin = the mean of
-log p(chosen) - log p(rejected). DPO's implicit reward margin is beta x (tuned margin - base margin).
+each model, the log-probability it gives each response after its prompt (summed over the response's tokens).
+A response's log-ratio is log p_model - log p_base, DPO's implicit reward over beta. pref_accuracy = the share
+of pairs whose chosen log-ratio beats the rejected one; reward_margin = the mean of beta x (chosen log-ratio -
+rejected log-ratio), beta the run's pref.beta (TRL's rewards/accuracies and rewards/margins). For the base
+itself both log-ratios are 0: pref_accuracy 0 and reward_margin 0 by definition. What each model prefers on
+its own: logp_accuracy = the share of pairs whose chosen response gets the higher log-probability,
+logp_margin = the mean of log p(chosen) - log p(rejected), nats.
 
 Runs in one process on CPU or one GPU; no DeepSpeed. Heavy libraries are imported inside functions.
 """
@@ -298,7 +302,8 @@ def _response_ids(tokenizer: Any, prompt: Any, response: Any, seq_len: int) -> t
 
 
 def preference_on(model: Any, s: EvalSet, tokenizer: Any, device: str) -> dict[str, Any]:
-    """pref_accuracy and reward_margin of `model` on a set of {prompt, chosen, rejected} rows (module docstring)."""
+    """logp_accuracy and logp_margin of `model` on a set of {prompt, chosen, rejected} rows, and each pair's
+    log-probabilities (chosen, rejected), from which preference_scores takes the log-ratios (module docstring)."""
     import torch
 
     if "chosen" not in s.rows.column_names:
@@ -314,15 +319,27 @@ def preference_on(model: Any, s: EvalSet, tokenizer: Any, device: str) -> dict[s
         lp = torch.log_softmax(logits, dim=-1).gather(1, x[0, 1:, None])[:, 0]
         return float(lp[start - 1:].sum()) if start > 0 else float(lp.sum())
 
-    margins = []
+    logps = []
     for row in s.rows:
         c = logp(*_response_ids(tokenizer, row["prompt"], row["chosen"], s.spec.data.seq_len))
         r = logp(*_response_ids(tokenizer, row["prompt"], row["rejected"], s.spec.data.seq_len))
-        margins.append(c - r)
-    if not margins:
+        logps.append((c, r))
+    if not logps:
         raise UserError(f"{s.name} ({s.source}): no pairs to evaluate")
-    return {"pref_accuracy": sum(m > 0 for m in margins) / len(margins),
-            "reward_margin": sum(margins) / len(margins), "pairs": len(margins), "margins": margins}
+    return {"logp_accuracy": sum(c > r for c, r in logps) / len(logps),
+            "logp_margin": sum(c - r for c, r in logps) / len(logps), "pairs": len(logps), "logps": logps}
+
+
+def preference_scores(tuned: list[tuple[float, float]], base: list[tuple[float, float]] | None,
+                      beta: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """pref_accuracy and reward_margin of the tuned model and of the base (module docstring), from each pair's
+    (chosen, rejected) log-probabilities under each. Without a base there is no log-ratio: None."""
+    if base is None:
+        return {"pref_accuracy": None, "reward_margin": None}, {}
+    ratios = [(tc - bc) - (tr - br) for (tc, tr), (bc, br) in zip(tuned, base)]
+    return ({"pref_accuracy": sum(m > 0 for m in ratios) / len(ratios),
+             "reward_margin": beta * sum(ratios) / len(ratios)},
+            {"pref_accuracy": 0.0, "reward_margin": 0.0})
 
 
 def sft_samples(s: EvalSet, n: int) -> list[tuple[list[int], list[int]]]:
@@ -407,14 +424,12 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
         r = results[s.name]
         tuned, based = r["tuned"], r.get("base")
         if s.spec.task in PREFERENCE_TASKS:
-            tm, bm = tuned.pop("margins"), based.pop("margins") if based else None
-            pref = {"name": s.name, "kind": s.kind, "source": s.source, "task": s.spec.task,
-                    "held_out": s.held_out, "rows": tuned["pairs"], "tokens": None, "tuned": tuned,
-                    "base": based, "delta_loss": None, **({"note": s.note} if s.note else {})}
-            if bm is not None:
-                # the chosen log-ratio log(tuned/base) beats the rejected one: DPO's implicit reward accuracy
-                pref["implicit_reward_accuracy"] = sum(a > b for a, b in zip(tm, bm)) / len(tm)
-            out_sets.append(pref)
+            tl, bl = tuned.pop("logps"), based.pop("logps") if based else None
+            t_scores, b_scores = preference_scores(tl, bl, s.spec.pref.beta)
+            out_sets.append({"name": s.name, "kind": s.kind, "source": s.source, "task": s.spec.task,
+                             "held_out": s.held_out, "rows": tuned["pairs"], "tokens": None, "beta": s.spec.pref.beta,
+                             "tuned": {**t_scores, **tuned}, "base": {**b_scores, **based} if based else None,
+                             "delta_loss": None, **({"note": s.note} if s.note else {})})
             continue
         entry: dict[str, Any] = {
             "name": s.name, "kind": s.kind, "source": s.source, "task": s.spec.task, "held_out": s.held_out,
@@ -498,10 +513,12 @@ def format_table(res: dict[str, Any]) -> str:
         if "pref_accuracy" in e["tuned"]:
             b = e["base"] or {}
             lines.append(f"preference on {e['name']} ({e['rows']} pairs): pref_accuracy tuned "
-                         f"{f(e['tuned']['pref_accuracy'], '.3f')}, base {f(b.get('pref_accuracy'), '.3f')}; "
-                         f"reward_margin tuned {f(e['tuned']['reward_margin'], '+.3f')}, base "
-                         f"{f(b.get('reward_margin'), '+.3f')} (log p(chosen) - log p(rejected), nats); implicit reward "
-                         f"accuracy {f(e.get('implicit_reward_accuracy'), '.3f')} (log tuned/base: chosen over rejected)")
+                         f"{f(e['tuned']['pref_accuracy'], '.3f')}, base {f(b.get('pref_accuracy'), '.3f')} (chosen's "
+                         f"log-ratio to the base beats rejected's); reward_margin tuned "
+                         f"{f(e['tuned']['reward_margin'], '+.3f')}, base {f(b.get('reward_margin'), '+.3f')} (beta "
+                         f"{e['beta']:g} x the log-ratio margin); logp_accuracy tuned "
+                         f"{f(e['tuned']['logp_accuracy'], '.3f')}, base {f(b.get('logp_accuracy'), '.3f')} (log "
+                         f"p(chosen) > log p(rejected))")
         em = e.get("exact_match")
         if em:
             lines.append(f"exact match on {e['name']} ({em['samples']} greedy completions): "

@@ -102,9 +102,13 @@ def test_eval_reports_preference_accuracy_and_margin_for_tuned_and_base(one_rank
     assert set(sets) == {"training data", "pairs.jsonl"}  # the run has no held-out split: its rows, marked seen
     for s in sets.values():
         for who in ("tuned", "base"):
-            assert 0.0 <= s[who]["pref_accuracy"] <= 1.0 and isinstance(s[who]["reward_margin"], float)
-        assert s["tuned"]["reward_margin"] != s["base"]["reward_margin"]  # the adapter changed the log-probs
-        assert 0.0 <= s["implicit_reward_accuracy"] <= 1.0
+            assert 0.0 <= s[who]["logp_accuracy"] <= 1.0 and isinstance(s[who]["logp_margin"], float)
+        assert s["tuned"]["logp_margin"] != s["base"]["logp_margin"]  # the adapter changed the log-probs
+        assert s["base"]["pref_accuracy"] == 0.0 and s["base"]["reward_margin"] == 0.0  # the base against itself
+        assert 0.0 <= s["tuned"]["pref_accuracy"] <= 1.0
+        # the mean log-ratio margin is the difference of the two models' own mean margins
+        assert s["tuned"]["reward_margin"] == pytest.approx(
+            s["beta"] * (s["tuned"]["logp_margin"] - s["base"]["logp_margin"]), rel=1e-9, abs=1e-12)
     assert sets["pairs.jsonl"]["rows"] == 2 and sets["training data"]["rows"] == 8
 
 

@@ -51,3 +51,15 @@ def test_pair_activations_are_those_of_twice_the_micro_batch():
     dpo = memory.peak(p.model, s_dpo, p.setup(), params, 1, p.seq_len)
     sft2 = memory.peak(p.model, s_sft, p.setup(), params, 2, p.seq_len)
     assert dpo.saved == sft2.saved and dpo.logits == sft2.logits
+
+
+def test_preference_scores_are_dpo_reward_accuracy_and_margin_against_the_base():
+    """By hand: pair 1's chosen log-ratio (-1 - -3 = 2) beats its rejected one (-2 - -2 = 0); pair 2's does not
+    (-5 - -4 = -1 against -1 - -3 = 2). Margins 2 and -3, times beta 0.5: mean -0.25. The base against itself:
+    0 and 0."""
+    from launcher.evaluate import preference_scores
+
+    tuned, base = [(-1.0, -2.0), (-5.0, -1.0)], [(-3.0, -2.0), (-4.0, -3.0)]
+    t, b = preference_scores(tuned, base, beta=0.5)
+    assert t == {"pref_accuracy": 0.5, "reward_margin": -0.25} and b == {"pref_accuracy": 0.0, "reward_margin": 0.0}
+    assert preference_scores(tuned, None, beta=0.5) == ({"pref_accuracy": None, "reward_margin": None}, {})
