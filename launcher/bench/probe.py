@@ -30,10 +30,11 @@ from launcher.rundir.layout import RunDir
 
 # =========================================================================== on the ranks
 
-def tensor_bytes(module: Any, optimizer: Any) -> dict[str, int]:
+def tensor_bytes(module: Any, optimizer: Any, reference: Any = None) -> dict[str, int]:
     """Bytes of the distinct tensor storages the model and its optimizer hold: parameters (ZeRO-3
     partitions, 4-bit quantization state included), gradients, buffers, and whatever the optimizer
-    object graph keeps (fp32 master partitions, Adam moments, gradient partitions and buckets)."""
+    object graph keeps (fp32 master partitions, Adam moments, gradient partitions and buckets); and a
+    preference trainer's in-memory reference model (`reference`: its parameters and buffers)."""
     import torch
 
     seen: set[tuple[str, int]] = set()
@@ -80,7 +81,13 @@ def tensor_bytes(module: Any, optimizer: Any) -> dict[str, int]:
     for b in module.buffers():
         weights += add(b)
     opt = walk(optimizer) if optimizer is not None else 0
-    return {"weights": weights, "gradients": grads, "optimizer": opt, "total": weights + grads + opt}
+    ref = 0
+    if reference is not None:
+        reference = getattr(reference, "module", reference)  # TRL wraps it in a DeepSpeed engine at ZeRO-3
+        for t in [*reference.parameters(), *reference.buffers()]:
+            ref += add(getattr(t, "ds_tensor", None)) + add(t.data)
+    return {"weights": weights, "gradients": grads, "optimizer": opt, "reference": ref,
+            "total": weights + grads + opt + ref}
 
 
 def make_probe() -> Any:
@@ -116,7 +123,8 @@ def make_probe() -> Any:
                 return None
             engine = getattr(tr, "deepspeed", None)
             module = engine.module if engine is not None else tr.model
-            return tensor_bytes(module, engine.optimizer if engine is not None else tr.optimizer)
+            return tensor_bytes(module, engine.optimizer if engine is not None else tr.optimizer,
+                                getattr(tr, "ref_model", None))
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             # The last step (after the timed window): gradients, master weights and the optimizer's

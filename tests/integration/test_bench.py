@@ -131,6 +131,29 @@ def test_estimator_memory_error_is_reported_against_the_engines_tensor_bytes(run
     assert -0.25 < ours["full"]["mem_error"] < 0 and abs(ours["lora"]["mem_error"]) < 0.10
 
 
+def test_dpo_rows_count_both_sequences_and_precomputed_log_probs_hold_no_reference_copy(tmp_path, env):
+    """Full DPO on the embedded pairs, benched twice: with the reference log-probs precomputed (the default)
+    and with TRL's in-memory reference. Each row counts a pair's two sequences in its tokens (so tokens/s
+    and $ per 1M tokens do); the in-memory run's trainer holds a whole second copy of the weights, the
+    precomputed one none: their measured tensor bytes differ by the tiny model's fp32 weights (an
+    independent count: its parameters x 4 bytes, plus the rotary buffer), and the estimator says the same."""
+    rows = {}
+    for ref in ("precomputed", "in_memory"):
+        out = tmp_path / ref
+        ok(launcher(["bench", "--task", "dpo", "--model", "tiny", "--gpus-per-node", "0", "--nproc", "1",
+                     "--method", "full", "--zero", "2", "--precision", "fp32", "--seq-len", "64", "--micro-batch", "2",
+                     "--steps", "2", "--warmup", "1", "--usd-per-device-hour", str(PRICE), "--set",
+                     f"pref.reference={ref}", "--out", out], env))
+        [rows[ref]] = report.read_results(out / report.RESULTS_JSONL)
+    for r in rows.values():
+        assert r["error"] is None and r["tokens_per_step"] == 2 * 2 * 64  # micro batch x (chosen, rejected) x seq
+        assert r["step_time_s"] == pytest.approx(r["tokens_per_step"] / r["tokens_per_s"])
+        assert r["usd_per_mtok"] == pytest.approx(PRICE / 3600 / r["tokens_per_s"] * 1e6, rel=1e-12)
+    held = rows["in_memory"]["engine_tensor_bytes"] - rows["precomputed"]["engine_tensor_bytes"]
+    assert 4 * TINY_PARAMS <= held <= 4 * TINY_PARAMS + 4096, held
+    assert rows["in_memory"]["est_mem_bytes"] - rows["precomputed"]["est_mem_bytes"] == 4 * TINY_PARAMS
+
+
 def test_collect_merges_two_result_dirs(run, tmp_path, env):
     out, _, rows = run
     other = tmp_path / "b"
