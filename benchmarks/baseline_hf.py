@@ -12,6 +12,11 @@ QLoRA with `BitsAndBytesConfig(load_in_4bit=True)` + `prepare_model_for_kbit_tra
 for LoRA), the Trainer's default optimizer (transformers 5.23: `adamw_torch_fused`, on GPU and CPU alike),
 the same gradient-checkpointing setting.
 
+`--task dpo` is the script a user writes from TRL's docs instead: `load_dataset("json")` of {prompt, chosen,
+rejected} records, `DPOConfig` (the same batch, precision, lr, steps, beta, `max_length` = --seq-len) and
+`DPOTrainer` on the model, LoRA through `peft_config` (the reference is the adapter-disabled base) and, for
+full fine-tuning, TRL's default reference: a frozen copy of the model in memory.
+
 The measuring part at the end (marked) is launcher's own probe, the very callback its ranks use,
 so both sides are timed alike: device synchronized at each step's end, warm-up steps left out. It
 writes one JSON row with the bench's measured columns (tokens/s, step time, peak memory, ...) and
@@ -39,6 +44,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
     ap.add_argument("--warmup", type=int, default=3, help="optimizer steps before the timed ones")
+    ap.add_argument("--task", choices=["lm", "dpo"], default="lm",
+                    help="lm: causal language modelling (the Trainer); dpo: TRL's DPOTrainer on preference pairs")
+    ap.add_argument("--beta", type=float, default=0.1, help="dpo: DPO's beta")
+    ap.add_argument("--pair-fields", default="prompt,chosen,rejected",
+                    help="dpo: the records' prompt, chosen and rejected field names")
     ap.add_argument("--method", choices=["full", "lora", "qlora"], default="full")
     ap.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--attn", default="sdpa")
@@ -60,11 +70,75 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------- the user's script
 
-def build_trainer(a: argparse.Namespace):
+def load_model(a: argparse.Namespace):
+    """The model as the docs load it: sdpa; fp32 weights for full fine-tuning (mixed precision autocasts),
+    the frozen base in the compute dtype for LoRA, 4-bit for QLoRA (prepared for k-bit training)."""
     import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    on_gpu = torch.cuda.is_available()
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.precision]
+    kwargs = dict(attn_implementation=a.attn)
+    if a.method == "full":
+        kwargs["dtype"] = torch.float32  # mixed precision keeps fp32 weights; autocast computes in bf16
+    else:
+        kwargs["dtype"] = compute  # the frozen base in the compute dtype
+    if a.method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=a.quant_type, bnb_4bit_use_double_quant=a.double_quant,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": 0} if on_gpu else {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(a.model, **kwargs)
+    model.config.use_cache = False
+    if a.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=a.grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora_config(a: argparse.Namespace):
+    from peft import LoraConfig
+
+    targets = a.lora_targets if a.lora_targets == "all-linear" else a.lora_targets.split(",")
+    return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout, target_modules=targets,
+                      bias="none", task_type="CAUSAL_LM")
+
+
+def common_arguments(a: argparse.Namespace, names: set[str]) -> dict:
+    """The Trainer's arguments both scripts set alike; `names`: the config class's fields."""
+    import torch
+
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return dict(
+        output_dir=a.output_dir,
+        per_device_train_batch_size=a.micro_batch,
+        gradient_accumulation_steps=a.grad_accum,
+        max_steps=a.warmup + a.steps + 1,
+        learning_rate=a.lr,
+        weight_decay=a.weight_decay,
+        max_grad_norm=a.max_grad_norm,
+        bf16=a.precision == "bf16",
+        fp16=a.precision == "fp16",
+        # no `optim`: the Trainer's default, what a user gets (adamw_torch_fused in transformers 5.23, CPU too;
+        # torch's foreach AdamW, which older baselines named on CPU, is ~60x slower there per step)
+        use_cpu=not torch.cuda.is_available(),
+        seed=a.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **{ckpt: a.grad_ckpt, f"{ckpt}_kwargs": {"use_reentrant": False}},
+    )
+
+
+def build_trainer(a: argparse.Namespace):
+    if a.task == "dpo":
+        return build_dpo_trainer(a)
     from datasets import load_dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments,
-                              default_data_collator)
+    from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     if a.data_format == "hub":
@@ -87,56 +161,30 @@ def build_trainer(a: argparse.Namespace):
     tokenized = raw.map(tokenize, batched=True, remove_columns=raw.column_names)
     train_ds = tokenized.map(group_texts, batched=True, batch_size=len(tokenized))
 
-    on_gpu = torch.cuda.is_available()
-    compute = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.precision]
-    kwargs = dict(attn_implementation=a.attn)
-    if a.method == "full":
-        kwargs["dtype"] = torch.float32  # mixed precision keeps fp32 weights; autocast computes in bf16
-    else:
-        kwargs["dtype"] = compute  # the frozen base in the compute dtype
-    if a.method == "qlora":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=a.quant_type, bnb_4bit_use_double_quant=a.double_quant,
-            bnb_4bit_compute_dtype=compute)
-        kwargs["device_map"] = {"": 0} if on_gpu else {"": "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(a.model, **kwargs)
-    model.config.use_cache = False
-
+    model = load_model(a)
     if a.method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model
 
-        if a.method == "qlora":
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=a.grad_ckpt,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
-        targets = a.lora_targets if a.lora_targets == "all-linear" else a.lora_targets.split(",")
-        model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                                                 target_modules=targets, bias="none", task_type="CAUSAL_LM"))
-
-    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-    args = TrainingArguments(
-        output_dir=a.output_dir,
-        per_device_train_batch_size=a.micro_batch,
-        gradient_accumulation_steps=a.grad_accum,
-        max_steps=a.warmup + a.steps + 1,
-        learning_rate=a.lr,
-        weight_decay=a.weight_decay,
-        max_grad_norm=a.max_grad_norm,
-        bf16=a.precision == "bf16",
-        fp16=a.precision == "fp16",
-        # no `optim`: the Trainer's default, what a user gets (adamw_torch_fused in transformers 5.23, CPU too;
-        # torch's foreach AdamW, which older baselines named on CPU, is ~60x slower there per step)
-        use_cpu=not on_gpu,
-        seed=a.seed,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        **{ckpt: a.grad_ckpt, f"{ckpt}_kwargs": {"use_reentrant": False}},
-    )
+        model = get_peft_model(model, lora_config(a))
+    args = TrainingArguments(**common_arguments(a, {f.name for f in dataclasses.fields(TrainingArguments)}))
     return Trainer(model=model, args=args, train_dataset=train_ds, data_collator=default_data_collator)
+
+
+def build_dpo_trainer(a: argparse.Namespace):
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    fmt = "json" if a.data_format == "text" else a.data_format
+    raw = load_dataset(a.data[0], split="train") if fmt == "hub" else load_dataset(fmt, data_files=a.data, split="train")
+    names = dict(zip(a.pair_fields.split(","), ("prompt", "chosen", "rejected")))
+    raw = raw.rename_columns({k: v for k, v in names.items() if k != v})
+    # TRL's configs turn gradient checkpointing on by default: the same setting as launcher's run instead
+    args = DPOConfig(**common_arguments(a, {f.name for f in dataclasses.fields(DPOConfig)}), beta=a.beta,
+                     max_length=a.seq_len, gradient_checkpointing=a.grad_ckpt)
+    return DPOTrainer(model=load_model(a), args=args, train_dataset=raw, processing_class=tokenizer,
+                      peft_config=lora_config(a) if a.method in ("lora", "qlora") else None)
 
 
 # --------------------------------------------------------------------------- measuring (not the user's)
@@ -161,8 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         oom = isinstance(exc, torch.OutOfMemoryError)
         record["error"] = ("out of memory: " if oom else f"{type(exc).__name__}: ") + str(exc)[:500]
         record["oom"] = oom
-    tokens_per_step = a.micro_batch * a.grad_accum * a.seq_len
-    row = {"kind": "baseline", "method": a.method, "precision": a.precision, "grad_ckpt": a.grad_ckpt,
+    # a pair is two sequences (chosen, rejected), as launcher's plan counts them
+    tokens_per_step = a.micro_batch * a.grad_accum * a.seq_len * (2 if a.task == "dpo" else 1)
+    row = {"kind": "baseline", "task": a.task, "method": a.method, "precision": a.precision, "grad_ckpt": a.grad_ckpt,
            "attn": a.attn, "micro_batch": a.micro_batch, "seq_len": a.seq_len, "steps": a.steps, "warmup": a.warmup,
            **measured_columns([record], tokens_per_step, a.warmup, a.steps), "record": record}
     text = json.dumps(row)

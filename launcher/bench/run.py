@@ -18,7 +18,7 @@ from launcher import assets
 from launcher.bench.matrix import Options, Setup, baseline_key, baseline_label, baseline_setups, bench_spec
 from launcher.bench.report import RESULTS_JSONL, error_row, finish, make_row, read_results, write_meta
 from launcher.config.resolve import resolve
-from launcher.config.spec import RunSpec
+from launcher.config.spec import PREFERENCE_TASKS, RunSpec
 from launcher.data.check import check_data
 from launcher.data.source import data_files, datasets_builder
 from launcher.errors import SpecError, UserError
@@ -97,6 +97,10 @@ def baseline_command(spec: RunSpec, plan: Plan, run_dir: Path, opts: Options) ->
             "--lora-r", str(lo.r), "--lora-alpha", str(lo.alpha), "--lora-dropout", str(lo.dropout),
             "--lora-targets", targets, "--quant-type", q.quant_type,
             "--double-quant" if q.double_quant else "--no-double-quant"]
+    if spec.task == "dpo":
+        d = spec.data
+        argv += ["--task", "dpo", "--beta", str(spec.pref.beta),
+                 "--pair-fields", f"{d.prompt_field},{d.chosen_field},{d.rejected_field}"]
     for f in ([spec.data.path] if fmt == "hub" else [str(x) for x in files]):
         argv += ["--data", str(f)]
     return argv
@@ -148,6 +152,10 @@ def run_baseline(spec: RunSpec, plan: Plan, run_dir: Path, opts: Options) -> int
         rd.bench_baseline.write_text(json.dumps(
             {"rank": 0, "world_size": plan.world_size, "error": "the baseline runs on one device; this setup has "
              f"{plan.world_size} ranks"}))
+        return 2
+    if spec.task in PREFERENCE_TASKS and spec.task != "dpo":
+        rd.bench_baseline.write_text(json.dumps(
+            {"rank": 0, "world_size": 1, "error": f"no plain-TRL baseline for task {spec.task} yet (dpo has one)"}))
         return 2
     return _run_logged(baseline_command(spec, plan, run_dir, opts), baseline_env(plan), rd.baseline_log)
 

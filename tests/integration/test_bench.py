@@ -136,16 +136,25 @@ def test_dpo_rows_count_both_sequences_and_precomputed_log_probs_hold_no_referen
     and with TRL's in-memory reference. Each row counts a pair's two sequences in its tokens (so tokens/s
     and $ per 1M tokens do); the in-memory run's trainer holds a whole second copy of the weights, the
     precomputed one none: their measured tensor bytes differ by the tiny model's fp32 weights (an
-    independent count: its parameters x 4 bytes, plus the rotary buffer), and the estimator says the same."""
+    independent count: its parameters x 4 bytes, plus the rotary buffer), and the estimator says the same.
+    The first call also runs the plain-TRL baseline (DPOTrainer with TRL's defaults: its reference is a
+    frozen copy in memory)."""
     rows = {}
     for ref in ("precomputed", "in_memory"):
         out = tmp_path / ref
         ok(launcher(["bench", "--task", "dpo", "--model", "tiny", "--gpus-per-node", "0", "--nproc", "1",
                      "--method", "full", "--zero", "2", "--precision", "fp32", "--seq-len", "64", "--micro-batch", "2",
                      "--steps", "2", "--warmup", "1", "--usd-per-device-hour", str(PRICE), "--set",
-                     f"pref.reference={ref}", "--out", out], env))
-        [rows[ref]] = report.read_results(out / report.RESULTS_JSONL)
-    for r in rows.values():
+                     f"pref.reference={ref}", *(["--baseline"] if ref == "precomputed" else []), "--out", out], env))
+        for r in report.read_results(out / report.RESULTS_JSONL):
+            rows[ref if r["kind"] == "launcher" else "baseline"] = r
+    assert set(rows) == {"precomputed", "in_memory", "baseline"}
+    base = rows["baseline"]
+    assert base["error"] is None and base["tokens_per_step"] == 2 * 2 * 64 and base["tokens_per_s"] > 0
+    assert rows["precomputed"]["speedup_vs_baseline"] == pytest.approx(rows["precomputed"]["tokens_per_s"] / base["tokens_per_s"])
+    # the plain script holds fp32 weights, gradients and Adam's two moments (16 B/param) and TRL's reference (4)
+    assert 20 * TINY_PARAMS <= base["engine_tensor_bytes"] <= 21 * TINY_PARAMS, base["engine_tensor_bytes"]
+    for r in (rows["precomputed"], rows["in_memory"]):
         assert r["error"] is None and r["tokens_per_step"] == 2 * 2 * 64  # micro batch x (chosen, rejected) x seq
         assert r["step_time_s"] == pytest.approx(r["tokens_per_step"] / r["tokens_per_s"])
         assert r["usd_per_mtok"] == pytest.approx(PRICE / 3600 / r["tokens_per_s"] * 1e6, rel=1e-12)
