@@ -1,11 +1,12 @@
 """Preference tuning through the same path as every run: `launcher run --task dpo` with no data argument trains
-on the embedded preference set and leaves a complete run dir; ORPO, KTO, SimPO and a reward model train on a CPU
-rank and their outputs load in transformers/peft; full DPO's reference job caches the reference log-probs and
+on the embedded preference set and leaves a complete run dir; ORPO, KTO, SimPO, a reward model, and DPO with
+QLoRA and DoRA train on a CPU rank and their outputs load in transformers/peft; full DPO's reference job caches the reference log-probs and
 training with them has the losses of the in-memory reference. CPU, fp32, a few steps each."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,8 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def tree(out: Path, task: str, method: str, steps: int = 2, **extra) -> dict:
-    t = {"task": task, "method": method, "precision": "fp32", "zero": {"stage": 2},
+def tree(out: Path, task: str, method: str, steps: int = 2, precision: str = "fp32", **extra) -> dict:
+    t = {"task": task, "method": method, "precision": precision, "zero": {"stage": 2},
          "data": {"seq_len": 64}, "optim": {"max_steps": steps, "lr": 1e-3, "micro_batch": 2 if task == "kto" else 1},
          "output": {"dir": str(out / f"{task}-{method}-{extra.get('ref', 'auto')}")}}
     if "ref" in extra:
@@ -30,14 +31,18 @@ def losses(run_dir: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory, env, train_cases):
     out = tmp_path_factory.mktemp("pref")
-    cases = [("orpo", tree(out, "orpo", "lora")), ("kto", tree(out, "kto", "lora")),
+    # QLoRA first: a case that does not quantize keeps bitsandbytes out of the process (model/load.py
+    # keep_bitsandbytes_out), and once out it stays out for the cases after it
+    cases = [("dpo_qlora", tree(out, "dpo", "qlora", precision="bf16")),
+             ("orpo", tree(out, "orpo", "lora")), ("kto", tree(out, "kto", "lora")),
              ("simpo", tree(out, "simpo", "full")), ("rm", tree(out, "rm", "full")),
-             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory")), ("dpo_lora", tree(out, "dpo", "lora"))]
+             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory")), ("dpo_lora", tree(out, "dpo", "lora")),
+             ("dpo_dora", tree(out, "dpo", "dora"))]
     sections, proc = train_cases(cases, env)
     return {name: (Path(t["output"]["dir"]), sections.get(name, "")) for name, t in cases}, proc
 
 
-@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_mem", "dpo_lora"])
+@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_mem", "dpo_lora", "dpo_qlora", "dpo_dora"])
 def test_each_preference_task_trains_on_a_cpu_rank(one_rank, name):
     runs, proc = one_rank
     run_dir, text = runs[name]
@@ -56,9 +61,18 @@ def test_outputs_load_in_transformers_and_peft(one_rank):
     with torch.no_grad():
         assert rm(input_ids=torch.tensor([[1, 50, 60, 2]])).logits.shape == (1, 1)
     assert isinstance(AutoModelForCausalLM.from_pretrained(runs["simpo"][0] / "final"), torch.nn.Module)
-    for name in ("orpo", "kto"):
+    for name in ("orpo", "kto", "dpo_qlora", "dpo_dora"):
         model = AutoPeftModelForCausalLM.from_pretrained(runs[name][0] / "final")
         assert model.peft_config["default"].r == 16
+        assert model.peft_config["default"].use_dora == (name == "dpo_dora")
+    # QLoRA's base really was 4-bit on the rank: bitsandbytes packs two weights into each uint8 element, so the
+    # rank counts the same trainable adapter among fewer elements than LoRA's full-precision base
+    counts = {}
+    for name in ("dpo_lora", "dpo_qlora"):
+        m = re.search(r"tiny \((q?lora)\): ([\d,]+) trainable of ([\d,]+) parameters", runs[name][1])
+        assert m, runs[name][1][-3000:]
+        counts[name] = (int(m.group(2).replace(",", "")), int(m.group(3).replace(",", "")))
+    assert counts["dpo_qlora"][0] == counts["dpo_lora"][0] and counts["dpo_qlora"][1] < 0.6 * counts["dpo_lora"][1]
 
 
 def test_full_dpo_with_no_data_argument_runs_the_ref_job_then_trains_with_its_log_probs(tmp_path, env, launcher,
