@@ -317,7 +317,14 @@ def choose_precision(spec: RunSpec, device: str) -> tuple[str, str]:
     return "fp32", "auto: this CPU has no amx_bf16 or avx512_bf16 (bf16 would be emulated, slower than fp32)"
 
 
+PREFERENCE_TRAINERS = {"dpo": "DPOTrainer", "kto": "KTOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer",
+                       "rm": "RewardTrainer"}
+
+
 def choose_loss(spec: RunSpec, plan: Plan) -> tuple[str, str]:
+    if spec.task in PREFERENCE_TRAINERS:  # the spec refuses chunked and liger for these tasks
+        return "standard", (f"the {spec.task} task: TRL's {PREFERENCE_TRAINERS[spec.task]} computes its own loss "
+                            f"from both sequences' log-probs (optim.loss does not apply)")
     kind = spec.optim.loss
     if kind != "auto":
         return kind, "set in the spec"
