@@ -10,7 +10,7 @@ import click
 
 from launcher.commands.common import spec_options
 from launcher.config.spec import RunSpec
-from launcher.data.cache import read_meta
+from launcher.data.cache import cache_dir, read_meta
 from launcher.data.check import check_data
 from launcher.data.shardprep import prepare as prepare_data
 from launcher.data.shardprep import prepare_sources
@@ -58,4 +58,4 @@ def prepare(spec: RunSpec, procs: int | None, tasks: int, task_index: int | None
         click.echo(f"prepared {path}")
         click.echo("  " + ", ".join(f"{k}: {v}" for k, v in meta.items() if not isinstance(v, (dict, list))))
     if spec.model.name == TINY and RunDir(Path(spec.output.dir)).spec_path.is_file():
-        click.echo(f"base model {ensure_tiny_base(Path(spec.output.dir), spec.optim.seed)}")
+        click.echo(f"base model {ensure_tiny_base(Path(spec.output.dir), spec.optim.seed, cache=cache_dir(spec))}")

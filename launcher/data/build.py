@@ -46,14 +46,12 @@ def prepare(spec: RunSpec, tokenizer: Any = None) -> Path:
     `tokenizer`: a loaded tokenizer, a tokenizer folder, or None for the run's model. Atomic: built
     in a temporary folder beside the cache entry and renamed into place.
     """
-    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        tok_dir = tokenizer_dir(spec, tokenizer)
-        tokenizer = load_tokenizer_from(tok_dir) if tokenizer is not None else load_tokenizer(spec)
-    else:
-        tok_dir = tokenizer_dir(spec, tokenizer)
+    tok_dir = tokenizer_dir(spec, tokenizer)
     final = cache_dir(spec) / cache_key(spec, tok_dir)
     if (final / "meta.json").is_file():
-        return final
+        return final  # checked and built from these very files and tokenizer: nothing to load (2-3 s)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer_from(tok_dir) if tokenizer is not None else load_tokenizer(spec)
     check_data(spec, tokenizer_has_chat_template=bool(getattr(tokenizer, "chat_template", None)))
     if tokenizer.eos_token_id is None:
         raise UserError(f"the tokenizer of model {spec.model.name!r} has no eos_token, which separates documents "

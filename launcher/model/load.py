@@ -78,13 +78,43 @@ def model_source(spec: RunSpec) -> str:
     return name
 
 
-def ensure_tiny_base(run_dir: Path, seed: int) -> Path:
+def ensure_tiny_base(run_dir: Path, seed: int, cache: Path | None = None) -> Path:
     """Write the embedded tiny model, initialised from `seed`, to RUN_DIR/base (fp32 safetensors +
     tokenizer) unless it is there. Safe when several processes race: each writes a temporary folder
-    and renames it into place; the first rename wins."""
+    and renames it into place; the first rename wins.
+
+    `cache` (the data cache's root): a base made once is kept there under a key of its config, seed and
+    the torch/transformers versions that initialised it, and later run dirs get a copy of those very bytes
+    (no torch import, no initialisation: 2-3 s of every `launcher run` of the tiny model)."""
     dest = RunDir(Path(run_dir)).base
     if has_weights(dest):
         return dest
+    kept = cache / f"tiny-base-{tiny_base_key(seed)}" if cache is not None else None
+    if kept is not None and has_weights(kept):
+        _place(lambda tmp: shutil.copytree(kept, tmp, dirs_exist_ok=True), dest, run_dir)
+        return dest
+    _place(lambda tmp: _make_tiny_base(tmp, seed), dest, run_dir)
+    if kept is not None:
+        try:  # best effort: a cache that cannot be written only costs the next run the 2-3 s
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            _place(lambda tmp: shutil.copytree(dest, tmp, dirs_exist_ok=True), kept, kept.parent)
+        except OSError:
+            pass
+    return dest
+
+
+def tiny_base_key(seed: int) -> str:
+    """What the tiny base's bytes depend on: its config, the seed, and the versions of the code that
+    initialises it (read from the installed packages' metadata: no import)."""
+    import hashlib
+    from importlib.metadata import version
+
+    h = hashlib.sha256((assets.tiny_dir() / "config.json").read_bytes())
+    h.update(f"seed={seed} torch={version('torch')} transformers={version('transformers')}".encode())
+    return h.hexdigest()[:16]
+
+
+def _make_tiny_base(folder: Path, seed: int) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,10 +124,16 @@ def ensure_tiny_base(run_dir: Path, seed: int) -> Path:
     config = AutoConfig.from_pretrained(assets.tiny_dir())
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=run_dir))
+    model.save_pretrained(folder)
+    load_tokenizer_from(assets.tiny_dir()).save_pretrained(folder)
+
+
+def _place(fill: Any, dest: Path, parent: Path) -> None:
+    """fill(tmp) writes a folder in `parent`, renamed to `dest`; when another process got there first, its
+    folder stays."""
+    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=parent))
     try:
-        model.save_pretrained(tmp)
-        load_tokenizer_from(assets.tiny_dir()).save_pretrained(tmp)
+        fill(tmp)
         try:
             os.rename(tmp, dest)
         except OSError:
@@ -105,7 +141,6 @@ def ensure_tiny_base(run_dir: Path, seed: int) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def wait_for_tiny_base(run_dir: Path, seed: int, timeout_s: float = 600) -> Path:

@@ -29,6 +29,7 @@ from launcher import assets, yamlio
 from launcher.cli import REF_ENTRY, TRAIN_ENTRY
 from launcher.config.spec import RunSpec
 from launcher.data import shardprep as data_mod
+from launcher.data.cache import cache_dir
 from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_HANG, EXIT_OOM, EXIT_REQUEUE, RunFailed, UserError
 from launcher.model.load import ensure_tiny_base
 from launcher.ops.reasons import BACKSTOP_DUMP
@@ -141,9 +142,9 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     check_environment(spec, plan0)  # GPUs, precision, attention kernel: before any rank
     device_selection(plan0, plan0.nproc_per_node, dict(os.environ))  # the GPUs the user made visible
     rd, spec, plan = create(out, spec, force=force)
-    prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache
+    prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache, unless cached
     if spec.model.name == "tiny":
-        ensure_tiny_base(rd.path, spec.optim.seed)
+        ensure_tiny_base(rd.path, spec.optim.seed, cache=cache_dir(spec))
     return rd, spec, plan, prepared
 
 

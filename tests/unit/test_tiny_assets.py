@@ -108,3 +108,37 @@ def test_build_script_regenerates_the_shipped_files(tmp_path: Path):
     build.main(tmp_path)
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "corpus.txt", "sft.jsonl"):
         assert (tmp_path / name).read_bytes() == (TINY / name).read_bytes(), f"{name} differs: run build.py"
+
+
+def test_tiny_base_is_made_once_per_seed_and_copied_from_the_cache_byte_for_byte(tmp_path: Path):
+    """The first run dir's base is initialised from the seed (torch.manual_seed + from_config) and kept in the
+    cache; the next run dir gets those very bytes without importing torch (a fresh interpreter); another seed
+    is another base; without a cache nothing is kept."""
+    import subprocess
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from launcher.model.load import ensure_tiny_base, tiny_base_key
+
+    cache = tmp_path / "cache"
+    for run_dir in "abc":
+        (tmp_path / run_dir).mkdir()
+    first = ensure_tiny_base(tmp_path / "a", 7, cache=cache)
+    kept = cache / f"tiny-base-{tiny_base_key(7)}"
+    assert sorted(p.name for p in kept.iterdir()) == sorted(p.name for p in first.iterdir())
+    torch.manual_seed(7)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(TINY), dtype=torch.float32)
+    saved = load_file(first / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items() if k in saved) and saved
+    code = ("import sys; from pathlib import Path; from launcher.model.load import ensure_tiny_base; "
+            f"ensure_tiny_base(Path({str(tmp_path / 'b')!r}), 7, cache=Path({str(cache)!r})); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        assert (tmp_path / "b" / "base" / name).read_bytes() == (first / name).read_bytes()
+    assert tiny_base_key(8) != tiny_base_key(7)
+    ensure_tiny_base(tmp_path / "c", 7)
+    assert sorted(p.name for p in cache.iterdir()) == [kept.name]
