@@ -20,7 +20,9 @@ of pairs whose chosen log-ratio beats the rejected one; reward_margin = the mean
 rejected log-ratio), beta the run's pref.beta (TRL's rewards/accuracies and rewards/margins). For the base
 itself both log-ratios are 0: pref_accuracy 0 and reward_margin 0 by definition. What each model prefers on
 its own: logp_accuracy = the share of pairs whose chosen response gets the higher log-probability,
-logp_margin = the mean of log p(chosen) - log p(rejected), nats.
+logp_margin = the mean of log p(chosen) - log p(rejected), nats. A reward model (task rm) scores each pair with its
+reward head: pref_accuracy = the share of pairs whose chosen response gets the higher reward, reward_margin = the
+mean reward difference; it has no base column (the base has no trained reward head) and no reference-corpus loss.
 
 Runs in one process on CPU or one GPU; no DeepSpeed. Heavy libraries are imported inside functions.
 """
@@ -105,13 +107,12 @@ def resolve_target(target: str | Path, *, base: str | None = None, seq_len: int 
     if RunDir(path).spec_path.is_file():
         rd = open_run_dir(path)
         spec = rd.load_spec()
-        if spec.task == "rm":
-            raise UserError(f"{rd.path} trained a reward model (task rm): `launcher eval` compares causal language "
-                            f"models; load it with AutoModelForSequenceClassification and score pairs yourself "
-                            f"(preference evaluation of reward models is not built yet)", field="task")
         if seq_len:
             spec = with_overrides(spec, {"data": {"seq_len": seq_len}})
         notes = []
+        if spec.task == "rm":
+            notes.append("a reward model: each pair is scored by its reward head; the base has no trained reward head "
+                         "(no base column) and the model no language-model head (no reference-corpus loss)")
         tuned = rd.final
         if not has_weights(tuned, adapter=True):
             ck = _newest_checkpoint_with_weights(rd.path)
@@ -184,7 +185,7 @@ def eval_sets(t: Target, data: list[str] | tuple[str, ...] = ()) -> list[EvalSet
         else:
             sets.append(EvalSet("training data", "in-distribution", src, spec, held_out=False,
                                 note="seen in training (the run has no held-out split: set data.eval_fraction)"))
-    refs = [Path(d).expanduser() for d in data] or [assets.tiny_dir() / "corpus.txt"]
+    refs = [Path(d).expanduser() for d in data] or ([] if spec.task == "rm" else [assets.tiny_dir() / "corpus.txt"])
     for f in refs:
         name = "embedded corpus" if not data else f.name
         sets.append(EvalSet(name, "reference", str(f), _reference_spec(spec, f.resolve())))
@@ -243,8 +244,13 @@ def load_model(t: Target, which: str, device: str) -> Any:
     src = str(t.tuned) if which == "tuned" and not t.adapter else t.base
     if src is None:
         raise UserError("no base model to compare with; give --base MODEL")
+    auto: Any = AutoModelForCausalLM
+    if spec.task == "rm":  # a reward model: one score per sequence (rank/loop.py loads it so)
+        from transformers import AutoModelForSequenceClassification
+
+        auto, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        model = auto.from_pretrained(src, **kwargs)
     except OSError as exc:
         raise UserError(f"cannot load model {src} ({exc})") from None
     if qlora:
@@ -342,6 +348,23 @@ def preference_scores(tuned: list[tuple[float, float]], base: list[tuple[float, 
             {"pref_accuracy": 0.0, "reward_margin": 0.0})
 
 
+def rewards_on(model: Any, s: EvalSet, tokenizer: Any, device: str) -> dict[str, Any]:
+    """A reward model on a set of pairs: pref_accuracy = the share of pairs whose chosen response (after its
+    prompt) gets the higher reward, reward_margin = the mean of reward(chosen) - reward(rejected)."""
+    import torch
+
+    def reward(ids: list[int]) -> float:
+        with torch.no_grad():
+            return float(model(input_ids=torch.tensor([ids], device=device)).logits.float()[0, 0])
+
+    pairs = [(reward(_response_ids(tokenizer, row["prompt"], row["chosen"], s.spec.data.seq_len)[0]),
+              reward(_response_ids(tokenizer, row["prompt"], row["rejected"], s.spec.data.seq_len)[0])) for row in s.rows]
+    if not pairs:
+        raise UserError(f"{s.name} ({s.source}): no pairs to evaluate")
+    return {"pref_accuracy": sum(c > r for c, r in pairs) / len(pairs),
+            "reward_margin": sum(c - r for c, r in pairs) / len(pairs), "pairs": len(pairs)}
+
+
 def sft_samples(s: EvalSet, n: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reference response ids) of up to n examples: each row's first response span."""
     out = []
@@ -403,11 +426,15 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
     sft = {s.name: sft_samples(s, samples) for s in sets if s.spec.task == "sft"}
 
     results: dict[str, dict[str, Any]] = {s.name: {} for s in sets}
+    reward_model = t.spec.task == "rm"
     for which in ("tuned", "base"):
-        if which == "base" and t.base is None:
+        if which == "base" and (t.base is None or reward_model):
             continue
         model = load_model(t, which, dev)
         for s in sets:
+            if reward_model:
+                results[s.name][which] = rewards_on(model, s, tokenizer, dev)
+                continue
             if s.spec.task in PREFERENCE_TASKS:
                 results[s.name][which] = preference_on(model, s, tokenizer, dev)
                 continue
@@ -423,6 +450,11 @@ def evaluate(target: str | Path, *, data: list[str] | tuple[str, ...] = (), base
     for s in sets:
         r = results[s.name]
         tuned, based = r["tuned"], r.get("base")
+        if reward_model:
+            out_sets.append({"name": s.name, "kind": s.kind, "source": s.source, "task": "rm", "held_out": s.held_out,
+                             "rows": tuned["pairs"], "tokens": None, "tuned": tuned, "base": None, "delta_loss": None,
+                             **({"note": s.note} if s.note else {})})
+            continue
         if s.spec.task in PREFERENCE_TASKS:
             tl, bl = tuned.pop("logps"), based.pop("logps") if based else None
             t_scores, b_scores = preference_scores(tl, bl, s.spec.pref.beta)
@@ -510,7 +542,11 @@ def format_table(res: dict[str, Any]) -> str:
     widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
     lines = ["  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(r, widths))) for r in rows]
     for e in res["sets"]:
-        if "pref_accuracy" in e["tuned"]:
+        if e["task"] == "rm":
+            lines.append(f"reward model on {e['name']} ({e['rows']} pairs): pref_accuracy "
+                         f"{f(e['tuned']['pref_accuracy'], '.3f')} (reward(chosen) > reward(rejected)), reward_margin "
+                         f"{f(e['tuned']['reward_margin'], '+.3f')} (mean reward difference)")
+        elif "pref_accuracy" in e["tuned"]:
             b = e["base"] or {}
             lines.append(f"preference on {e['name']} ({e['rows']} pairs): pref_accuracy tuned "
                          f"{f(e['tuned']['pref_accuracy'], '.3f')}, base {f(b.get('pref_accuracy'), '.3f')} (chosen's "

@@ -126,9 +126,34 @@ def test_eval_reports_preference_accuracy_and_margin_for_tuned_and_base(one_rank
     assert sets["pairs.jsonl"]["rows"] == 2 and sets["training data"]["rows"] == 8
 
 
-def test_eval_of_a_reward_model_is_refused_with_the_way_to_load_it(one_rank, env, launcher):
-    proc = launcher(["eval", one_rank[0]["rm"][0]], env, expect=2)
-    assert "AutoModelForSequenceClassification" in proc.stderr and "Traceback" not in proc.stderr
+def test_eval_of_a_reward_model_scores_pairs_with_its_reward_head(one_rank, env, launcher, tmp_path):
+    """`launcher eval` of an rm run: each pair scored by the reward head (checked against the rewards computed
+    here with AutoModelForSequenceClassification on prompt + response + EOS); no base column, no corpus loss."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    run_dir = one_rank[0]["rm"][0]
+    rows = [{"prompt": "Question: Write 'apple' in capital letters.\nAnswer:", "chosen": " APPLE", "rejected": " apple"},
+            {"prompt": "Question: What is 2 + 3?\nAnswer:", "chosen": " 5", "rejected": " 6"}]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = json.loads(launcher(["eval", run_dir, "--data", pairs, "--json", "--max-rows", "8"], env, expect=0).stdout)
+    sets = {s["name"]: s for s in res["sets"]}
+    assert set(sets) == {"training data", "pairs.jsonl"}  # no reference-corpus loss: a reward model has no LM head
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "final", num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(run_dir / "final")
+
+    def reward(prompt, response):
+        with torch.no_grad():
+            return float(model(**tok(prompt + response + tok.eos_token, return_tensors="pt")).logits[0, 0])
+
+    margins = [reward(r["prompt"], r["chosen"]) - reward(r["prompt"], r["rejected"]) for r in rows]
+    got = sets["pairs.jsonl"]
+    assert got["task"] == "rm" and got["base"] is None and got["rows"] == 2
+    assert got["tuned"]["pref_accuracy"] == sum(m > 0 for m in margins) / 2
+    assert got["tuned"]["reward_margin"] == pytest.approx(sum(margins) / 2, abs=1e-5)
+    text = launcher(["eval", run_dir, "--data", pairs, "--max-rows", "8"], env, expect=0).stdout
+    assert "reward model on pairs.jsonl (2 pairs): pref_accuracy" in text
 
 
 def test_dpo_stopped_by_a_signal_resumes_exactly(tmp_path, env, launcher):
