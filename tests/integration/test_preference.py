@@ -1,6 +1,6 @@
 """Preference tuning through the same path as every run: `launcher run --task dpo` with no data argument trains
 on the embedded preference set and leaves a complete run dir; ORPO, KTO, SimPO, a reward model, and DPO with
-QLoRA and DoRA train on a CPU rank and their outputs load in transformers/peft; full DPO's reference job caches the reference log-probs and
+QLoRA, DoRA, IA3, prefix tuning and freeze train on a CPU rank and their outputs load in transformers/peft; full DPO's reference job caches the reference log-probs and
 training with them has the losses of the in-memory reference. CPU, fp32, a few steps each."""
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ def one_rank(tmp_path_factory, env, train_cases):
              ("orpo", tree(out, "orpo", "lora")), ("kto", tree(out, "kto", "lora")),
              ("simpo", tree(out, "simpo", "full")), ("rm", tree(out, "rm", "full")),
              ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory")), ("dpo_lora", tree(out, "dpo", "lora")),
-             ("dpo_dora", tree(out, "dpo", "dora"))]
+             ("dpo_dora", tree(out, "dpo", "dora")), ("dpo_ia3", tree(out, "dpo", "ia3")),
+             ("dpo_prefix", tree(out, "dpo", "prefix")),
+             ("dpo_freeze", {**tree(out, "dpo", "full"), "method": {"name": "freeze", "freeze": {"top_layers": 1}}})]
     sections, proc = train_cases(cases, env)
     return {name: (Path(t["output"]["dir"]), sections.get(name, "")) for name, t in cases}, proc
 
 
-@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_mem", "dpo_lora", "dpo_qlora", "dpo_dora"])
+@pytest.mark.parametrize("name", ["orpo", "kto", "simpo", "rm", "dpo_mem", "dpo_lora", "dpo_qlora", "dpo_dora",
+                                  "dpo_ia3", "dpo_prefix", "dpo_freeze"])
 def test_each_preference_task_trains_on_a_cpu_rank(one_rank, name):
     runs, proc = one_rank
     run_dir, text = runs[name]
@@ -65,6 +68,9 @@ def test_outputs_load_in_transformers_and_peft(one_rank):
         model = AutoPeftModelForCausalLM.from_pretrained(runs[name][0] / "final")
         assert model.peft_config["default"].r == 16
         assert model.peft_config["default"].use_dora == (name == "dpo_dora")
+    for name, kind in (("dpo_ia3", "IA3"), ("dpo_prefix", "PREFIX_TUNING")):
+        assert AutoPeftModelForCausalLM.from_pretrained(runs[name][0] / "final").peft_config["default"].peft_type == kind
+    assert isinstance(AutoModelForCausalLM.from_pretrained(runs["dpo_freeze"][0] / "final"), torch.nn.Module)
     # QLoRA's base really was 4-bit on the rank: bitsandbytes packs two weights into each uint8 element, so the
     # rank counts the same trainable adapter among fewer elements than LoRA's full-precision base
     counts = {}

@@ -95,9 +95,11 @@ def test_kto_takes_unpaired_rows_and_checks_label_and_completion(tmp_path):
 
 def test_preference_combinations_are_refused_with_the_fix():
     with pytest.raises(SpecError) as exc:
-        validate({"task": "dpo", "method": "ia3", "data": {"packing": True}})
+        validate({"task": "orpo", "method": "ia3", "data": {"packing": True}})
     text = str(exc.value)
     assert "drop --packing" in text and "--method lora" in text
+    for method in ("ia3", "prefix", "prompt"):  # dpo takes every method
+        validate({"task": "dpo", "method": method})
     with pytest.raises(SpecError, match="drop --loss"):
         validate({"task": "orpo", "optim": {"loss": "chunked"}})
     with pytest.raises(SpecError, match="--micro-batch 2"):
