@@ -104,12 +104,14 @@ def ensure_tiny_base(run_dir: Path, seed: int, cache: Path | None = None) -> Pat
 
 
 def tiny_base_key(seed: int) -> str:
-    """What the tiny base's bytes depend on: its config, the seed, and the versions of the code that
-    initialises it (read from the installed packages' metadata: no import)."""
+    """What the tiny base's bytes depend on: its config and tokenizer files, the seed, and the versions of the
+    code that initialises it (read from the installed packages' metadata: no import)."""
     import hashlib
     from importlib.metadata import version
 
-    h = hashlib.sha256((assets.tiny_dir() / "config.json").read_bytes())
+    h = hashlib.sha256()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        h.update(name.encode() + (assets.tiny_dir() / name).read_bytes())
     h.update(f"seed={seed} torch={version('torch')} transformers={version('transformers')}".encode())
     return h.hexdigest()[:16]
 
