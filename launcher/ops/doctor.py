@@ -2,12 +2,11 @@
 
 One task per node (`srun --nodes=N --ntasks-per-node=1`) runs the probe of this module,
 `python -m launcher.ops.doctor probe OUT_DIR --id ID ...`, which prints one JSON record (in short numbered
-lines, record_lines): hostname, Python and
-package versions, torch/CUDA/NCCL versions, whether flash_attn imports and bitsandbytes' CUDA library loads
-with this torch, whether DeepSpeed can compile its CPU Adam (optimizer offload), the GPUs, free disk under the
-output dir, whether that dir is shared (each node writes a token file there and reads the others'), and the
-network interface that carries the route to the first node (what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME must
-name). The command gathers the lines, compares the nodes and reports; a failed check (versions that differ
+lines, record_lines): hostname, Python and package versions, torch/CUDA/NCCL versions, whether flash_attn
+imports and bitsandbytes' CUDA library loads with this torch, whether DeepSpeed can compile its CPU Adam
+(optimizer offload), the GPUs, free disk under the output dir, whether that dir is shared (each node writes a
+token file there and reads the others'), and the network interface that carries the route to the first node
+(what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME must name). The command gathers the lines, compares the nodes and reports; a failed check (versions that differ
 or lie below launcher's floors, a CPU-only torch or fewer GPUs than the partition has, a dir that is not
 shared, a node that did not answer, srun that failed, a kernel library that does not load) makes it exit 1.
 
@@ -278,7 +277,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
 
 def record_lines(rec: dict[str, Any]) -> list[str]:
     """The probe's record as lines `PREFIX KEY I/N PIECE`: the JSON text (ASCII) in pieces of PIECE bytes, KEY
-    naming this task (node index, host and pid), so that parse_lines joins each node's pieces whatever srun interleaved."""
+    naming this task (node index, host and pid), so that parse_lines joins each node's pieces whatever srun
+    interleaved."""
     text = json.dumps(rec, default=str)  # ensure_ascii: one byte per character
     key = f"{rec.get('index', 0)}:{socket.gethostname()}:{os.getpid()}"
     pieces = [text[i:i + PIECE] for i in range(0, len(text), PIECE)] or [""]
@@ -354,7 +354,6 @@ def parse_lines(text: str) -> list[dict[str, Any]]:
         if isinstance(rec, dict):
             out.append(rec)
     return sorted(out, key=lambda r: (int(r.get("index", 0) or 0), str(r.get("node"))))
-
 
 
 @dataclass
