@@ -6,9 +6,10 @@ lines, record_lines): hostname, Python and package versions, torch/CUDA/NCCL ver
 imports and bitsandbytes' CUDA library loads with this torch, whether DeepSpeed can compile its CPU Adam
 (optimizer offload), the GPUs, free disk under the output dir, whether that dir is shared (each node writes a
 token file there and reads the others'), and the network interface that carries the route to the first node
-(what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME must name). The command gathers the lines, compares the nodes and reports; a failed check (versions that differ
-or lie below launcher's floors, a CPU-only torch or fewer GPUs than the partition has, a dir that is not
-shared, a node that did not answer, srun that failed, a kernel library that does not load) makes it exit 1.
+(what NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME must name). The command gathers the lines, compares the nodes
+and reports; a failed check (versions that differ or lie below launcher's floors, a CPU-only torch or fewer
+GPUs than the partition has, a dir that is not shared, a node that did not answer, srun that failed, a kernel
+library that does not load) makes it exit 1.
 
 Stdlib only at import; the probe imports torch (and bitsandbytes, flash_attn on CUDA nodes) itself.
 """
