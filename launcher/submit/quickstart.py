@@ -54,7 +54,9 @@ def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 40, seed
 
     keep_bitsandbytes_out("full")  # the sample loads the full model
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in the quickstart's output
     tok = load_tokenizer_from(model_dir)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
