@@ -90,6 +90,17 @@ def tensor_bytes(module: Any, optimizer: Any, reference: Any = None) -> dict[str
             "total": weights + grads + opt + ref}
 
 
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer that applies the update: DeepSpeed's bf16/ZeRO wrappers and accelerate's keep the
+    torch optimizer they drive in `.optimizer`."""
+    for _ in range(5):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer or not callable(getattr(inner, "step", None)):
+            break
+        optimizer = inner
+    return optimizer
+
+
 def make_probe() -> Any:
     """A TrainerCallback that times optimizer steps (device synchronized at each step's end), and at
     the end of training reads peak memory and the tensor bytes of the model + optimizer it trained."""
@@ -127,35 +138,42 @@ def make_probe() -> Any:
                                 getattr(tr, "ref_model", None))
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            # The last step (after the timed window): gradients, master weights and the optimizer's
-            # moments all exist just before the optimizer steps, which is what the model states
-            # count. DeepSpeed steps inside the backward pass (accelerate), before any callback,
-            # so the optimizer's own step is wrapped, once.
+            # The last step (after the timed window) is counted inside the update, where the model
+            # states peak: the gradients, the master weights, the optimizer's moments and the fp32
+            # gradient that DeepSpeed's bf16 and ZeRO optimizers make only for the update all exist
+            # at once. ZeRO 1-2 make it per parameter group from the flat 16-bit gradient partition
+            # and hold both until they release the partition (`_release_preflattened_grad_buffers`),
+            # then run the torch optimizer on it; each of these moments is counted and the largest
+            # kept. DeepSpeed steps inside the backward pass (accelerate), before any callback, so
+            # the optimizers' own methods are wrapped, for this step only.
             tr = self.trainer
             if state.global_step != state.max_steps - 1 or tr is None:
                 return
             engine = getattr(tr, "deepspeed", None)
-            opt = engine.optimizer if engine is not None else tr.optimizer
-            original = opt.step
+            outer = engine.optimizer if engine is not None else tr.optimizer
+            for obj, name in ((outer, "_release_preflattened_grad_buffers"), (innermost_optimizer(outer), "step")):
+                if callable(getattr(obj, name, None)):
+                    setattr(obj, name, self._counting(getattr(obj, name)))
 
-            def step(*a: Any, **kw: Any) -> Any:
-                opt.step = original
-                self.end["tensor_bytes_before_step"] = self._held()
+        def _counting(self, original: Any) -> Any:
+            def counted(*a: Any, **kw: Any) -> Any:
+                held, seen = self._held(), self.end.get("tensor_bytes_in_step")
+                if held and (not seen or held["total"] > seen["total"]):
+                    self.end["tensor_bytes_in_step"] = held
                 return original(*a, **kw)
-
-            opt.step = step
+            return counted
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             sync()
             cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
             after = self._held()
-            before = self.end.get("tensor_bytes_before_step")
+            during = self.end.get("tensor_bytes_in_step")
             self.end.update(
                 cpu_bf16_peak_tflops=None if cuda else cpu_bf16_peak_tflops(),
                 cuda_peak_allocated=torch.cuda.max_memory_allocated() if cuda else None,
                 cuda_peak_reserved=torch.cuda.max_memory_reserved() if cuda else None,
                 tensor_bytes_after_step=after,
-                tensor_bytes=max((x for x in (before, after) if x), key=lambda x: x["total"], default=None),
+                tensor_bytes=max((x for x in (during, after) if x), key=lambda x: x["total"], default=None),
             )
 
         def record(self) -> dict[str, Any]:

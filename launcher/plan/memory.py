@@ -41,7 +41,8 @@ def model_states(spec: RunSpec, s: Setup, p: Params) -> dict[str, int]:
     grads) + 4 (fp32 grads) + 4 (fp32 master) + 8 (Adam m, v). Stage 1 shards the fp32 parts,
     stage 2 also the 16-bit grads, stage 3 everything (its 16-bit grads go straight into fp32
     partitions) plus 4 x the largest layer gathered. fp32 training has no 16-bit grads; ZeRO 1-3 still
-    keep a separate fp32 master partition.
+    keep a separate fp32 master partition, and ZeRO 1-2 a flat fp32 copy of the gradient partition
+    during the update. These are the model states at their peak, inside the optimizer step.
     """
     z, n, stage = merged_zero(spec.zero, []), s.world_size, s.stage  # zero.extra's offload counts too
     a, t = dtype_bytes(s.precision), p.trainable
@@ -50,7 +51,9 @@ def model_states(spec: RunSpec, s: Setup, p: Params) -> dict[str, int]:
     if s.precision == "fp32":
         # ZeRO 1-3 keep their own flat fp32 master partition even for an fp32 model (measured on
         # CPU: without it the estimate was 15-20% low); ZeRO-0 steps the model's tensors directly.
-        gradients = 4 * t / (n if stage >= 2 else 1)
+        # ZeRO 1-2 also flatten the gradient partition into a new tensor for the update while the
+        # gradients it came from are still held (the bench counts both inside the step).
+        gradients = 4 * t / (n if stage >= 2 else 1) + (4 * t / n if stage in (1, 2) else 0)
         optimizer = (12 if stage >= 1 else 8) * t / (n if stage >= 1 else 1)
     else:
         grads16 = 0 if stage == 3 else 2 * t / (n if stage == 2 else 1)
