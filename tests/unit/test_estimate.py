@@ -197,3 +197,17 @@ def test_a_staged_config_json_wins_over_the_table(cli, tmp_path):
     table = json.loads(cli("estimate", "--model", "Qwen/Qwen2.5-0.5B", "--json",
                            env={"HF_HOME": str(tmp_path / "none")}).stdout)
     assert table["model_config"]["origin"] == "known-models table" and got["params"] < table["params"]
+
+
+@pytest.mark.parametrize("precision,stage,per_param", [
+    # bf16: 2 weights + 2 bf16 gradients + 4 fp32 gradient + 4 master + 8 Adam, at every stage on one rank
+    ("bf16", 0, 20), ("bf16", 1, 20), ("bf16", 2, 20),
+    # fp32: ZeRO-0 steps the model's own tensors (4 + 4 + 8); ZeRO 1-2 add their fp32 master partition and
+    # the flat copy of the gradient partition made for the update (both measured inside the step by the bench)
+    ("fp32", 0, 16), ("fp32", 1, 24), ("fp32", 2, 24)])
+def test_model_states_per_trainable_parameter_inside_the_update(tmp_path, precision, stage, per_param):
+    """The bytes per parameter the bench measures inside the update on one CPU rank (tests/integration/test_bench.py:
+    bf16 ZeRO-2 20 B, fp32 ZeRO-2 24 B), as the estimator counts them."""
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SHAPES["llama-3.2-1b"]}))
+    _, _, e = _estimate(tmp_path, f"precision.dtype={precision}", f"zero.stage={stage}", "cluster.gpus_per_node=1")
+    assert e.model_states_bytes_per_gpu == pytest.approx(per_param * e.params, rel=1e-6)
