@@ -18,6 +18,12 @@ from launcher.errors import SpecError
 Task = Literal["pretrain", "sft", "dpo", "orpo", "kto", "simpo", "rm"]
 # Preference tuning on TRL's trainers: pairs {prompt, chosen, rejected} (KTO: {prompt, completion, label}).
 PREFERENCE_TASKS = ("dpo", "orpo", "kto", "simpo", "rm")
+# Each preference task's TRL trainer and config: (module, trainer class, config class), imported by the ranks
+# (rank/preference.py) and named by the plan
+TRL_CLASSES = {"dpo": ("trl", "DPOTrainer", "DPOConfig"), "kto": ("trl", "KTOTrainer", "KTOConfig"),
+               "rm": ("trl", "RewardTrainer", "RewardConfig"),
+               "orpo": ("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
+               "simpo": ("trl.experimental.cpo", "CPOTrainer", "CPOConfig")}
 # The methods a preference task trains with (the LoRA family keeps the reference as the base with the adapter
 # disabled; full keeps none in the training job when the reference log-probs are precomputed).
 PREFERENCE_METHODS = ("full", "lora", "qlora", "dora")  # orpo, kto, simpo, rm: verified with TRL's trainers here

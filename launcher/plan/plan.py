@@ -13,7 +13,7 @@ from typing import Any
 
 from launcher.config.profiles import mem_mib
 from launcher.config.resolve import with_overrides
-from launcher.config.spec import (PROMPT_METHODS, ClusterSpec, RunSpec, ZeroSpec, merged_zero,
+from launcher.config.spec import (PROMPT_METHODS, TRL_CLASSES, ClusterSpec, RunSpec, ZeroSpec, merged_zero,
                                   sequences_per_example)
 from launcher.errors import SpecError, UserError
 from launcher.plan import hardware, memory, modelinfo
@@ -317,13 +317,9 @@ def choose_precision(spec: RunSpec, device: str) -> tuple[str, str]:
     return "fp32", "auto: this CPU has no amx_bf16 or avx512_bf16 (bf16 would be emulated, slower than fp32)"
 
 
-PREFERENCE_TRAINERS = {"dpo": "DPOTrainer", "kto": "KTOTrainer", "orpo": "ORPOTrainer", "simpo": "CPOTrainer",
-                       "rm": "RewardTrainer"}
-
-
 def choose_loss(spec: RunSpec, plan: Plan) -> tuple[str, str]:
-    if spec.task in PREFERENCE_TRAINERS:  # the spec refuses chunked and liger for these tasks
-        return "standard", (f"the {spec.task} task: TRL's {PREFERENCE_TRAINERS[spec.task]} computes its own loss "
+    if spec.task in TRL_CLASSES:  # the spec refuses chunked and liger for these tasks
+        return "standard", (f"the {spec.task} task: TRL's {TRL_CLASSES[spec.task][1]} computes its own loss "
                             f"from both sequences' log-probs (optim.loss does not apply)")
     kind = spec.optim.loss
     if kind != "auto":

@@ -172,7 +172,7 @@ def check_environment(spec: RunSpec, plan: Plan) -> None:
 # --------------------------------------------------------------------------- callback
 
 def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | None = None,
-                       mixture: Schedule | None = None) -> Any:
+                       mixture: Schedule | None = None, preference_task: bool = False) -> Any:
     from transformers import TrainerCallback
 
     class StepLog(TrainerCallback):
@@ -227,9 +227,11 @@ def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | N
                 self._emit(state, metrics.format_step(state.global_step, state.max_steps, loss, lr, tps), rec)
             elif "eval_loss" in logs:
                 loss = float(logs["eval_loss"])
-                ppl = math.exp(loss) if loss < 50 else float("inf")
-                self._emit(state, metrics.format_eval(state.global_step, state.max_steps, loss, ppl),
-                           metrics.eval_record(state.global_step, loss, ppl, time.time()))
+                # a preference loss has no perplexity; how often chosen outranks rejected says more
+                ppl = None if preference_task else math.exp(loss) if loss < 50 else float("inf")
+                extra = metrics.preference_eval(logs) if preference_task else {}
+                self._emit(state, metrics.format_eval(state.global_step, state.max_steps, loss, ppl, extra),
+                           metrics.eval_record(state.global_step, loss, ppl, time.time(), extra))
                 self.t_last = time.perf_counter()  # evaluation time is not training throughput
             elif mixture is not None and any(f"eval_{n}_loss" in logs for n in mixture.names):
                 by = {n: float(logs[f"eval_{n}_loss"]) for n in mixture.names if f"eval_{n}_loss" in logs}
@@ -479,7 +481,7 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
         train_ds = testing.logged_samples(train_ds)
     stop = stop_callback()
     # the hang watchdog after the stop callback, so that it sees a save the stop asks for
-    step_callbacks = [_make_log_callback(plan, run_dir.metrics_path, trackers, schedule),
+    step_callbacks = [_make_log_callback(plan, run_dir.metrics_path, trackers, schedule, pref),
                       *(testing.step_callbacks() if testing else []), stop,
                       watchdog.watchdog_callback(spec.cluster.hang_timeout_s, run_dir.path,
                                                  on_fire=lambda why: record.end(markers.HANG, message=why))]

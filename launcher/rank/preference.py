@@ -10,6 +10,7 @@ in_memory; kto always). Heavy imports (trl, torch) live inside the functions.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
@@ -17,34 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from launcher import identity
-from launcher.config.spec import RunSpec, reference_mode
+from launcher.config.spec import TRL_CLASSES, RunSpec, reference_mode
 
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")  # what TRL's DPO loss reads from a batch
 
 
 def trl_classes(task: str) -> tuple[type, type]:
     """(trainer class, config class) of TRL for a task."""
-    if task == "dpo":
-        from trl import DPOConfig, DPOTrainer
-
-        return DPOTrainer, DPOConfig
-    if task == "kto":
-        from trl import KTOConfig, KTOTrainer
-
-        return KTOTrainer, KTOConfig
-    if task == "rm":
-        from trl import RewardConfig, RewardTrainer
-
-        return RewardTrainer, RewardConfig
-    if task == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-        return ORPOTrainer, ORPOConfig
-    if task == "simpo":
-        from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-        return CPOTrainer, CPOConfig
-    raise ValueError(f"task {task!r} is not a preference task")
+    if task not in TRL_CLASSES:
+        raise ValueError(f"task {task!r} is not a preference task")
+    module, trainer, config = TRL_CLASSES[task]
+    mod = importlib.import_module(module)
+    return getattr(mod, trainer), getattr(mod, config)
 
 
 def config_kwargs(spec: RunSpec) -> dict[str, Any]:

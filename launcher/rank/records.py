@@ -21,6 +21,7 @@ from launcher import identity
 from launcher.rundir import manifest as manifest_file
 from launcher.rundir import markers
 from launcher.rundir.layout import RunDir
+from launcher.rundir.metrics import preference_eval
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -34,7 +35,8 @@ def slurm_fields(env: dict[str, str] | None = None) -> dict[str, Any]:
 
 
 def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The last logged train loss and the last evaluation (loss, perplexity) from the Trainer's log."""
+    """The last logged train loss and the last evaluation (loss, perplexity; a preference trainer's: loss,
+    reward accuracy and margin) from the Trainer's log."""
     out: dict[str, Any] = {}
     for rec in log_history:
         if "loss" in rec:
@@ -42,7 +44,9 @@ def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
         if "eval_loss" in rec:
             loss = float(rec["eval_loss"])
             out["eval_loss"], out["eval_step"] = loss, rec.get("step")
-            out["perplexity"] = math.exp(loss) if loss < 50 else float("inf")
+            pref = preference_eval(rec)  # a preference loss has no perplexity
+            out.pop("perplexity", None)
+            out.update(pref or {"perplexity": math.exp(loss) if loss < 50 else float("inf")})
     return out
 
 

@@ -85,7 +85,8 @@ def attempt_tags(env: dict[str, str] | None = None) -> dict[str, str]:
 def metric_values(record: dict[str, Any]) -> tuple[str, dict[str, float]]:
     """("train" or "eval", the numbers to log) of a metrics.jsonl record (rundir/metrics.py)."""
     kind = "eval" if "eval_loss" in record else "train"
-    keys = {"eval_loss": "eval/loss", "perplexity": "eval/perplexity"} if kind == "eval" else \
+    keys = {"eval_loss": "eval/loss", "perplexity": "eval/perplexity", "reward_accuracy": "eval/reward_accuracy",
+            "reward_margin": "eval/reward_margin"} if kind == "eval" else \
         {k: k for k in ("loss", "lr", "tokens_per_s", "grad_norm")}
     values = {}
     for k, name in keys.items():

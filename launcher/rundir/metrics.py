@@ -4,8 +4,10 @@ cost, `launcher runs` and `launcher eval --plot`.
 
 The step line:  step N/M loss X lr Y tokens/s Z        (format_step; README shows it)
                 eval step N/M loss X perplexity P      (format_eval; not a training step)
+                eval step N/M loss X reward_accuracy A reward_margin M   (a preference task's evaluation)
 A metrics record: {"step", "loss", "lr", "tokens_per_s", "grad_norm", "time"} for a training step,
-{"step", "eval_loss", "perplexity", "time"} for an evaluation.
+{"step", "eval_loss", "perplexity", "time"} for an evaluation; a preference task's has perplexity null
+(its loss is TRL's preference loss, not a language model's) and "reward_accuracy", "reward_margin".
 """
 
 from __future__ import annotations
@@ -27,8 +29,28 @@ def format_step(step: int, max_steps: int, loss: float, lr: float, tokens_per_s:
     return f"step {step}/{max_steps} loss {loss:.4f} lr {lr:.3e} tokens/s {tokens_per_s:,.0f}"
 
 
-def format_eval(step: int, max_steps: int, loss: float, perplexity: float) -> str:
-    return f"eval step {step}/{max_steps} loss {loss:.4f} perplexity {perplexity:.2f}"
+def format_eval(step: int, max_steps: int, loss: float, perplexity: float | None,
+                extra: dict[str, float] | None = None) -> str:
+    line = f"eval step {step}/{max_steps} loss {loss:.4f}"
+    if perplexity is not None:
+        line += f" perplexity {perplexity:.2f}"
+    return line + "".join(f" {k} {v:.4f}" for k, v in (extra or {}).items())
+
+
+# TRL's evaluation keys for how well a preference model ranks chosen over rejected: DPO, ORPO, SimPO and
+# KTO log rewards/..., reward models accuracy and margin
+PREFERENCE_EVAL_KEYS = {"reward_accuracy": ("eval_rewards/accuracies", "eval_accuracy"),
+                        "reward_margin": ("eval_rewards/margins", "eval_margin")}
+
+
+def preference_eval(logs: dict[str, Any]) -> dict[str, float]:
+    """reward_accuracy and reward_margin from a preference trainer's evaluation log, those it has."""
+    out = {}
+    for name, keys in PREFERENCE_EVAL_KEYS.items():
+        v = next((logs[k] for k in keys if _is_number(logs.get(k))), None)
+        if v is not None:
+            out[name] = float(v)
+    return out
 
 
 _NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
@@ -84,8 +106,9 @@ def step_record(step: int, loss: float, lr: float, tokens_per_s: float, grad_nor
             "time": time}
 
 
-def eval_record(step: int, loss: float, perplexity: float, time: float) -> dict[str, Any]:
-    return {"step": step, "eval_loss": loss, "perplexity": perplexity, "time": time}
+def eval_record(step: int, loss: float, perplexity: float | None, time: float,
+                extra: dict[str, float] | None = None) -> dict[str, Any]:
+    return {"step": step, "eval_loss": loss, "perplexity": perplexity, **(extra or {}), "time": time}
 
 
 def format_eval_source(step: int, max_steps: int, source: str, loss: float) -> str:
@@ -103,7 +126,7 @@ def append(path: str | os.PathLike, record: dict[str, Any]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-_NUMBER_KEYS = ("loss", "lr", "tokens_per_s", "grad_norm", "time", "eval_loss", "perplexity")
+_NUMBER_KEYS = ("loss", "lr", "tokens_per_s", "grad_norm", "time", "eval_loss", "perplexity", *PREFERENCE_EVAL_KEYS)
 
 
 def _is_number(v: Any) -> bool:

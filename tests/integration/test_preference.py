@@ -6,6 +6,7 @@ training with them has the losses of the in-memory reference. CPU, fp32, a few s
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -20,6 +21,9 @@ def tree(out: Path, task: str, method: str, steps: int = 2, precision: str = "fp
          "output": {"dir": str(out / f"{task}-{method}-{extra.get('ref', 'auto')}")}}
     if "ref" in extra:
         t["pref"] = {"reference": extra["ref"]}
+    if extra.get("evaluate"):  # a held-out split, evaluated at the last step
+        t["data"]["eval_fraction"] = 0.2
+        t["output"]["eval_every"] = steps
     return t
 
 
@@ -35,8 +39,8 @@ def one_rank(tmp_path_factory, env, train_cases):
     # keep_bitsandbytes_out), and once out it stays out for the cases after it
     cases = [("dpo_qlora", tree(out, "dpo", "qlora", precision="bf16")),
              ("orpo", tree(out, "orpo", "lora")), ("kto", tree(out, "kto", "lora")),
-             ("simpo", tree(out, "simpo", "full")), ("rm", tree(out, "rm", "full")),
-             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory")), ("dpo_lora", tree(out, "dpo", "lora")),
+             ("simpo", tree(out, "simpo", "full")), ("rm", tree(out, "rm", "full", evaluate=True)),
+             ("dpo_mem", tree(out, "dpo", "full", 3, ref="in_memory")), ("dpo_lora", tree(out, "dpo", "lora", evaluate=True)),
              ("dpo_dora", tree(out, "dpo", "dora")), ("dpo_ia3", tree(out, "dpo", "ia3")),
              ("dpo_prefix", tree(out, "dpo", "prefix")),
              ("dpo_freeze", {**tree(out, "dpo", "full"), "method": {"name": "freeze", "freeze": {"top_layers": 1}}})]
@@ -51,6 +55,22 @@ def test_each_preference_task_trains_on_a_cpu_rank(one_rank, name):
     run_dir, text = runs[name]
     assert f"@@ ok {name}" in text, f"{name} did not train\n{text[-4000:]}\n{proc.stderr[-3000:]}"
     assert len(losses(run_dir)) >= 2 and (run_dir / "final").is_dir()
+
+
+@pytest.mark.parametrize("name", ["dpo_lora", "rm"])
+def test_evaluation_during_training_reports_reward_accuracy_not_perplexity(one_rank, name):
+    """A preference run's loss is TRL's preference loss: exp of it is no perplexity. Its evaluation line and
+    record carry how often the chosen answer outranks the rejected one and by how much (TRL's
+    rewards/accuracies and rewards/margins; a reward model's accuracy and margin) instead."""
+    runs, _ = one_rank
+    run_dir, text = runs[name]
+    rows = [json.loads(x) for x in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals, rows
+    last = evals[-1]
+    assert last["perplexity"] is None and 0.0 <= last["reward_accuracy"] <= 1.0 and math.isfinite(last["reward_margin"])
+    line = next(x for x in text.splitlines() if x.startswith("eval step"))
+    assert "perplexity" not in line and f"reward_accuracy {last['reward_accuracy']:.4f}" in line, line
 
 
 def test_outputs_load_in_transformers_and_peft(one_rank):

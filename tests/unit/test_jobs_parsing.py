@@ -250,6 +250,24 @@ def test_one_step_line_parser_reads_the_loop_line_and_older_or_foreign_ones():
         {"step": 7, "max_steps": 40, "loss": 3.1416, "lr": 2.5e-4, "tokens_per_s": 12346.0}]
 
 
+def test_a_preference_evaluation_has_reward_accuracy_and_margin_instead_of_perplexity(tmp_path):
+    dpo = {"eval_loss": 0.61, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.4, "eval_rewards/chosen": 0.1}
+    rm = {"eval_loss": 0.5, "eval_accuracy": 1.0, "eval_margin": 2.25}
+    assert metrics.preference_eval(dpo) == {"reward_accuracy": 0.75, "reward_margin": 0.4}
+    assert metrics.preference_eval(rm) == {"reward_accuracy": 1.0, "reward_margin": 2.25}
+    assert metrics.preference_eval({"eval_loss": 2.0, "eval_rewards/margins": "nan?"}) == {}
+    extra = metrics.preference_eval(dpo)
+    line = metrics.format_eval(4, 8, 0.61, None, extra)
+    assert line == "eval step 4/8 loss 0.6100 reward_accuracy 0.7500 reward_margin 0.4000"
+    assert metrics.format_eval(4, 8, 2.0, 7.39) == "eval step 4/8 loss 2.0000 perplexity 7.39"
+    path = RunDir(tmp_path).metrics_path
+    path.parent.mkdir()
+    metrics.append(path, metrics.eval_record(4, 0.61, None, 1.0, extra))
+    (rec,) = metrics.read_records(tmp_path)
+    assert rec == {"step": 4, "eval_loss": 0.61, "perplexity": None, "reward_accuracy": 0.75, "reward_margin": 0.4,
+                   "time": 1.0} and metrics.is_eval(rec)
+
+
 def test_metrics_file_round_trip_skips_broken_lines(tmp_path):
     path = RunDir(tmp_path).metrics_path
     path.parent.mkdir()

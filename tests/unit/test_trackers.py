@@ -85,6 +85,9 @@ def test_metric_values_of_step_and_eval_records():
                              "time": 1.0}) == ("train", {"loss": 2.5, "lr": 1e-3, "tokens_per_s": 10.0})
     assert rt.metric_values({"step": 3, "eval_loss": 2.0, "perplexity": 7.4, "time": 1.0}) == \
         ("eval", {"eval/loss": 2.0, "eval/perplexity": 7.4})
+    assert rt.metric_values({"step": 3, "eval_loss": 0.6, "perplexity": None, "reward_accuracy": 0.75,
+                             "reward_margin": 0.4, "time": 1.0}) == \
+        ("eval", {"eval/loss": 0.6, "eval/reward_accuracy": 0.75, "eval/reward_margin": 0.4})
 
 
 class Recorder(rt._Adapter):
