@@ -33,6 +33,7 @@ from launcher.rundir import markers
 from launcher.rundir.jobs import recorded_jobs
 from launcher.rundir import trackers as state
 from launcher.rundir.layout import RunDir
+from launcher.rundir.metrics import PREFERENCE_EVAL_KEYS
 
 # MLflow's HTTP client retries a failed request 7 times with exponential back-off (minutes); a tracker
 # must not hold training that long, so one retry and a 10 s timeout unless the user set their own.
@@ -85,9 +86,10 @@ def attempt_tags(env: dict[str, str] | None = None) -> dict[str, str]:
 def metric_values(record: dict[str, Any]) -> tuple[str, dict[str, float]]:
     """("train" or "eval", the numbers to log) of a metrics.jsonl record (rundir/metrics.py)."""
     kind = "eval" if "eval_loss" in record else "train"
-    keys = {"eval_loss": "eval/loss", "perplexity": "eval/perplexity", "reward_accuracy": "eval/reward_accuracy",
-            "reward_margin": "eval/reward_margin"} if kind == "eval" else \
-        {k: k for k in ("loss", "lr", "tokens_per_s", "grad_norm")}
+    if kind == "eval":
+        keys = {"eval_loss": "eval/loss", **{k: f"eval/{k}" for k in ("perplexity", *PREFERENCE_EVAL_KEYS)}}
+    else:
+        keys = {k: k for k in ("loss", "lr", "tokens_per_s", "grad_norm")}
     values = {}
     for k, name in keys.items():
         v = record.get(k)
