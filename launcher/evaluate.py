@@ -30,7 +30,6 @@ Runs in one process on CPU or one GPU; no DeepSpeed. Heavy libraries are importe
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -288,7 +287,7 @@ def loss_on(model: Any, s: EvalSet, tokenizer: Any, batch_size: int, device: str
     if count == 0:
         raise UserError(f"{s.name} ({s.source}): no tokens to predict")
     mean = total / count
-    return {"loss": mean, "perplexity": math.exp(mean) if mean < 50 else float("inf"), "tokens": count}
+    return {"loss": mean, "perplexity": metrics.perplexity(mean), "tokens": count}
 
 
 def _response_ids(tokenizer: Any, prompt: Any, response: Any, seq_len: int) -> tuple[list[int], int]:

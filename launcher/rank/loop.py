@@ -9,7 +9,6 @@ schedule length. Heavy imports live inside the functions.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -228,7 +227,7 @@ def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | N
             elif "eval_loss" in logs:
                 loss = float(logs["eval_loss"])
                 # a preference loss has no perplexity; how often chosen outranks rejected says more
-                ppl = None if preference_task else math.exp(loss) if loss < 50 else float("inf")
+                ppl = None if preference_task else metrics.perplexity(loss)
                 extra = metrics.preference_eval(logs) if preference_task else {}
                 self._emit(state, metrics.format_eval(state.global_step, state.max_steps, loss, ppl, extra),
                            metrics.eval_record(state.global_step, loss, ppl, time.time(), extra))

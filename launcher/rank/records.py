@@ -9,7 +9,6 @@ imported inside the functions.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import threading
@@ -21,7 +20,7 @@ from launcher import identity
 from launcher.rundir import manifest as manifest_file
 from launcher.rundir import markers
 from launcher.rundir.layout import RunDir
-from launcher.rundir.metrics import preference_eval
+from launcher.rundir.metrics import perplexity, preference_eval
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -46,7 +45,7 @@ def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
             out["eval_loss"], out["eval_step"] = loss, rec.get("step")
             pref = preference_eval(rec)  # a preference loss has no perplexity
             out.pop("perplexity", None)
-            out.update(pref or {"perplexity": math.exp(loss) if loss < 50 else float("inf")})
+            out.update(pref or {"perplexity": perplexity(loss)})
     return out
 
 

@@ -13,6 +13,7 @@ A metrics record: {"step", "loss", "lr", "tokens_per_s", "grad_norm", "time"} fo
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ def format_eval(step: int, max_steps: int, loss: float, perplexity: float | None
     if perplexity is not None:
         line += f" perplexity {perplexity:.2f}"
     return line + "".join(f" {k} {v:.4f}" for k, v in (extra or {}).items())
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss); inf past a loss of 50, where exp would overflow to no use."""
+    return math.exp(loss) if loss < 50 else float("inf")
 
 
 # TRL's evaluation keys for how well a preference model ranks chosen over rejected: DPO, ORPO, SimPO and
