@@ -340,7 +340,13 @@ def _loss_and_grads(h: Any, t: Any, w: Any, b: Any, u: Any, lora_b: Any, scaling
     dz = softmax - onehot, cast back to z's dtype as autograd casts the gradient of z.float(); then
     dh = dz W, dW += dz^T h (and the bias and LoRA terms). fp16 matmuls of dz run in fp32, on an fp32 copy
     of the head's weight: dz is not scaled by the loss scale here, so in fp16 it would lose its small
-    entries."""
+    entries.
+
+    Every [chunk x vocab] tensor lives in buffers made once per call and reused by each chunk, in place
+    (the same operations as out-of-place, so the same numbers): a CPU allocator hands each tensor that large
+    fresh pages from the OS and takes them back when it is freed, and faulting those pages in again for each
+    chunk cost more than the log-softmax (a 1,024 x 32,000 fp32 softmax: 44 ms allocated, 10 ms in place).
+    fp32 logits are their own fp32 buffer; half-precision logits get one more, in their dtype."""
     import torch
 
     n, dim = h.shape
@@ -352,30 +358,46 @@ def _loss_and_grads(h: Any, t: Any, w: Any, b: Any, u: Any, lora_b: Any, scaling
     gu = torch.empty(u.shape, dtype=acc(u), device=u.device) if want[3] else empty
     glb = torch.zeros(lora_b.shape, dtype=acc(lora_b), device=lora_b.device) if want[4] else empty
     mm = torch.float32 if h.dtype == torch.float16 else h.dtype
-    w_mm = w.detach().to(mm)
+    w_d = w.detach()
+    w_mm = w_d.to(mm)
     lb_mm = lora_b.detach().to(mm) if lora_b is not None else None
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     any_grad = any(want)
+    rows = min(chunk, n)
+    vocab = w.shape[0]
+    z_buf = torch.empty(rows, vocab, dtype=w.dtype, device=h.device)
+    f_buf = z_buf if w.dtype == torch.float32 else torch.empty(rows, vocab, dtype=torch.float32, device=h.device)
+    # dW per chunk, where it cannot be added in place (half-precision products into an fp32 sum)
+    gw_part = torch.empty(w.shape, dtype=mm, device=w.device) if want[1] and gw.dtype != mm else None
     for s in range(0, n, chunk):
         e = min(s + chunk, n)
         hc, tc = h[s:e].detach(), t[s:e]
-        z = torch.nn.functional.linear(hc, w.detach(), None if b is None else b.detach())
+        z, f = z_buf[:e - s], f_buf[:e - s]
+        if b is None:
+            torch.mm(hc, w_d.t(), out=z)
+        else:
+            torch.addmm(b.detach(), hc, w_d.t(), out=z)  # as nn.Linear adds its bias: one rounding
         if u is not None:
             uc = u[s:e].detach()
-            z = (z + torch.nn.functional.linear(uc, lora_b.detach()) * scaling).to(z.dtype)
-        logp = torch.log_softmax(z.float(), dim=-1)
-        del z
+            z += torch.nn.functional.linear(uc, lora_b.detach()) * scaling  # summed in the wider dtype, as peft
+        if f is not z:
+            f.copy_(z)
+        logp = torch.ops.aten._log_softmax.out(f, 1, False, out=f)  # in place: each row is read before written
         total += logp.gather(1, tc.unsqueeze(1)).sum().neg()
         if not any_grad:
             continue
         dz = logp.exp_()  # softmax, in place of the log-probabilities
-        del logp
         dz[torch.arange(e - s, device=dz.device), tc] -= 1.0
-        dz = dz.to(h.dtype).to(mm)  # the gradient autograd hands to z (model dtype), fp16 computed in fp32
+        if z is not f:
+            dz = z.copy_(dz)  # the gradient autograd hands to z, in the model's dtype
+        dz = dz.to(mm)  # fp16 computed in fp32; a no-op otherwise
         if want[0]:
             gh[s:e] = dz @ w_mm
         if want[1]:
-            gw += dz.t() @ hc.to(mm)
+            if gw_part is None:
+                gw.addmm_(dz.t(), hc.to(mm))
+            else:
+                gw += torch.mm(dz.t(), hc.to(mm), out=gw_part)
         if want[2]:
             gb += dz.sum(0)
         if u is not None and (want[3] or want[4]):
