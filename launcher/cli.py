@@ -36,7 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# What every launcher (deepspeed's runner, torchrun, srun) starts on each rank, before the spec path:
+# What every launcher (deepspeed's launcher, torchrun, srun) starts on each rank, before the spec path:
 # `python -m launcher train RUN_DIR/spec.yaml`. The bench passes its own entry instead.
 TRAIN_ENTRY: tuple[str, ...] = ("launcher", "train")
 REF_ENTRY: tuple[str, ...] = (*TRAIN_ENTRY, "--ref")  # the reference job of full DPO, on the training ranks

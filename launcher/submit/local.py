@@ -1,21 +1,24 @@
-"""Local launch: prepare the data here, write the run dir, spawn the ranks through the deepspeed
-launcher, stream their output to the terminal and to RUN_DIR/logs/, and return their exit code.
+"""Local launch: prepare the data here, write the run dir, spawn the ranks through the deepspeed launcher,
+stream their output to the terminal and to RUN_DIR/logs/, and return their exit code.
 
-Launcher choice: the deepspeed launcher runs the ranks:
-`python -m deepspeed.launcher.runner --num_gpus N --no_local_rank --module launcher train SPEC`
-(the `deepspeed` command, through this interpreter). On CPU it works unchanged: `--num_gpus N` makes N
-slots whatever the CPU "accelerator" count is (1 here, one NUMA node), and each rank talks gloo.
-`--bind_cores_to_rank` needs numactl, which plain machines lack, so the threads per rank are set
-here instead (OMP_NUM_THREADS = cores / ranks; otherwise accelerate sets 2 per rank and 2 ranks
-oversubscribe 2 cores). Measured on 2 busy cores (2 ranks, a script that only joins a gloo group,
-3 runs each): torchrun 5.5-8.1 s, deepspeed launcher 16.8-22.9 s; the difference is the two extra
-processes (runner, per-node launch) that each import deepspeed and torch. That is a fixed cost of
-seconds per launch, small beside a real run, so the documented launcher stays. Slurm jobs use
-torchrun or srun (render/slurm.py), which forward signals; `launcher train` is the same entry point.
+Launcher choice: DeepSpeed's per-node launcher runs the ranks, the process the `deepspeed` command starts on
+each node: `python -m deepspeed.launcher.launch --world_info=B64 --node_rank=0 ... --no_local_rank --module
+launcher train SPEC`. It sets each rank's RANK, LOCAL_RANK, WORLD_SIZE and visible devices from the world
+info, and stops every rank when one fails. The world info ({"localhost": [device ids]}) is built here, which
+is all DeepSpeed's runner (`deepspeed`, `deepspeed.launcher.runner`) does on one node before it starts this
+launcher and waits: the runner would be one more resident process that imports torch and DeepSpeed, seconds
+of start-up on a busy CPU and memory beside the ranks for the whole run (benchmarks/README.md measured a rank
+slower beside such idle processes). On CPU the same launcher works unchanged: N ids make N slots whatever
+the CPU "accelerator" count is, and each rank talks gloo. `--bind_cores_to_rank` needs numactl, which plain
+machines lack, so the threads per rank are set here instead (OMP_NUM_THREADS = cores / ranks; otherwise
+accelerate sets 2 per rank and 2 ranks oversubscribe 2 cores). Slurm jobs use torchrun or srun
+(render/slurm.py), which forward signals; `launcher train` is the same entry point.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import re
 import signal
@@ -65,13 +68,13 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
     measuring entry)."""
     run_dir = Path(run_dir)
     env = dict(os.environ if base_env is None else base_env)
+    world = {"localhost": device_ids(plan, nproc, env)}
     argv = [
-        sys.executable, "-u", "-m", "deepspeed.launcher.runner",
-        *device_selection(plan, nproc, env),
-        "--master_addr", "127.0.0.1",
-        "--master_port", str(master_port),
+        sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+        "--world_info=" + base64.urlsafe_b64encode(json.dumps(world).encode()).decode(),
+        "--node_rank=0", "--master_addr=127.0.0.1", f"--master_port={master_port}",
         "--no_local_rank",
-        *(["--log_level", "warning"] if quiet else []),
+        *(["--log_level=warning"] if quiet else []),
         "--module", *entry, str(RunDir(run_dir).spec_path),
     ]
     if quiet:
@@ -90,26 +93,23 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
     return argv, env
 
 
-def device_selection(plan: Plan, nproc: int, env: dict[str, str]) -> list[str]:
-    """The runner's arguments that pick the ranks' GPUs. `--num_gpus N` makes DeepSpeed's runner drop
-    CUDA_VISIBLE_DEVICES and take GPUs 0..N-1, perhaps someone else's: where the user made some GPUs
-    visible, the first N of those are named (`--include localhost:2,3`; the runner sets each rank's
-    CUDA_VISIBLE_DEVICES from it). CPU ranks are slots, not devices: `--num_gpus N`."""
+def device_ids(plan: Plan, nproc: int, env: dict[str, str]) -> list[int | str]:
+    """The local device of each rank, in rank order: the world info's list, from which DeepSpeed's launcher
+    sets every rank's CUDA_VISIBLE_DEVICES (each rank then takes the LOCAL_RANK-th). Where the user made some
+    GPUs visible, the first N of those, as written (indices, GPU or MIG UUIDs); else GPUs 0..N-1. CPU ranks are
+    slots, not devices: 0..N-1."""
     visible = env.get("CUDA_VISIBLE_DEVICES")
     if plan.device != "cuda" or visible is None:
-        return ["--num_gpus", str(nproc)]
+        return list(range(nproc))
     ids = [x.strip() for x in visible.split(",") if x.strip()]
     if not ids:
         raise UserError("CUDA_VISIBLE_DEVICES is set but empty, which hides every GPU from a GPU run; unset it or "
                         "list the GPUs to use (e.g. CUDA_VISIBLE_DEVICES=0,1)", field="CUDA_VISIBLE_DEVICES")
-    if not all(x.isdigit() for x in ids):
-        raise UserError(f"CUDA_VISIBLE_DEVICES={yamlio.quote(visible, 200)}: DeepSpeed's runner selects GPUs by index "
-                        f"(--include localhost:0,1), not by UUID or MIG name; give indices (`nvidia-smi -L` lists "
-                        f"them)", field="CUDA_VISIBLE_DEVICES")
     if len(ids) < nproc:
-        raise UserError(f"CUDA_VISIBLE_DEVICES={visible} makes {len(ids)} GPU(s) visible and the run starts {nproc} "
-                        f"rank(s), one per GPU; list more GPUs or use --nproc {len(ids)}", field="CUDA_VISIBLE_DEVICES")
-    return ["--include", "localhost:" + ",".join(ids[:nproc])]
+        raise UserError(f"CUDA_VISIBLE_DEVICES={yamlio.quote(visible, 200)} makes {len(ids)} GPU(s) visible and the "
+                        f"run starts {nproc} rank(s), one per GPU; list more GPUs or use --nproc {len(ids)}",
+                        field="CUDA_VISIBLE_DEVICES")
+    return [int(x) if x.isdigit() else x for x in ids[:nproc]]
 
 
 def free_port() -> int:
@@ -140,7 +140,7 @@ def prepare_run(spec: RunSpec, out: str | Path, *, force: bool = False,
     for note in preflight.check(spec, ignore_fit=ignore_fit, device_memory=local_gpu_memory(plan0)):
         print(f"note: {note}", file=sys.stderr, flush=True)
     check_environment(spec, plan0)  # GPUs, precision, attention kernel: before any rank
-    device_selection(plan0, plan0.nproc_per_node, dict(os.environ))  # the GPUs the user made visible
+    device_ids(plan0, plan0.nproc_per_node, dict(os.environ))  # the GPUs the user made visible
     rd, spec, plan = create(out, spec, force=force)
     prepared = data_mod.prepare(spec)  # full check (chat template too) + tokenize into the cache, unless cached
     if spec.model.name == "tiny":

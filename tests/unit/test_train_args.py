@@ -161,13 +161,22 @@ def test_logging_checkpoints_and_tensorboard(tmp_path):
     assert kw0["save_strategy"] == "no" and kw0["report_to"] == "none"
 
 
+def _world(argv):
+    """The world info DeepSpeed's launcher gets, decoded as it decodes it."""
+    import base64
+    import json
+
+    arg = next(a for a in argv if a.startswith("--world_info="))
+    return json.loads(base64.urlsafe_b64decode(arg.split("=", 1)[1]))
+
+
 def test_launch_command_cpu(tmp_path):
     spec = _spec({"precision": "fp32", "nproc_per_node": 2}, [], tmp_path)
     plan = make_plan(spec)
     argv, env = launch_command(tmp_path / "run", plan, 2, master_port=29123, base_env={"PATH": "/bin"}, cpu_count=8)
-    assert argv[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.runner"]
-    assert argv[argv.index("--num_gpus") + 1] == "2"
-    assert argv[argv.index("--master_port") + 1] == "29123"
+    assert argv[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert _world(argv) == {"localhost": [0, 1]}
+    assert "--master_port=29123" in argv and "--node_rank=0" in argv
     assert "--no_local_rank" in argv
     i = argv.index("--module")
     assert argv[i + 1:] == ["launcher", "train", str(tmp_path / "run" / "spec.yaml")]
@@ -178,39 +187,55 @@ def test_launch_command_cpu(tmp_path):
     assert env["PYTHONPATH"].split(":")[0] == pkg_root
 
 
+def test_launch_command_is_what_deepspeeds_launcher_parses(tmp_path):
+    """DeepSpeed's own parser reads the argv as meant: the module and its arguments after the options."""
+    import importlib
+
+    launch = importlib.import_module("deepspeed.launcher.launch")
+    plan = make_plan(_spec({"precision": "fp32", "nproc_per_node": 2}, [], tmp_path))
+    argv, _ = launch_command(Path("/r"), plan, 2, master_port=29123, base_env={}, quiet=True)
+    old = sys.argv
+    sys.argv = argv[3:]
+    try:
+        args = launch.parse_args()
+    finally:
+        sys.argv = old
+    assert (args.node_rank, args.master_addr, args.master_port) == (0, "127.0.0.1", 29123)
+    assert args.module and args.no_local_rank and args.log_level == "warning"
+    assert [args.training_script, *args.training_script_args] == ["launcher", "train", str(Path("/r") / "spec.yaml")]
+
+
 def test_launch_command_gpu_keeps_threads_and_user_env(tmp_path):
     spec = _spec({"precision": "bf16", "nproc_per_node": 4, "gpus_per_node": 4}, [], tmp_path)
     plan = make_plan(spec)
     argv, env = launch_command(tmp_path / "run", plan, 4, base_env={"PYTHONPATH": "/x", "OMP_NUM_THREADS": "7"})
-    assert argv[argv.index("--num_gpus") + 1] == "4"
+    assert _world(argv) == {"localhost": [0, 1, 2, 3]}
     assert env["OMP_NUM_THREADS"] == "7"
     assert env["PYTHONPATH"].endswith(":/x")
     assert env["DS_ACCELERATOR"] == "cuda"
+    assert "--log_level=warning" not in argv
     argv_q, env_q = launch_command(tmp_path / "run", plan, 4, base_env={}, quiet=True)
-    assert argv_q[argv_q.index("--log_level") + 1] == "warning"
+    assert "--log_level=warning" in argv_q
 
 
 def test_launch_command_passes_the_users_visible_gpus_through(tmp_path):
-    """--num_gpus N makes DeepSpeed's runner drop CUDA_VISIBLE_DEVICES and take GPUs 0..N-1: the GPUs the user
-    made visible are named instead, and DeepSpeed's own parser and resource filter pick exactly those."""
-    from deepspeed.launcher.runner import parse_args, parse_inclusion_exclusion
-
+    """The GPUs the user made visible are the world info's, the first N of them as written; DeepSpeed's
+    launcher makes exactly those visible to the ranks."""
     spec = _spec({"precision": "bf16", "nproc_per_node": 2, "gpus_per_node": 2}, [], tmp_path)
     plan = make_plan(spec)
     argv, env = launch_command(tmp_path / "run", plan, 2, base_env={"CUDA_VISIBLE_DEVICES": "2,3,5"})
-    assert "--num_gpus" not in argv and argv[argv.index("--include") + 1] == "localhost:2,3"
-    args = parse_args(argv[4:])
-    assert args.include == "localhost:2,3" and args.num_gpus == -1  # the runner refuses both together
-    assert parse_inclusion_exclusion({"localhost": 8}, args.include, args.exclude) == {"localhost": [2, 3]}
-    # nothing set: --num_gpus as before; CPU ranks are slots, whatever the variable says
-    assert launch_command(tmp_path / "run", plan, 2, base_env={})[0][4:6] == ["--num_gpus", "2"]
+    assert _world(argv) == {"localhost": [2, 3]}
+    mig = "MIG-4f1c2d3e-aaaa,MIG-4f1c2d3e-bbbb"
+    assert _world(launch_command(tmp_path / "run", plan, 2, base_env={"CUDA_VISIBLE_DEVICES": mig})[0]) == \
+        {"localhost": mig.split(",")}
+    # nothing set: GPUs 0..N-1; CPU ranks are slots, whatever the variable says
+    assert _world(launch_command(tmp_path / "run", plan, 2, base_env={})[0]) == {"localhost": [0, 1]}
     cpu = make_plan(_spec({"precision": "fp32", "nproc_per_node": 2}, [], tmp_path))
-    assert "--num_gpus" in launch_command(tmp_path / "run", cpu, 2, base_env={"CUDA_VISIBLE_DEVICES": "1"})[0]
+    assert _world(launch_command(tmp_path / "run", cpu, 2, base_env={"CUDA_VISIBLE_DEVICES": "1"})[0]) == \
+        {"localhost": [0, 1]}
 
 
-@pytest.mark.parametrize("visible, words", [
-    ("", "hides every GPU"), ("GPU-8e1d2c3b-aaaa", "by index"), ("1", "1 GPU(s) visible"),
-])
+@pytest.mark.parametrize("visible, words", [("", "hides every GPU"), ("1", "1 GPU(s) visible")])
 def test_launch_command_refuses_visible_devices_it_cannot_honour(tmp_path, visible, words):
     plan = make_plan(_spec({"precision": "bf16", "nproc_per_node": 2, "gpus_per_node": 2}, [], tmp_path))
     with pytest.raises(UserError, match="CUDA_VISIBLE_DEVICES") as exc:
