@@ -226,9 +226,7 @@ def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | N
                 self._emit(state, metrics.format_step(state.global_step, state.max_steps, loss, lr, tps), rec)
             elif "eval_loss" in logs:
                 loss = float(logs["eval_loss"])
-                # a preference loss has no perplexity; how often chosen outranks rejected says more
-                ppl = None if preference_task else metrics.perplexity(loss)
-                extra = metrics.preference_eval(logs) if preference_task else {}
+                ppl, extra = metrics.eval_numbers(logs, preference_task)
                 self._emit(state, metrics.format_eval(state.global_step, state.max_steps, loss, ppl, extra),
                            metrics.eval_record(state.global_step, loss, ppl, time.time(), extra))
                 self.t_last = time.perf_counter()  # evaluation time is not training throughput
@@ -381,7 +379,7 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = (), *, ref_only: bool = Fals
         return _train(spec, _NoRecord(), ref_only=True)
     plan = make_plan(spec)
     record = Attempt(Path(spec.output.dir), tokens_per_step=plan.tokens_per_step, world_size=plan.world_size,
-                     max_steps=plan.max_steps, device=plan.device)
+                     max_steps=plan.max_steps, device=plan.device, preference=spec.task in PREFERENCE_TASKS)
     trackers = Trackers(Path(spec.output.dir))
     try:
         result = _train(spec, record, callbacks, trackers)

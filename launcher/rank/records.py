@@ -20,7 +20,7 @@ from launcher import identity
 from launcher.rundir import manifest as manifest_file
 from launcher.rundir import markers
 from launcher.rundir.layout import RunDir
-from launcher.rundir.metrics import perplexity, preference_eval
+from launcher.rundir.metrics import PREFERENCE_EVAL_KEYS, eval_numbers
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -33,19 +33,19 @@ def slurm_fields(env: dict[str, str] | None = None) -> dict[str, Any]:
             "nodes": env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or None}
 
 
-def last_metrics(log_history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The last logged train loss and the last evaluation (loss, perplexity; a preference trainer's: loss,
-    reward accuracy and margin) from the Trainer's log."""
+def last_metrics(log_history: list[dict[str, Any]], *, preference: bool = False) -> dict[str, Any]:
+    """The last logged train loss and the last evaluation from the Trainer's log: its loss and perplexity,
+    or for a preference task (`preference`) its loss, reward accuracy and margin (metrics.eval_numbers)."""
     out: dict[str, Any] = {}
     for rec in log_history:
         if "loss" in rec:
             out["loss"], out["loss_step"] = float(rec["loss"]), rec.get("step")
         if "eval_loss" in rec:
-            loss = float(rec["eval_loss"])
-            out["eval_loss"], out["eval_step"] = loss, rec.get("step")
-            pref = preference_eval(rec)  # a preference loss has no perplexity
-            out.pop("perplexity", None)
-            out.update(pref or {"perplexity": perplexity(loss)})
+            out["eval_loss"], out["eval_step"] = float(rec["eval_loss"]), rec.get("step")
+            ppl, extra = eval_numbers(rec, preference)
+            for k in ("perplexity", *PREFERENCE_EVAL_KEYS):  # the last evaluation's own, not an older one's
+                out.pop(k, None)
+            out.update(extra if ppl is None else {"perplexity": ppl, **extra})
     return out
 
 
@@ -123,12 +123,14 @@ class Attempt:
     `start` as soon as the rank knows where it resumes from, `devices` once the process group is up,
     `end` when it completes, stops on a signal or fails. Writing never fails the run."""
 
-    def __init__(self, run_dir: Path, *, tokens_per_step: int, world_size: int, max_steps: int, device: str):
+    def __init__(self, run_dir: Path, *, tokens_per_step: int, world_size: int, max_steps: int, device: str,
+                 preference: bool = False):
         who = identity.current()
         self.run_dir = Path(run_dir)
         self.key = (who.job_key, who.attempt)
         self.writer = who.rank == 0
         self.tokens_per_step, self.world_size, self.max_steps, self.device = tokens_per_step, world_size, max_steps, device
+        self.preference = preference  # the task's: how its evaluations read (last_metrics)
         self.start_step = 0
         self.trainer: Any = None  # set once built: the end record reads its state
         self.mixture: Any = None  # a mixture's Schedule: the final record gets the tokens per source
@@ -182,7 +184,7 @@ class Attempt:
         state = getattr(self.trainer, "state", None)
         # before the Trainer loads the checkpoint its step is 0: the attempt is still at its start step
         step = max(int(state.global_step), self.start_step) if state is not None else None
-        metrics = last_metrics(list(state.log_history)) if state is not None else {}
+        metrics = last_metrics(list(state.log_history), preference=self.preference) if state is not None else {}
         fields: dict[str, Any] = dict(end=time.time(), exit_reason=reason, end_step=step, metrics=metrics)
         if step is not None:
             fields["steps"] = max(0, step - self.start_step)

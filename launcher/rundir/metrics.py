@@ -59,6 +59,16 @@ def preference_eval(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+
+def eval_numbers(logs: dict[str, Any], preference: bool) -> tuple[float | None, dict[str, float]]:
+    """What an evaluation log says beside its loss, by the task, not by which keys happen to be there: a
+    language model's perplexity, or a preference trainer's reward accuracy and margin (a preference loss has
+    no perplexity; how often chosen outranks rejected says more). The one rule of the eval line and the
+    manifest's metrics."""
+    if preference:
+        return None, preference_eval(logs)
+    return perplexity(float(logs["eval_loss"])), {}
+
 _NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 # Read tolerantly: other spacing, case, "loss=" or "loss:", words between the fields (older or foreign
 # lines); "step" must not be part of a longer word or name ("max_step 3/4", "x.step 3/4").

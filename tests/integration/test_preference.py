@@ -73,6 +73,11 @@ def test_evaluation_during_training_reports_reward_accuracy_not_perplexity(one_r
     assert last["perplexity"] is None and 0.0 <= last["reward_accuracy"] <= 1.0 and math.isfinite(last["reward_margin"])
     line = next(x for x in text.splitlines() if x.startswith("eval step"))
     assert "perplexity" not in line and f"reward_accuracy {last['reward_accuracy']:.4f}" in line, line
+    # the manifest's last metrics by the same rule (the task's), with the same numbers
+    from launcher.rundir.manifest import attempt_entries, read_manifest
+
+    final = attempt_entries(read_manifest(run_dir))[-1]["metrics"]
+    assert "perplexity" not in final and final["reward_accuracy"] == last["reward_accuracy"], final
 
 
 def test_outputs_load_in_transformers_and_peft(one_rank):

@@ -116,10 +116,16 @@ def test_last_metrics_and_slurm_fields():
     m = last_metrics(hist)
     assert (m["loss"], m["loss_step"], m["eval_loss"], m["eval_step"]) == (2.0, 2, 2.5, 2)
     assert math.isclose(m["perplexity"], math.exp(2.5))
-    # a preference trainer's evaluation: its loss has no perplexity; reward accuracy and margin instead
-    pref = last_metrics([{"loss": 0.7, "step": 1}, {"eval_loss": 0.6, "eval_rewards/accuracies": 0.5,
-                                                    "eval_rewards/margins": 0.1, "step": 2}])
+    # a preference task's evaluation: its loss has no perplexity; reward accuracy and margin instead
+    pref_log = [{"loss": 0.7, "step": 1}, {"eval_loss": 0.6, "eval_rewards/accuracies": 0.5,
+                                           "eval_rewards/margins": 0.1, "step": 2}]
+    pref = last_metrics(pref_log, preference=True)
     assert "perplexity" not in pref and (pref["reward_accuracy"], pref["reward_margin"]) == (0.5, 0.1)
+    # the task decides, as for the eval line, not the keys: a language model's custom eval_accuracy is no reward
+    lm = last_metrics([{"eval_loss": 2.0, "eval_accuracy": 0.4, "step": 3}])
+    assert math.isclose(lm["perplexity"], math.exp(2.0)) and "reward_accuracy" not in lm
+    # a preference evaluation without TRL's reward keys still has no perplexity
+    assert "perplexity" not in last_metrics([{"eval_loss": 0.6, "step": 2}], preference=True)
     assert slurm_fields({"SLURM_JOB_ID": "12", "SLURM_JOB_NODELIST": "gpu[01-02]"}) == {
         "slurm_job_id": "12", "slurm_array_task_id": None, "nodes": "gpu[01-02]"}
     assert slurm_fields({}) == {"slurm_job_id": None, "slurm_array_task_id": None, "nodes": None}
