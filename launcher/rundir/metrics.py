@@ -59,7 +59,6 @@ def preference_eval(logs: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-
 def eval_numbers(logs: dict[str, Any], preference: bool) -> tuple[float | None, dict[str, float]]:
     """What an evaluation log says beside its loss, by the task, not by which keys happen to be there: a
     language model's perplexity, or a preference trainer's reward accuracy and margin (a preference loss has
@@ -68,6 +67,7 @@ def eval_numbers(logs: dict[str, Any], preference: bool) -> tuple[float | None, 
     if preference:
         return None, preference_eval(logs)
     return perplexity(float(logs["eval_loss"])), {}
+
 
 _NUM = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf)"
 # Read tolerantly: other spacing, case, "loss=" or "loss:", words between the fields (older or foreign
