@@ -347,3 +347,33 @@ def test_quickstart(env, launcher, tmp_path):
     # refuses a non-empty folder without --force
     again = launcher(["quickstart", "--out", out], env, timeout=120)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+def test_deepspeeds_launcher_gives_each_rank_the_visible_gpus_as_written(tmp_path):
+    """The real per-node launcher, started with launch_command's argv for a 2-GPU run whose user listed MIG
+    devices: each rank gets its RANK and LOCAL_RANK and exactly the first two entries, as written, as its
+    CUDA_VISIBLE_DEVICES. (DeepSpeed's CPU accelerator sets the same variable the same way as its CUDA one;
+    this machine has no GPU.)"""
+    import subprocess
+
+    from launcher.config.resolve import resolve
+    from launcher.plan.plan import make_plan
+    from launcher.submit.local import free_port, launch_command
+
+    (tmp_path / "show_env.py").write_text(
+        "import json, os, sys\n"
+        "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'CUDA_VISIBLE_DEVICES')\n"
+        "out = os.path.join(os.path.dirname(sys.argv[1]), 'rank' + os.environ['RANK'] + '.json')\n"
+        "open(out, 'w').write(json.dumps({k: os.environ.get(k) for k in keys}))\n")
+    plan = make_plan(resolve(None, flags={"precision": "bf16", "nproc_per_node": 2, "gpus_per_node": 2,
+                                          "output_dir": str(tmp_path / "run")}, sets=[]))
+    mig = "MIG-4f1c2d3e-aaaa,MIG-4f1c2d3e-bbbb,MIG-4f1c2d3e-cccc"
+    argv, env = launch_command(tmp_path / "run", plan, 2, master_port=free_port(), quiet=True, entry=("show_env",),
+                               base_env={**os.environ, "CUDA_VISIBLE_DEVICES": mig, "PYTHONPATH": str(tmp_path)})
+    env["DS_ACCELERATOR"] = "cpu"  # no GPU here; the launcher's device handling is the same
+    (tmp_path / "run").mkdir()
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    ranks = [json.loads((tmp_path / "run" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks == [{"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                      "CUDA_VISIBLE_DEVICES": "MIG-4f1c2d3e-aaaa,MIG-4f1c2d3e-bbbb"} for r in (0, 1)]

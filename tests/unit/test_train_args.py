@@ -219,8 +219,8 @@ def test_launch_command_gpu_keeps_threads_and_user_env(tmp_path):
 
 
 def test_launch_command_passes_the_users_visible_gpus_through(tmp_path):
-    """The GPUs the user made visible are the world info's, the first N of them as written; DeepSpeed's
-    launcher makes exactly those visible to the ranks."""
+    """The GPUs the user made visible are the world info's, the first N of them as written (what the real
+    launcher then makes visible to each rank: test_training.py, test_deepspeeds_launcher_gives_each_rank_...)."""
     spec = _spec({"precision": "bf16", "nproc_per_node": 2, "gpus_per_node": 2}, [], tmp_path)
     plan = make_plan(spec)
     argv, env = launch_command(tmp_path / "run", plan, 2, base_env={"CUDA_VISIBLE_DEVICES": "2,3,5"})
