@@ -47,9 +47,10 @@ from launcher.submit.rundir import create
 
 _PACKAGE_ROOT = assets.PACKAGE_PARENT
 _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
-# What DeepSpeed's runner and per-node launcher say about themselves (the hostfile it did not need, the
-# command, the world info, each process spawned and its exit) and its JIT op loader's progress: nothing a user
-# of the quickstart can act on. With `quiet` these lines go to the launch log only.
+# What DeepSpeed's per-node launcher says about itself (the world info, each process spawned and its exit;
+# `runner` covers the lines of its runner, which launcher no longer starts, should a user's wrapper run it) and
+# its JIT op loader's progress: nothing a user of the quickstart can act on. With `quiet` these lines go to the
+# launch log only.
 DEEPSPEED_CHATTER = re.compile(
     r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[(?:DEBUG|INFO|WARNING)\] \[(?:runner|launch|real_accelerator|constants)\.py:\d+:"
     r"|^DeepSpeed \S+ built successfully$|^(?:Using \S+ as PyTorch extensions root|Loading extension module \S+|"
