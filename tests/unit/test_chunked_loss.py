@@ -204,6 +204,43 @@ def test_eval_without_grad_gives_the_standard_loss_and_no_logits():
     assert float(c.loss) == pytest.approx(float(a.loss), rel=TOL)
 
 
+
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
+def test_targets_whose_probability_underflows_still_get_the_exact_loss(bias):
+    """The chunked loss reads each row's loss off its softmax (-log p[target]); where that probability is
+    under 1e-30 (a loss over 69) it recomputes the row's logits and takes logsumexp(z) - z[target]. Here
+    most targets sit far under their row's top logit, every third is the top: loss and gradients equal
+    the standard fp32 cross-entropy, and a batch with no target at all gives 0, not -0."""
+    from launcher.model.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    vocab, hidden = 300, 16
+    head = torch.nn.Linear(hidden, vocab, bias=bias)
+    with torch.no_grad():
+        head.weight.mul_(60.0)
+    h0 = torch.randn(2, 40, hidden)
+    labels = torch.randint(0, vocab, (2, 40))
+    with torch.no_grad():
+        top = head(h0).argmax(-1)  # every third position: the next token is the row's top logit
+    labels[:, 1::3] = top[:, 0:-1:3]
+    labels[:, ::7] = -100
+    ref_head = copy.deepcopy(head)
+
+    z = ref_head(h0)[:, :-1].reshape(-1, vocab)
+    t = labels[:, 1:].reshape(-1)
+    keep = t != -100
+    p = torch.softmax(z[keep], 1).gather(1, t[keep].unsqueeze(1))
+    assert (p < 1e-30).sum() > 10 and (p > 1e-3).sum() > 0  # both paths taken
+
+    h, hr = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    loss = linear_cross_entropy(h, head, labels, chunk_tokens=9)
+    ref = torch.nn.functional.cross_entropy(ref_head(hr)[:, :-1].reshape(-1, vocab), t)
+    loss.backward(), ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-6)
+    assert rel(h.grad, hr.grad) <= TOL and rel(head.weight.grad, ref_head.weight.grad) <= TOL
+    none = linear_cross_entropy(h0, head, torch.full_like(labels, -100), num_items_in_batch=torch.tensor(5))
+    assert float(none) == 0.0 and not torch.signbit(none)
+
 def test_without_labels_the_model_gives_logits_and_other_models_stay_standard():
     """No labels (generation): the class's own forward, logits included. Only the instance is patched."""
     model = tiny(False)
