@@ -159,12 +159,14 @@ def make_row(spec: RunSpec, values: dict[str, Any], kind: str, records: list[dic
                    est_peak_bytes=e.peak_bytes_per_gpu, est_model_states_bytes=e.model_states_bytes_per_gpu,
                    est_tokens_per_s=e.tokens_per_s)
         # What the estimate is checked against: CUDA's peak on a GPU; on CPU (no allocator peak
-        # apart from the process's RSS) the tensors the engine holds against the model states.
+        # apart from the process's RSS) the tensors the engine holds inside the update against the model
+        # states there: without ZeRO-3's allowance for gathered layers, which exist in forward and backward.
         if on_gpu:
             row.update(est_mem_basis="peak vs CUDA max allocated", est_mem_bytes=e.peak_bytes_per_gpu,
                        measured_mem_bytes=row["peak_mem_bytes"])
         else:
-            row.update(est_mem_basis="model states vs engine tensor bytes", est_mem_bytes=e.model_states_bytes_per_gpu,
+            row.update(est_mem_basis="model states vs engine tensor bytes",
+                       est_mem_bytes=e.model_states_bytes_per_gpu - e.gathered_params_bytes_per_gpu,
                        measured_mem_bytes=row["engine_tensor_bytes"])
         if row["measured_mem_bytes"]:
             row["mem_error"] = row["est_mem_bytes"] / row["measured_mem_bytes"] - 1

@@ -12,6 +12,7 @@ from typing import Any
 
 from launcher.config.resolve import deep_merge
 from launcher.config.spec import RunSpec, merged_zero
+from launcher.plan.memory import ZERO3_SUB_GROUP
 from launcher.plan.plan import Plan, ZeroBuckets, zero_buckets
 
 _DTYPE_NAMES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
@@ -53,7 +54,7 @@ def zero_section(spec: RunSpec, buckets: ZeroBuckets, stage: int) -> dict[str, A
             stage3_max_live_parameters=z.stage3_max_live_parameters,
             stage3_max_reuse_distance=z.stage3_max_reuse_distance,
             stage3_gather_16bit_weights_on_model_save=z.gather_16bit_weights_on_save,
-            sub_group_size=1_000_000_000,
+            sub_group_size=ZERO3_SUB_GROUP,
         )
     return cfg
 

@@ -235,6 +235,11 @@ def test_on_cpu_mfu_is_null_unless_a_peak_is_given():
     assert row["mem_error"] == pytest.approx(row["est_model_states_bytes"] / 80_000_000 - 1)
     row = report.make_row(spec, values, "launcher", [rec], matrix.Options(steps=3, warmup=1, device_tflops=0.5))
     assert row["mfu"] == pytest.approx(row["model_tflops_per_device"] / 0.5)
+    # ZeRO-3: the gathered-layer allowance (forward and backward only) is left out of what the update holds
+    z3 = report.make_row(cpu_spec(**{"zero.stage": 3}), dict(values, zero=3), "launcher", [rec],
+                         matrix.Options(steps=3, warmup=1))
+    gathered = z3["est_model_states_bytes"] - z3["est_mem_bytes"]
+    assert gathered > 0 and z3["mem_error"] == pytest.approx(z3["est_mem_bytes"] / 80_000_000 - 1)
 
 
 def test_a_rank_error_makes_a_row_with_the_error_and_no_throughput():
