@@ -204,7 +204,6 @@ def test_eval_without_grad_gives_the_standard_loss_and_no_logits():
     assert float(c.loss) == pytest.approx(float(a.loss), rel=TOL)
 
 
-
 @pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
 def test_targets_whose_probability_underflows_still_get_the_exact_loss(bias):
     """The chunked loss reads each row's loss off its softmax (-log p[target]); where that probability is
@@ -240,6 +239,7 @@ def test_targets_whose_probability_underflows_still_get_the_exact_loss(bias):
     assert rel(h.grad, hr.grad) <= TOL and rel(head.weight.grad, ref_head.weight.grad) <= TOL
     none = linear_cross_entropy(h0, head, torch.full_like(labels, -100), num_items_in_batch=torch.tensor(5))
     assert float(none) == 0.0 and not torch.signbit(none)
+
 
 def test_without_labels_the_model_gives_logits_and_other_models_stay_standard():
     """No labels (generation): the class's own forward, logits included. Only the instance is patched."""
