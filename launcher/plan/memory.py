@@ -59,15 +59,15 @@ def model_states(spec: RunSpec, s: Setup, p: Params) -> dict[str, int]:
         # ZeRO 1-3 keep their own flat fp32 master partition even for an fp32 model (measured on
         # CPU: without it the estimate was 15-20% low); ZeRO-0 steps the model's tensors directly.
         # ZeRO 1-2 also flatten the gradient partition into a new tensor for the update while the
-        # gradients it came from are still held (the bench counts both inside the step).
-        gradients = 4 * t / (n if stage >= 2 else 1) + (4 * t / n if stage in (1, 2) else 0)
+        # gradients it came from are still held (the bench counts both inside the step); so does ZeRO-3.
+        gradients = 4 * t / (n if stage >= 2 else 1) + (4 * t / n if stage >= 1 else 0)
         optimizer = (12 if stage >= 1 else 8) * t / (n if stage >= 1 else 1)
     else:
         grads16 = 2 * t / (n if stage >= 2 else 1)
-        gradients = grads16 + (4 * t / (n if stage >= 1 else 1) if stage < 3 else 0)
+        gradients = grads16 + 4 * t / (n if stage >= 1 else 1)
         optimizer = 12 * t / (n if stage >= 1 else 1)
-    if stage == 3:  # the fp32 flat copy for the update: one sub-group at a time, however large the partition
-        gradients += 4 * min(t / n, ZERO3_SUB_GROUP)
+    if stage == 3:  # its fp32 copy for the update is one sub-group at a time, however large the partition
+        gradients -= 4 * t / n - 4 * min(t / n, ZERO3_SUB_GROUP)
     gathered = 4 * p.largest_layer if stage == 3 else 0
     # dpo/kto with an in-memory reference: a frozen copy of the whole model (sharded at ZeRO-3, as TRL prepares
     # it); the LoRA family (adapter disabled) and precomputed log-probs hold none
