@@ -45,7 +45,9 @@ def last_metrics(log_history: list[dict[str, Any]], *, preference: bool = False)
             ppl, extra = eval_numbers(rec, preference)
             for k in ("perplexity", *PREFERENCE_EVAL_KEYS):  # the last evaluation's own, not an older one's
                 out.pop(k, None)
-            out.update(extra if ppl is None else {"perplexity": ppl, **extra})
+            if ppl is not None:
+                out["perplexity"] = ppl
+            out.update(extra)
     return out
 
 
