@@ -240,32 +240,27 @@ def _make_log_callback(plan: Plan, log_file: Path | None, trackers: Trackers | N
     return StepLog()
 
 
-def _grad_norm_callback() -> Any:
-    """DeepSpeed's fp32 ZeRO-0 path clips the gradients (engine.clip_fp32_gradients) but drops the norm it
-    computes, so the engine's get_global_grad_norm() is None and the step record would have no grad_norm
-    (every other stage and precision keeps it). Keep it: the same clip, its norm stored where the Trainer
-    reads it."""
+def _engine_callback() -> Any:
+    """Tunes DeepSpeed's engine at the first step, once the Trainer has made it (launcher.rank.engine)."""
     from transformers import TrainerCallback
 
-    class KeepGradNorm(TrainerCallback):
+    class TuneEngine(TrainerCallback):
         trainer: Any = None
         done = False
 
         def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             # the engine exists from the first step on (the Trainer makes it after on_train_begin)
             engine = getattr(self.trainer, "model_wrapped", None)
-            if self.done or engine is None or not hasattr(engine, "clip_fp32_gradients"):
+            if self.done or engine is None or not hasattr(engine, "zero_optimization_stage"):
                 return
             self.done = True
-            from deepspeed.runtime.utils import clip_grad_norm_
+            from launcher.rank.engine import tune
 
-            def clip() -> None:
-                engine._global_grad_norm = float(clip_grad_norm_(parameters=engine.module.parameters(),
-                                                                 max_norm=engine.gradient_clipping(), mpu=engine.mpu))
+            done = tune(engine)
+            if done:
+                say("engine       " + "; ".join(done))
 
-            engine.clip_fp32_gradients = clip
-
-    return KeepGradNorm()
+    return TuneEngine()
 
 
 def _unlink_shm_buffer() -> None:
@@ -512,10 +507,10 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
         return TrainResult()
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if plan.zero_stage == 0 and plan.precision == "fp32":
-        keep_norm = _grad_norm_callback()
-        keep_norm.trainer = trainer
-        trainer.add_callback(keep_norm)
+    if plan.zero_stage == 0:
+        tune_engine = _engine_callback()
+        tune_engine.trainer = trainer
+        trainer.add_callback(tune_engine)
     trainer.launcher_keep_last = spec.output.keep_last
     stop.trainer = trainer
     for cb in callbacks:
