@@ -30,7 +30,7 @@ from launcher.plan.plan import Plan, make_plan, settled, unsupported_precision
 from launcher.rank import checkpoint, preference, watchdog
 from launcher.rank.records import Attempt
 from launcher.rank.stop import STOP, finish_stop, stop_callback
-from launcher.rank.trackers import Trackers
+from launcher.rank.trackers import Trackers, keep_mlflow_out
 from launcher.rundir import checkpoints, markers, metrics
 from launcher.rundir import manifest as manifest_file
 from launcher.rundir.layout import RunDir
@@ -391,6 +391,7 @@ def train(spec: RunSpec, callbacks: Sequence[Any] = (), *, ref_only: bool = Fals
 def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: Trackers | None = None, *,
            ref_only: bool = False) -> TrainResult:
     model_mod.keep_bitsandbytes_out(spec.method.name)  # before transformers (and through it peft) is imported
+    keep_mlflow_out(spec)  # before deepspeed is imported
     run_dir = RunDir(Path(spec.output.dir))
     plan = make_plan(spec)
     if not run_dir.ds_config_path.is_file():

@@ -213,6 +213,20 @@ class MlflowAdapter(_Adapter):
 ADAPTERS: dict[str, type[_Adapter]] = {"wandb": WandbAdapter, "mlflow": MlflowAdapter}
 
 
+def keep_mlflow_out(spec: RunSpec) -> bool:
+    """Keep mlflow from being imported in this process when the run does not log to it; True if so.
+
+    DeepSpeed imports mlflow whenever it is installed (deepspeed.runtime.config -> deepspeed.autotuning ->
+    its autotuner, for autotuning runs only): 1.6 s of every rank's start-up and of the per-node launcher's
+    when the trackers extra is installed. A None entry in sys.modules makes `import mlflow` fail as if it were
+    not installed (DeepSpeed then goes without), and importlib.util.find_spec (which transformers asks)
+    answer None. launcher itself imports mlflow only in its adapter; a run with the mlflow tracker keeps it."""
+    if "mlflow" in spec.output.active_trackers() or "mlflow" in sys.modules:
+        return False
+    sys.modules["mlflow"] = None  # type: ignore[assignment]
+    return True
+
+
 # --------------------------------------------------------------------------- the fan-out
 
 class Trackers:

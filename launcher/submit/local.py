@@ -3,7 +3,7 @@ stream their output to the terminal and to RUN_DIR/logs/, and return their exit 
 
 Launcher choice: DeepSpeed's per-node launcher runs the ranks, the process the `deepspeed` command starts on
 each node: `python -m deepspeed.launcher.launch --world_info=B64 --node_rank=0 ... --no_local_rank --module
-launcher train SPEC`. It sets each rank's RANK, LOCAL_RANK, WORLD_SIZE and visible devices from the world
+launcher train SPEC`, run through `launcher.submit.nodelaunch` (the same module, without mlflow's import). It sets each rank's RANK, LOCAL_RANK, WORLD_SIZE and visible devices from the world
 info, and stops every rank when one fails. The world info ({"localhost": [device ids]}) is built here, which
 is all DeepSpeed's runner (`deepspeed`, `deepspeed.launcher.runner`) does on one node before it starts this
 launcher and waits: the runner would be one more resident process that imports torch and DeepSpeed, seconds
@@ -43,9 +43,11 @@ from launcher.rundir.checkpoints import complete_checkpoints
 from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import RunDir
 from launcher.submit import preflight
+from launcher.submit.nodelaunch import DEEPSPEED_LAUNCH
 from launcher.submit.rundir import create
 
 _PACKAGE_ROOT = assets.PACKAGE_PARENT
+NODE_LAUNCH = "launcher.submit.nodelaunch"  # DeepSpeed's per-node launcher, mlflow kept out (nodelaunch.py)
 _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
 # What DeepSpeed's per-node launcher says about itself (the world info, each process spawned and its exit;
 # `runner` covers the lines of its runner, which launcher no longer starts, should a user's wrapper run it) and
@@ -71,7 +73,7 @@ def launch_command(run_dir: str | Path, plan: Plan, nproc: int, *, master_port: 
     env = dict(os.environ if base_env is None else base_env)
     world = {"localhost": device_ids(plan, nproc, env)}
     argv = [
-        sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+        sys.executable, "-u", "-m", NODE_LAUNCH,
         "--world_info=" + base64.urlsafe_b64encode(json.dumps(world).encode()).decode(),
         "--node_rank=0", "--master_addr=127.0.0.1", f"--master_port={master_port}",
         "--no_local_rank",
@@ -163,8 +165,8 @@ def rank_processes(root_pid: int) -> list[int]:
             argv = child.cmdline()
         except psutil.Error:
             continue
-        if "launcher" in argv and "train" in argv and "deepspeed.launcher.runner" not in argv \
-                and "deepspeed.launcher.launch" not in argv:
+        if "launcher" in argv and "train" in argv and \
+                not {"deepspeed.launcher.runner", DEEPSPEED_LAUNCH, NODE_LAUNCH} & set(argv):
             out.append(child.pid)
     return out
 

@@ -247,3 +247,25 @@ def test_an_eval_job_adds_its_results_to_the_one_run(tmp_path, monkeypatch):
     assert logged == [("run1", 3, {"eval_job/held-out/tuned_loss": 2.0, "eval_job/held-out/base_loss": 2.5,
                                    "eval_job/held-out/delta_loss": -0.5, "eval_job/forgetting_detected": 0.0})]
     assert Recorder.made == 1
+
+
+_MLFLOW_PROBE = r"""
+import sys
+from launcher.config.resolve import resolve
+from launcher.rank.trackers import keep_mlflow_out
+kept_out = keep_mlflow_out(resolve(sets=sys.argv[1:]))
+from deepspeed.autotuning import autotuner  # imports mlflow whenever it can
+print(kept_out, autotuner.has_mlflow, sys.modules.get("mlflow") is not None)
+"""
+
+
+@pytest.mark.parametrize("trackers, expect", [
+    ("[tensorboard]", "True False False"),  # DeepSpeed goes without mlflow; nothing imported it
+    ("[tensorboard,mlflow]", "False True True"),  # the run logs to mlflow: DeepSpeed and the adapter have it
+])
+def test_a_rank_imports_mlflow_only_when_the_run_logs_to_it(tmp_path, trackers, expect):
+    pytest.importorskip("mlflow", reason="mlflow (the trackers extra, in the test install) is not installed")
+    out = subprocess.run([sys.executable, "-c", _MLFLOW_PROBE, f"output.dir={tmp_path}", f"output.trackers={trackers}",
+                          "output.mlflow.tracking_uri=file:///tmp/x"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[-2] == expect, out.stdout

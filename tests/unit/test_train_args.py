@@ -8,6 +8,7 @@ trainer_config_finalize, the code that refuses a mismatch at train time), at the
 from __future__ import annotations
 
 import copy
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -174,7 +175,7 @@ def test_launch_command_cpu(tmp_path):
     spec = _spec({"precision": "fp32", "nproc_per_node": 2}, [], tmp_path)
     plan = make_plan(spec)
     argv, env = launch_command(tmp_path / "run", plan, 2, master_port=29123, base_env={"PATH": "/bin"}, cpu_count=8)
-    assert argv[:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    assert argv[:4] == [sys.executable, "-u", "-m", "launcher.submit.nodelaunch"]  # deepspeed.launcher.launch
     assert _world(argv) == {"localhost": [0, 1]}
     assert "--master_port=29123" in argv and "--node_rank=0" in argv
     assert "--no_local_rank" in argv
@@ -323,3 +324,23 @@ def test_attention_choice_on_this_machine(tmp_path):
     with pytest.raises(UserError) as err:
         choose_attn(_spec({"precision": "bf16", "attn": "flash2"}, [], tmp_path))
     assert "no CUDA GPU" in str(err.value) and "--attn sdpa" in str(err.value)
+
+
+def test_the_node_launcher_is_deepspeeds_without_mlflow():
+    """`launcher.submit.nodelaunch` runs deepspeed.launcher.launch as __main__ (its usage, its arguments), and
+    mlflow, which importing DeepSpeed imports whenever it is installed, is not imported."""
+    pytest.importorskip("mlflow", reason="mlflow (the trackers extra, in the test install) is not installed")
+
+    def run(module):
+        return subprocess.run([sys.executable, "-X", "importtime", "-m", module, "--help"], capture_output=True,
+                              text=True, timeout=300)
+
+    ours, theirs = run("launcher.submit.nodelaunch"), run("deepspeed.launcher.launch")
+    assert ours.returncode == theirs.returncode == 0, ours.stderr[-3000:]
+    assert "--world_info" in ours.stdout and "--no_local_rank" in ours.stdout
+    def mlflow_modules(err):  # what -X importtime saw loaded (a refused `import mlflow` is listed, loading nothing)
+        names = {line.split("|")[-1].strip() for line in err.splitlines() if line.startswith("import time:")}
+        assert "deepspeed" in names
+        return {n for n in names if n.startswith("mlflow.")}
+
+    assert mlflow_modules(theirs.stderr) and not mlflow_modules(ours.stderr)
