@@ -3,8 +3,9 @@ stream their output to the terminal and to RUN_DIR/logs/, and return their exit 
 
 Launcher choice: DeepSpeed's per-node launcher runs the ranks, the process the `deepspeed` command starts on
 each node: `python -m deepspeed.launcher.launch --world_info=B64 --node_rank=0 ... --no_local_rank --module
-launcher train SPEC`, run through `launcher.submit.nodelaunch` (the same module, without mlflow's import). It sets each rank's RANK, LOCAL_RANK, WORLD_SIZE and visible devices from the world
-info, and stops every rank when one fails. The world info ({"localhost": [device ids]}) is built here, which
+launcher train SPEC`, run through `launcher.submit.nodelaunch` (the same module, without mlflow's import).
+It sets each rank's RANK, LOCAL_RANK, WORLD_SIZE and visible devices from the world info, and stops every
+rank when one fails. The world info ({"localhost": [device ids]}) is built here, which
 is all DeepSpeed's runner (`deepspeed`, `deepspeed.launcher.runner`) does on one node before it starts this
 launcher and waits: the runner would be one more resident process that imports torch and DeepSpeed, seconds
 of start-up on a busy CPU and memory beside the ranks for the whole run (benchmarks/README.md measured a rank
