@@ -20,7 +20,7 @@ from typing import Any
 def tune(engine: Any) -> list[str]:
     """Applies what fits this engine; returns one short line per speed change made (empty for none), for
     the rank's log."""
-    if not hasattr(engine, "zero_optimization_stage") or engine.zero_optimization_stage() != 0:
+    if engine.zero_optimization_stage() != 0:
         return []
     done = []
     if skip_single_rank_allreduce(engine):

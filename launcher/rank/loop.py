@@ -508,10 +508,9 @@ def _train(spec: RunSpec, record: Any, callbacks: Sequence[Any] = (), trackers: 
         return TrainResult()
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    if plan.zero_stage == 0:
-        tune_engine = _engine_callback()
-        tune_engine.trainer = trainer
-        trainer.add_callback(tune_engine)
+    tune_engine = _engine_callback()  # what it changes is for ZeRO stage 0 only (engine.tune decides)
+    tune_engine.trainer = trainer
+    trainer.add_callback(tune_engine)
     trainer.launcher_keep_last = spec.output.keep_last
     stop.trainer = trainer
     for cb in callbacks:

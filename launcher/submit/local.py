@@ -43,12 +43,11 @@ from launcher.rundir import markers
 from launcher.rundir.checkpoints import complete_checkpoints
 from launcher.rundir.jobs import record_job
 from launcher.rundir.layout import RunDir
-from launcher.submit import preflight
-from launcher.submit.nodelaunch import DEEPSPEED_LAUNCH
+from launcher.submit import nodelaunch, preflight
 from launcher.submit.rundir import create
 
 _PACKAGE_ROOT = assets.PACKAGE_PARENT
-NODE_LAUNCH = "launcher.submit.nodelaunch"  # DeepSpeed's per-node launcher, mlflow kept out (nodelaunch.py)
+NODE_LAUNCH = nodelaunch.__name__  # DeepSpeed's per-node launcher, mlflow kept out
 _KNOWN_EXITS = {EXIT_BAD_INPUT, EXIT_REQUEUE, EXIT_HANG, EXIT_OOM}
 # What DeepSpeed's per-node launcher says about itself (the world info, each process spawned and its exit;
 # `runner` covers the lines of its runner, which launcher no longer starts, should a user's wrapper run it) and
@@ -167,7 +166,7 @@ def rank_processes(root_pid: int) -> list[int]:
         except psutil.Error:
             continue
         if "launcher" in argv and "train" in argv and \
-                not {"deepspeed.launcher.runner", DEEPSPEED_LAUNCH, NODE_LAUNCH} & set(argv):
+                not {"deepspeed.launcher.runner", nodelaunch.DEEPSPEED_LAUNCH, NODE_LAUNCH} & set(argv):
             out.append(child.pid)
     return out
 
