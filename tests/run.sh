@@ -25,4 +25,15 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   bash .ci/install-slurm.sh
 fi
 
-exec "$PY" -m pytest -q "$@"
+# DeepSpeed's JIT ops, built in the background at the lowest priority while the first tests run
+# (tests/prebuild_ops.py says why); its log is printed after the tests.
+ops_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
+nice -n 19 "$PY" tests/prebuild_ops.py >"$ops_log" 2>&1 &
+ops_pid=$!
+
+rc=0
+"$PY" -m pytest -q "$@" || rc=$?
+kill "$ops_pid" 2>/dev/null || true
+grep "^prebuild_ops:" "$ops_log" || true
+rm -f "$ops_log"
+exit "$rc"

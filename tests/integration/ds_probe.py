@@ -4,6 +4,7 @@
                                                      parsed by DeepSpeedConfig at its world size
     python tests/integration/ds_probe.py steps    -> for each stage x offload x precision, one real
                                                      deepspeed.initialize and optimizer steps on CPU
+    python tests/integration/ds_probe.py steps K/N -> every N-th of those from the K-th (N processes share them)
 
 Prints one JSON line per case. A separate process, because deepspeed.comm keeps a process group.
 """
@@ -96,14 +97,15 @@ def accept():
                           "accum": ds.gradient_accumulation_steps}), flush=True)
 
 
-def steps():
+def steps(share: str = "0/1"):
     import deepspeed
     import torch
 
     deepspeed.init_distributed("gloo")
     nvme = tempfile.mkdtemp(prefix="nvme-")
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-    for stage, oo, op, prec in valid_combos():
+    k, n = map(int, share.split("/"))
+    for stage, oo, op, prec in list(valid_combos())[k::n]:
         case = {"stage": stage, "offload_optimizer": oo, "offload_param": op, "precision": prec}
         try:
             torch.manual_seed(0)
@@ -129,4 +131,4 @@ def steps():
 
 
 if __name__ == "__main__":
-    {"accept": accept, "steps": steps}[sys.argv[1]]()
+    {"accept": accept, "steps": steps}[sys.argv[1]](*sys.argv[2:])

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,12 +16,21 @@ PROBE = Path(__file__).with_name("ds_probe.py")
 pytestmark = pytest.mark.integration
 
 
-def probe(mode: str) -> list[dict]:
+def probe(mode: str, processes: int = 1) -> list[dict]:
+    """The probe's rows; with processes > 1, that many probes at once, each taking every n-th case (the
+    steps are one core's work each: deepspeed.initialize is Python)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, str(PROBE), mode], capture_output=True, text=True, env=env,
-                          timeout=1500, cwd=ROOT)
-    rows = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
-    assert rows, f"probe {mode} printed nothing (exit {proc.returncode}):\n{proc.stderr[-3000:]}"
+    shares = [[f"{k}/{processes}"] for k in range(processes)] if processes > 1 else [[]]
+    errs = [tempfile.TemporaryFile("w+") for _ in shares]  # DeepSpeed's logs: no pipe to fill while we wait
+    procs = [subprocess.Popen([sys.executable, str(PROBE), mode, *share], stdout=subprocess.PIPE, stderr=err,
+                              text=True, env=env, cwd=ROOT) for share, err in zip(shares, errs)]
+    rows = []
+    for proc, err in zip(procs, errs):
+        out, _ = proc.communicate(timeout=1500)
+        part = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+        err.seek(0)
+        assert part, f"probe {mode} printed nothing (exit {proc.returncode}):\n{err.read()[-3000:]}"
+        rows += part
     return rows
 
 
@@ -53,7 +63,7 @@ def _cpu_has_fp16() -> bool:
 def test_every_stage_offload_precision_initializes_and_steps_on_cpu():
     """One real deepspeed.initialize + optimizer steps for each combination (NVMe offload writes
     to a temporary folder through DeepSpeed's async_io op, built on first use; needs libaio)."""
-    rows = probe("steps")
+    rows = probe("steps", processes=2)
     assert len(rows) == 48
     fp16_ok = _cpu_has_fp16()
     for r in rows:

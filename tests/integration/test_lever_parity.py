@@ -61,9 +61,10 @@ if head_kind == "lora":  # LoRA on the head too (peft's lora.Linear as lm_head),
 line = loss_mod.apply_loss(model, "standard" if kind == "standard" else "chunked", chunk_tokens=chunk)
 if kind == "per-chunk":
     loss_mod._fast_head = lambda head_module: None  # the fallback: the head module called once per chunk
+# torch's AdamW (torch_adam), as launcher renders for CPU ranks: DeepSpeed's FusedAdam would be JIT-built for this alone
 ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0,
       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "steps_per_print": 10**9}
+      "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}, "steps_per_print": 10**9}
 engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
 lm_head = loss_mod.causal_lm_of(model).lm_head
 head = lm_head.weight if head_kind == "plain" else lm_head.base_layer.weight
