@@ -26,14 +26,24 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 # DeepSpeed's JIT ops, built in the background at the lowest priority while the first tests run
-# (tests/prebuild_ops.py says why); its log is printed after the tests.
-ops_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
-nice -n 19 "$PY" tests/prebuild_ops.py >"$ops_log" 2>&1 &
-ops_pid=$!
+# (tests/prebuild_ops.py says why), when the whole suite runs (no test paths or -k among the arguments).
+# Waited for, never killed: a build killed halfway leaves torch's lock behind, and every later load waits on it.
+whole=1
+for arg in "$@"; do
+  case "$arg" in -*) ;; *) whole=0 ;; esac
+done
+ops_pid=
+if [ "$whole" = 1 ]; then
+  ops_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
+  nice -n 19 "$PY" tests/prebuild_ops.py >"$ops_log" 2>&1 &
+  ops_pid=$!
+fi
 
 rc=0
 "$PY" -m pytest -q "$@" || rc=$?
-kill "$ops_pid" 2>/dev/null || true
-grep "^prebuild_ops:" "$ops_log" || true
-rm -f "$ops_log"
+if [ -n "$ops_pid" ]; then
+  wait "$ops_pid" || true
+  grep "^prebuild_ops:" "$ops_log" || true
+  rm -f "$ops_log"
+fi
 exit "$rc"
