@@ -22,12 +22,12 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -q >/dev/null && apt-get install -y -q "${missing[@]}" >/dev/null
   fi
-  bash .ci/install-slurm.sh
 fi
 
-# DeepSpeed's JIT ops, built in the background at the lowest priority while the first tests run
-# (tests/prebuild_ops.py says why), when the whole suite runs (no test paths or -k among the arguments).
-# Waited for, never killed: a build killed halfway leaves torch's lock behind, and every later load waits on it.
+# DeepSpeed's JIT ops, built in the background at the lowest priority while the Slurm packages install and
+# the first tests run (tests/prebuild_ops.py says why), when the whole suite runs (no test paths or -k among
+# the arguments). Waited for, never killed: a build killed halfway leaves torch's lock behind, and every
+# later load of that op waits on it.
 whole=1
 for arg in "$@"; do
   case "$arg" in -*) ;; *) whole=0 ;; esac
@@ -37,6 +37,10 @@ if [ "$whole" = 1 ]; then
   ops_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
   nice -n 19 "$PY" tests/prebuild_ops.py >"$ops_log" 2>&1 &
   ops_pid=$!
+fi
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  bash .ci/install-slurm.sh
 fi
 
 rc=0
