@@ -1,14 +1,16 @@
 """Build DeepSpeed's JIT ops that the suite's CPU ranks load, ahead of the tests that first need them.
 
-tests/run.sh starts this in the background at the lowest priority, so the builds (about 4 minutes of
-compiling on 2 cores with an empty ~/.cache/torch_extensions) take the cycles the suite leaves idle (a
-cluster test waiting on a Slurm job, a rank waiting on its peer) instead of stalling the first test that
-needs each op. A test that needs an op while it is still building waits on torch's build lock and then loads
-the built module; one already built loads in a second. Nothing here is required: an op this machine cannot
-build (async_io without libaio) fails here as it would in the test, which then reports it.
+    python tests/prebuild_ops.py [BUILDER ...]
 
-Order: the ones the earliest tests load first (shared-memory comm: every DeepSpeed process group on CPU;
-CPU Adam and pinned memory: optimizer offload; async_io: NVMe offload).
+Default: every builder of OPS, in that order, the ones the earliest tests load first (shared-memory comm:
+every DeepSpeed process group on CPU; CPU Adam and pinned memory: optimizer offload; async_io: NVMe offload).
+
+tests/run.sh starts this before the tests (it says how), so the builds (about 4 minutes of compiling on 2
+cores with an empty ~/.cache/torch_extensions) take cycles the suite leaves idle (the core the unit tests
+leave, a rank waiting on its peer) instead of stalling the first test that needs each op. A test that needs
+an op while it is still building waits on torch's build lock and then loads the built module; one already
+built loads in a second. Nothing here is required: an op this machine cannot build (async_io without
+libaio) fails here as it would in the test, which then reports it.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ import time
 OPS = ("ShareMemCommBuilder", "CPUAdamBuilder", "PinMemoryBuilder", "AsyncIOBuilder")
 
 
-def main() -> int:
+def main(names: list[str]) -> int:
     from deepspeed.accelerator import get_accelerator
 
     failed = 0
-    for name in OPS:
+    for name in names or OPS:
         start = time.monotonic()
         try:
             builder = get_accelerator().create_op_builder(name)
@@ -39,4 +41,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

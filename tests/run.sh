@@ -24,30 +24,42 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   fi
 fi
 
-# DeepSpeed's JIT ops, built in the background at the lowest priority while the Slurm packages install and
-# the first tests run (tests/prebuild_ops.py says why), when the whole suite runs (no test paths or -k among
-# the arguments). Waited for, never killed: a build killed halfway leaves torch's lock behind, and every
-# later load of that op waits on it.
+# DeepSpeed's JIT ops (tests/prebuild_ops.py says why), when the whole suite runs (no test paths or -k among
+# the arguments): the shared-memory comm op, which every DeepSpeed process group on CPU loads, at once and
+# at normal priority while the Slurm packages install; the others in the background at the lowest priority,
+# while the unit tests leave a core idle. Waited for, never killed: a build killed halfway leaves torch's
+# lock behind, and every later load of that op waits on it. The whole suite runs the unit tests first and
+# the cluster tests last: a Slurm job's processes sit in their own cgroup, where a low-priority build beside
+# them still takes half the CPU.
 whole=1
 for arg in "$@"; do
   case "$arg" in -*) ;; *) whole=0 ;; esac
 done
 ops_pid=
+first_pid=
+paths=()
 if [ "$whole" = 1 ]; then
+  paths=(tests/unit tests/integration tests/cluster)
   ops_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
-  nice -n 19 "$PY" tests/prebuild_ops.py >"$ops_log" 2>&1 &
+  first_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
+  "$PY" tests/prebuild_ops.py ShareMemCommBuilder >"$first_log" 2>&1 &
+  first_pid=$!
+  nice -n 19 "$PY" tests/prebuild_ops.py CPUAdamBuilder PinMemoryBuilder AsyncIOBuilder >"$ops_log" 2>&1 &
   ops_pid=$!
 fi
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   bash .ci/install-slurm.sh
 fi
+if [ -n "$first_pid" ]; then
+  wait "$first_pid" || true
+fi
 
 rc=0
-"$PY" -m pytest -q "$@" || rc=$?
+"$PY" -m pytest -q "${paths[@]}" "$@" || rc=$?
 if [ -n "$ops_pid" ]; then
   wait "$ops_pid" || true
-  grep "^prebuild_ops:" "$ops_log" || true
-  rm -f "$ops_log"
+  grep -h "^prebuild_ops:" "$first_log" "$ops_log" || true
+  rm -f "$first_log" "$ops_log"
 fi
 exit "$rc"
