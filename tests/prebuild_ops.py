@@ -6,8 +6,8 @@ Default: every builder of OPS, in that order, the ones the earliest tests load f
 every DeepSpeed process group on CPU; CPU Adam and pinned memory: optimizer offload; async_io: NVMe offload).
 
 tests/run.sh starts this before the tests (it says how), so the builds (about 4 minutes of compiling on 2
-cores with an empty ~/.cache/torch_extensions) take cycles the suite leaves idle (the core the unit tests
-leave, a rank waiting on its peer) instead of stalling the first test that needs each op. A test that needs
+cores with an empty ~/.cache/torch_extensions) take cycles the suite leaves idle (a test waiting on a Slurm
+job, a rank waiting on its peer) instead of stalling the first test that needs each op. A test that needs
 an op while it is still building waits on torch's build lock and then loads the built module; one already
 built loads in a second. Nothing here is required: an op this machine cannot build (async_io without
 libaio) fails here as it would in the test, which then reports it.

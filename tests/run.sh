@@ -25,21 +25,17 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
 fi
 
 # DeepSpeed's JIT ops (tests/prebuild_ops.py says why), when the whole suite runs (no test paths or -k among
-# the arguments): the shared-memory comm op, which every DeepSpeed process group on CPU loads, at once and
-# at normal priority while the Slurm packages install; the others in the background at the lowest priority,
-# while the unit tests leave a core idle. Waited for, never killed: a build killed halfway leaves torch's
-# lock behind, and every later load of that op waits on it. The whole suite runs the unit tests first and
-# the cluster tests last: a Slurm job's processes sit in their own cgroup, where a low-priority build beside
-# them still takes half the CPU.
+# the arguments): the shared-memory comm op, which every DeepSpeed process group on CPU loads (the first
+# cluster test's jobs at once), at normal priority while the Slurm packages install; the others in the
+# background at the lowest priority. Waited for, never killed: a build killed halfway leaves torch's lock
+# behind, and every later load of that op waits on it.
 whole=1
 for arg in "$@"; do
   case "$arg" in -*) ;; *) whole=0 ;; esac
 done
 ops_pid=
 first_pid=
-paths=()
 if [ "$whole" = 1 ]; then
-  paths=(tests/unit tests/integration tests/cluster)
   ops_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
   first_log=$(mktemp "${TMPDIR:-/tmp}/launcher-prebuild-ops.XXXXXX")
   "$PY" tests/prebuild_ops.py ShareMemCommBuilder >"$first_log" 2>&1 &
@@ -56,7 +52,7 @@ if [ -n "$first_pid" ]; then
 fi
 
 rc=0
-"$PY" -m pytest -q "${paths[@]}" "$@" || rc=$?
+"$PY" -m pytest -q "$@" || rc=$?
 if [ -n "$ops_pid" ]; then
   wait "$ops_pid" || true
   grep -h "^prebuild_ops:" "$first_log" "$ops_log" || true

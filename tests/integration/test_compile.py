@@ -1,7 +1,7 @@
 """--compile (torch.compile of each decoder block) trains as the eager model does: through `launcher run`,
 fp32, per-step losses and gradient norms from metrics.jsonl within 1e-4 relative over 20 steps, for full
-fine-tuning at ZeRO-2 on 2 ranks (SFT with masked prompts, gradient accumulation 4) and LoRA at ZeRO-0 on
-one rank (LoRA dropout 0: compiled blocks draw dropout masks from inductor's RNG, so with dropout the
+fine-tuning and LoRA at ZeRO-2 on 2 ranks (SFT with masked prompts, gradient accumulation 4) and LoRA at
+ZeRO-0 on one rank (the stage `zero: auto` picks there; LoRA dropout 0: compiled blocks draw dropout masks from inductor's RNG, so with dropout the
 numbers differ as two seeds do). The compile time lands in the first step, which the bench leaves out of its timed steps."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ STEPS, REL = 20, 1e-4
 
 CONFIGS = {  # name: (method, ZeRO stage, ranks, global batch)
     "full-z2-2ranks": ("full", 2, 2, 16),
+    "lora-z2-2ranks": ("lora", 2, 2, 16),
     "lora-z0-1rank": ("lora", 0, 1, 2),
 }
 
