@@ -1,8 +1,9 @@
 """--compile (torch.compile of each decoder block) trains as the eager model does: through `launcher run`,
 fp32, per-step losses and gradient norms from metrics.jsonl within 1e-4 relative over 20 steps, for full
 fine-tuning and LoRA at ZeRO-2 on 2 ranks (SFT with masked prompts, gradient accumulation 4) and LoRA at
-ZeRO-0 on one rank (the stage `zero: auto` picks there; LoRA dropout 0: compiled blocks draw dropout masks from inductor's RNG, so with dropout the
-numbers differ as two seeds do). The compile time lands in the first step, which the bench leaves out of its timed steps."""
+ZeRO-0 on one rank (the stage `zero: auto` picks there). LoRA dropout is 0: compiled blocks draw dropout
+masks from inductor's RNG, so with dropout the numbers differ as two seeds do. The compile time lands in
+the first step, which the bench leaves out of its timed steps."""
 
 from __future__ import annotations
 
